@@ -1,0 +1,234 @@
+"""Typed configuration schemas and validation.
+
+Hydra composes plain YAML from ``vrmoe/conf``; :func:`load_config` then resolves
+the interpolations (``${K}``, ``${S}``, ...) and merges every section into the
+dataclass schemas below, so a value of the wrong type or an unknown key is
+refused. Range checks follow, each raising :class:`ConfigError` with one line
+that names the key, what was given and what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message is one line."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "small"
+    vocab_size: int = 256
+    seq_len: int = 128
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_experts: int = 8
+    expert_hidden: int = 256
+    # Every `moe_every`-th block has an MoE feed-forward; 0 makes a dense model.
+    moe_every: int = 1
+    dense_hidden: int = 512
+    dropout: float = 0.0
+    # Expert dispatch kernel: "auto" picks grouped_mm on CUDA, a loop over experts on CPU.
+    dispatch: str = "auto"
+
+
+@dataclass
+class RouterConfig:
+    name: str = "topk"
+    k: int = 2
+    # S: Monte-Carlo routing samples averaged (before Top-K) at evaluation.
+    samples: int = 1
+    # T: fixed sampling temperature (router=temperature).
+    temperature: float = 1.0
+    # beta: weight of the KL term (router=variational).
+    beta: float = 0.01
+    load_balance_weight: float = 0.01
+    z_loss_weight: float = 0.0
+    # Which MoE layers get this router: "all", or N for the last N MoE layers
+    # (the others keep deterministic Top-K).
+    layers: str = "all"
+    # variational
+    covariance: str = "diag"
+    sigma_init: float = 0.1
+    head_hidden_ratio: float = 0.25
+    # temperature
+    eval_mode: str = "sample"
+    # vtsr
+    per_expert_temperature: bool = False
+    temperature_reg: float = 1e-3
+    min_temperature: float = 0.05
+    # mc_dropout
+    dropout: float = 0.05
+
+
+@dataclass
+class DataConfig:
+    name: str = "stdlib_docs"
+    # data=text: a file or a directory of text files.
+    path: Optional[str] = None
+    # data=hf: a dataset name on the Hub, or a local `save_to_disk` directory.
+    hf_name: Optional[str] = None
+    hf_split: str = "train"
+    hf_text_field: str = "text"
+    val_fraction: float = 0.05
+    # Where prepared corpora are cached; null means ~/.cache/vrmoe (or $VRMOE_CACHE).
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 600
+    batch_size: int = 32
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    ckpt_every: int = 200
+    # Continue an interrupted run in its own directory.
+    resume: Optional[str] = None
+    # Start from another run's weights (the post-hoc protocol).
+    init_from: Optional[str] = None
+    # "none" trains everything; "backbone" trains only parameters new to this run.
+    freeze: str = "none"
+    device: str = "auto"
+    precision: str = "fp32"
+    compile: bool = False
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"
+    project: str = "vrmoe"
+    entity: Optional[str] = None
+    # offline needs no account; `wandb sync` uploads later. Set online to stream.
+    mode: str = "offline"
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EvalConfig:
+    at_end: bool = False
+
+
+@dataclass
+class AppConfig:
+    K: int = 2
+    S: int = 1
+    T: float = 1.0
+    beta: float = 0.01
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+ROUTERS = ("topk", "temperature", "vtsr", "mc_dropout", "variational")
+DATASETS = ("stdlib_docs", "python_source", "text", "hf")
+MAX_FULL_COVARIANCE_EXPERTS = 64
+
+
+def _one_line(exc: OmegaConfBaseException) -> str:
+    msg = str(exc).strip().splitlines()[0]
+    key = getattr(exc, "full_key", None)
+    return f"{key}: {msg}" if key and key not in msg else msg
+
+
+def load_config(cfg: DictConfig | dict[str, Any]) -> AppConfig:
+    """Resolve a composed config and return the validated, typed :class:`AppConfig`."""
+    try:
+        raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+        raw = {k: v for k, v in raw.items() if k not in ("hydra", "experiment")}
+        typed = OmegaConf.merge(OmegaConf.structured(AppConfig), raw)
+        app: AppConfig = OmegaConf.to_object(typed)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"invalid config: {_one_line(exc)}") from None
+    validate(app)
+    return app
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(c: AppConfig) -> None:
+    """Range checks; each failure names the key and what is allowed."""
+    m, r, t, d = c.model, c.router, c.train, c.data
+    _require(r.name in ROUTERS, f"router={r.name!r} is unknown; choose one of {', '.join(ROUTERS)}")
+    _require(d.name in DATASETS, f"data={d.name!r} is unknown; choose one of {', '.join(DATASETS)}")
+    for key, value in (("model.d_model", m.d_model), ("model.n_layers", m.n_layers),
+                       ("model.n_heads", m.n_heads), ("model.seq_len", m.seq_len),
+                       ("model.n_experts", m.n_experts), ("model.expert_hidden", m.expert_hidden)):
+        _require(value >= 1, f"{key}={value} must be a positive integer")
+    _require(m.d_model % m.n_heads == 0 and (m.d_model // m.n_heads) % 2 == 0,
+             f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads} into an even head size")
+    _require(m.moe_every >= 0, f"model.moe_every={m.moe_every} must be >= 0 (0 = no MoE layers)")
+    _require(m.dispatch in ("auto", "loop", "grouped_mm"),
+             f"model.dispatch={m.dispatch!r} must be one of auto, loop, grouped_mm")
+    _require(1 <= r.k <= m.n_experts,
+             f"K={r.k} is out of range; it must be in [1, {m.n_experts}] (model.n_experts={m.n_experts})")
+    _require(r.samples >= 1, f"S={r.samples} is out of range; it must be a positive integer")
+    _require(r.temperature > 0, f"T={r.temperature} is out of range; it must be > 0")
+    _require(r.beta >= 0, f"beta={r.beta} is out of range; it must be >= 0")
+    _require(r.load_balance_weight >= 0 and r.z_loss_weight >= 0,
+             "router.load_balance_weight and router.z_loss_weight must be >= 0")
+    _require(r.covariance in ("diag", "full"),
+             f"router.covariance={r.covariance!r} must be diag or full")
+    _require(not (r.name == "variational" and r.covariance == "full"
+                  and m.n_experts > MAX_FULL_COVARIANCE_EXPERTS),
+             f"router.covariance=full needs model.n_experts <= {MAX_FULL_COVARIANCE_EXPERTS} "
+             f"(got {m.n_experts}); use router.covariance=diag")
+    _require(r.sigma_init > 0, f"router.sigma_init={r.sigma_init} must be > 0")
+    _require(r.eval_mode in ("sample", "topk"), f"router.eval_mode={r.eval_mode!r} must be sample or topk")
+    _require(0 <= r.dropout < 1, f"router.dropout={r.dropout} must be in [0, 1)")
+    _require(r.min_temperature > 0, f"router.min_temperature={r.min_temperature} must be > 0")
+    _require(r.temperature_reg >= 0, f"router.temperature_reg={r.temperature_reg} must be >= 0")
+    _require(r.layers == "all" or (r.layers.isdigit() and int(r.layers) >= 1),
+             f"router.layers={r.layers!r} must be 'all' or a positive integer N (the last N MoE layers)")
+    if r.name != "topk":
+        _require(m.moe_every > 0, f"router={r.name} needs MoE layers, but model.moe_every=0 builds none")
+    _require(t.max_steps >= 1, f"train.max_steps={t.max_steps} must be a positive integer")
+    _require(t.batch_size >= 1, f"train.batch_size={t.batch_size} must be a positive integer")
+    _require(t.lr > 0, f"train.lr={t.lr} must be > 0")
+    _require(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
+    _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
+    _require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
+    for key, value in (("train.log_every", t.log_every), ("train.eval_every", t.eval_every),
+                       ("train.eval_batches", t.eval_batches), ("train.ckpt_every", t.ckpt_every)):
+        _require(value >= 1, f"{key}={value} must be a positive integer")
+    _require(t.freeze in ("none", "backbone"), f"train.freeze={t.freeze!r} must be none or backbone")
+    _require(t.freeze == "none" or t.init_from is not None,
+             "train.freeze=backbone needs train.init_from=<run dir> (a trained model to freeze)")
+    _require(t.precision in ("fp32", "bf16"), f"train.precision={t.precision!r} must be fp32 or bf16")
+    _require(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
+             f"train.device={t.device!r} must be auto, cpu or cuda[:N]")
+    _require(0 < d.val_fraction < 0.5, f"data.val_fraction={d.val_fraction} must be in (0, 0.5)")
+    _require(d.name != "text" or bool(d.path), "data=text needs data.path=<file or directory>")
+    _require(d.name != "hf" or bool(d.hf_name),
+             "data=hf needs data.hf_name=<dataset name or save_to_disk directory>")
+    _require(c.logger.name in ("wandb", "none"), f"logger={c.logger.name!r} must be wandb or none")
+    _require(c.logger.mode in ("offline", "online", "disabled"),
+             f"logger.mode={c.logger.mode!r} must be offline, online or disabled")
+
+
+def to_dict(app: AppConfig) -> dict[str, Any]:
+    """Plain-dict form for records (summary.json, checkpoints, W&B)."""
+    return OmegaConf.to_container(OmegaConf.structured(app))  # type: ignore[return-value]
+
+
+def from_dict(raw: dict[str, Any]) -> AppConfig:
+    return load_config(raw)

@@ -1,0 +1,21 @@
+"""One rich console for the whole tool (stderr, so piped stdout stays data)."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+from rich.markup import escape
+
+console = Console(stderr=True, highlight=False)
+
+
+def log_line(message: str) -> None:
+    """A progress or status line: rich markup on a terminal, plain text in logs."""
+    console.print(message, soft_wrap=True)
+
+
+def fail(message: str, code: int = 2) -> "NoReturn":  # noqa: F821
+    """Print one clear error line and exit without a traceback."""
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, markup=True, highlight=False)
+    sys.exit(code)

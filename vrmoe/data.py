@@ -1,0 +1,290 @@
+"""Corpora, the byte tokenizer and batches.
+
+Nothing here downloads anything. The built-in corpora come from the running
+Python's own standard library:
+
+* ``stdlib_docs``: English prose, the docstrings of the standard library's
+  modules, classes and functions (read with :mod:`ast`, nothing is imported)
+  plus the ``pydoc_data`` topics;
+* ``python_source``: the same modules' source with docstrings and comments
+  removed (a far out-of-distribution domain for the prose model).
+
+Both are prepared once and cached as byte arrays keyed by the Python version.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import os
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ConfigError, DataConfig
+
+DOC_SEPARATOR = "\n\n"
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".json", ".csv", ".html", ".tex", ".jsonl", ""}
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: a vocabulary of 256, nothing to download or train."""
+
+    vocab_size = 256
+
+    def encode(self, text: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+
+    def decode(self, ids: torch.Tensor | list[int]) -> str:
+        data = bytes(int(i) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids))
+        return data.decode("utf-8", errors="replace")
+
+
+@dataclass
+class Corpus:
+    """A corpus as two byte arrays, split by document so no text leaks between them."""
+
+    name: str
+    train: torch.Tensor  # uint8, (N_train,)
+    val: torch.Tensor  # uint8, (N_val,)
+
+    def unigram_entropy(self) -> float:
+        """Entropy (nats) of the training bytes' frequencies: the loss of a model with no context."""
+        counts = torch.bincount(self.train.long(), minlength=256).double()
+        p = counts[counts > 0] / counts.sum()
+        return float(-(p * p.log()).sum())
+
+
+# ---------------------------------------------------------------------------
+# Built-in corpora from the standard library
+# ---------------------------------------------------------------------------
+
+# Test suites and vendored or generated code are not representative stdlib prose.
+_SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "lib2to3", "__pycache__", "turtledemo",
+              "ensurepip", "pydoc_data", "encodings", "config-3", "tkinter"}
+
+
+def stdlib_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if any(part in _SKIP_DIRS or part.startswith("config-") for part in rel.parts[:-1]):
+            continue
+        files.append(path)
+    return files
+
+
+def _parse(path: Path) -> ast.Module | None:
+    try:
+        return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return None
+
+
+def _docstrings(tree: ast.Module) -> list[str]:
+    docs = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node, clean=True)
+            if doc and len(doc) >= 40:
+                docs.append(doc)
+    return docs
+
+
+def _strip_docstrings(tree: ast.Module) -> ast.Module:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def stdlib_docs_documents() -> list[tuple[str, str]]:
+    """(document id, text): one document per module's docstrings, one per pydoc topic."""
+    docs = []
+    for path in stdlib_files():
+        tree = _parse(path)
+        if tree is None:
+            continue
+        text = DOC_SEPARATOR.join(_docstrings(tree))
+        if text:
+            docs.append((str(path.name), text))
+    try:
+        from pydoc_data.topics import topics
+        docs.extend((f"topic:{key}", value.strip()) for key, value in sorted(topics.items()))
+    except ImportError:  # some distributions ship without pydoc_data
+        pass
+    return docs
+
+
+def python_source_documents() -> list[tuple[str, str]]:
+    """(document id, source): the stdlib's code with docstrings and comments removed."""
+    docs = []
+    for path in stdlib_files():
+        tree = _parse(path)
+        if tree is None:
+            continue
+        try:
+            docs.append((str(path.name), ast.unparse(_strip_docstrings(tree))))  # unparse drops comments
+        except (ValueError, RecursionError):
+            continue
+    return docs
+
+
+BUILTIN_CORPORA = {"stdlib_docs": stdlib_docs_documents, "python_source": python_source_documents}
+
+
+# ---------------------------------------------------------------------------
+# User corpora
+# ---------------------------------------------------------------------------
+
+def text_documents(path_str: str) -> list[tuple[str, str]]:
+    path = Path(path_str).expanduser()
+    if not path.exists():
+        raise ConfigError(f"data.path={path_str!r} does not exist; give a text file or a directory of them")
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    docs = []
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            raise ConfigError(f"data.path: cannot read {f}: {exc.strerror}") from None
+        if text.strip():
+            docs.append((str(f), text))
+    if not docs:
+        raise ConfigError(f"data.path={path_str!r} holds no text; give a non-empty text file or directory")
+    return docs
+
+
+def hf_documents(name: str, split: str, text_field: str) -> list[tuple[str, str]]:
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError("data=hf needs the `datasets` package: pip install 'vrmoe[hf]'") from None
+    local = Path(name).expanduser()
+    try:
+        if local.exists():
+            ds = datasets.load_from_disk(str(local))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise ConfigError(f"data.hf_split={split!r} not in {local}; available: {', '.join(ds)}")
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(name, split=split)
+    except ConfigError:
+        raise
+    except Exception as exc:  # datasets raises many types; the user needs the message only
+        raise ConfigError(f"data.hf_name={name!r} could not be loaded: {str(exc).splitlines()[0]}") from None
+    if text_field not in ds.column_names:
+        raise ConfigError(f"data.hf_text_field={text_field!r} is not a column; columns: {', '.join(ds.column_names)}")
+    docs = [(f"{name}:{i}", t) for i, t in enumerate(ds[text_field]) if isinstance(t, str) and t.strip()]
+    if not docs:
+        raise ConfigError(f"data.hf_name={name!r} has no non-empty text in column {text_field!r}")
+    return docs
+
+
+# ---------------------------------------------------------------------------
+# Splitting, caching and loading
+# ---------------------------------------------------------------------------
+
+def _in_validation(doc_id: str, fraction: float) -> bool:
+    digest = hashlib.sha1(doc_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "little") / 2**32 < fraction
+
+
+def split_documents(docs: list[tuple[str, str]], val_fraction: float) -> tuple[bytes, bytes]:
+    """Deterministic split: by a hash of each document's id when there are enough
+    documents, otherwise the tail of the concatenated text is held out."""
+    if len(docs) >= 20:
+        train = [t for i, t in docs if not _in_validation(i, val_fraction)]
+        val = [t for i, t in docs if _in_validation(i, val_fraction)]
+        if train and val:
+            return DOC_SEPARATOR.join(train).encode("utf-8"), DOC_SEPARATOR.join(val).encode("utf-8")
+    data = DOC_SEPARATOR.join(t for _, t in docs).encode("utf-8")
+    cut = int(len(data) * (1 - val_fraction))
+    return data[:cut], data[cut:]
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    base = cfg.cache_dir or os.environ.get("VRMOE_CACHE") or Path.home() / ".cache" / "vrmoe"
+    return Path(base).expanduser()
+
+
+def _atomic_save(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def load_corpus(cfg: DataConfig, min_tokens: int = 0) -> Corpus:
+    """Build (or read from cache) the corpus that ``cfg`` names."""
+    if cfg.name in BUILTIN_CORPORA:
+        tag = f"{cfg.name}-py{sys.version_info.major}.{sys.version_info.minor}-v{cfg.val_fraction}"
+        folder = cache_root(cfg)
+        train_path, val_path = folder / f"{tag}.train.npy", folder / f"{tag}.val.npy"
+        if train_path.exists() and val_path.exists():
+            try:
+                train_np, val_np = np.load(train_path), np.load(val_path)
+            except (OSError, ValueError):  # a damaged cache is rebuilt, not fatal
+                train_np = val_np = None
+            if train_np is not None:
+                return _corpus(cfg.name, train_np, val_np, min_tokens)
+        train_b, val_b = split_documents(BUILTIN_CORPORA[cfg.name](), cfg.val_fraction)
+        train_np, val_np = np.frombuffer(train_b, np.uint8), np.frombuffer(val_b, np.uint8)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            _atomic_save(train_path, train_np)
+            _atomic_save(val_path, val_np)
+        except OSError:  # a read-only home still trains, only without the cache
+            pass
+        return _corpus(cfg.name, train_np, val_np, min_tokens)
+    if cfg.name == "text":
+        docs = text_documents(cfg.path or "")
+    elif cfg.name == "hf":
+        docs = hf_documents(cfg.hf_name or "", cfg.hf_split, cfg.hf_text_field)
+    else:
+        raise ConfigError(f"data={cfg.name!r} is unknown; choose one of stdlib_docs, python_source, text, hf")
+    train_b, val_b = split_documents(docs, cfg.val_fraction)
+    return _corpus(cfg.name, np.frombuffer(train_b, np.uint8), np.frombuffer(val_b, np.uint8), min_tokens)
+
+
+def _corpus(name: str, train: np.ndarray, val: np.ndarray, min_tokens: int) -> Corpus:
+    for split, arr in (("training", train), ("validation", val)):
+        if len(arr) < min_tokens:
+            raise ConfigError(f"data={name}: the {split} split has {len(arr)} bytes, fewer than one sequence "
+                              f"({min_tokens}); give more text or lower model.seq_len")
+    return Corpus(name, torch.from_numpy(train.copy()), torch.from_numpy(val.copy()))
+
+
+def train_batch(data: torch.Tensor, batch_size: int, seq_len: int, seed: int, step: int,
+                device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows for one step. The generator is derived from (seed, step), so a
+    resumed run sees exactly the batches the uninterrupted run would have seen."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    starts = torch.randint(0, len(data) - seq_len - 1 + 1, (batch_size,), generator=gen)
+    return _windows(data, starts, seq_len, device)
+
+
+def eval_batches(data: torch.Tensor, batch_size: int, seq_len: int, n_batches: int,
+                 device: torch.device | str = "cpu"):
+    """Fixed, evenly spaced windows over the whole split: the same every evaluation."""
+    n_windows = max(1, min(n_batches * batch_size, (len(data) - 1) // seq_len))
+    span = len(data) - seq_len - 1
+    starts = torch.linspace(0, max(span, 0), n_windows).long()
+    for chunk in starts.split(batch_size):
+        yield _windows(data, chunk, seq_len, device)
+
+
+def _windows(data: torch.Tensor, starts: torch.Tensor, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = starts[:, None] + torch.arange(seq_len + 1)[None, :]
+    chunk = data[idx].long()
+    return chunk[:, :-1].to(device, non_blocking=True), chunk[:, 1:].to(device, non_blocking=True)

@@ -1,0 +1,154 @@
+"""A decoder-only transformer whose feed-forward blocks are MoE layers.
+
+Read top to bottom: rotary attention, a dense SwiGLU for non-MoE blocks, the
+block, the language model. The model returns every MoE layer's routing and
+diagnostics explicitly (:class:`ModelOutput`); nothing is collected globally.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ModelConfig, RouterConfig
+from .moe import MoELayer, build_moe
+from .routers import Routing
+
+
+@dataclass
+class ModelOutput:
+    logits_BLV: torch.Tensor
+    loss: torch.Tensor | None  # the task loss (next-token cross-entropy), when targets are given
+    aux_loss: torch.Tensor  # sum over MoE layers of the routers' weighted terms
+    routings: list[Routing]  # one per MoE layer, in depth order
+    layer_stats: list[dict[str, torch.Tensor]]  # one per MoE layer, detached
+
+
+def rotary_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    angles = torch.outer(torch.arange(seq_len).float(), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x_BHLd: torch.Tensor, cos_Ld: torch.Tensor, sin_Ld: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x_BHLd.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos_Ld - x2 * sin_Ld, x1 * sin_Ld + x2 * cos_Ld], dim=-1)
+    return out.to(x_BHLd.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x_BLD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, L, D = x_BLD.shape
+        q, k, v = self.qkv(x_BLD).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos[:L], sin[:L]), apply_rotary(k, cos[:L], sin[:L])
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, hidden, bias=False)
+        self.w3 = nn.Linear(d_model, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe: MoELayer | None):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(cfg.d_model)
+        self.attn = CausalSelfAttention(cfg)
+        self.norm2 = nn.RMSNorm(cfg.d_model)
+        self.moe = moe
+        self.ffn = SwiGLU(cfg.d_model, cfg.dense_hidden) if moe is None else None
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn(self.norm1(x), cos, sin)
+        h = self.norm2(x)
+        if self.moe is None:
+            return x + self.ffn(h), None
+        out = self.moe(h)
+        return x + out.y_TD, out
+
+
+def moe_layer_indices(cfg: ModelConfig) -> list[int]:
+    """Blocks with an MoE feed-forward: every `moe_every`-th, counted from the first."""
+    if cfg.moe_every <= 0:
+        return []
+    return [i for i in range(cfg.n_layers) if (i + 1) % cfg.moe_every == 0]
+
+
+def router_layer_plan(n_moe_layers: int, router_cfg: RouterConfig) -> list[RouterConfig]:
+    """The router config of each MoE layer: ``router.layers=N`` gives the configured
+    router to the last N MoE layers and deterministic Top-K to the rest."""
+    n_chosen = n_moe_layers if router_cfg.layers == "all" else min(int(router_cfg.layers), n_moe_layers)
+    topk = dataclasses.replace(router_cfg, name="topk")
+    return [router_cfg if i >= n_moe_layers - n_chosen else topk for i in range(n_moe_layers)]
+
+
+class MoETransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, router_cfg: RouterConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        moe_at = moe_layer_indices(cfg)
+        plan = iter(router_layer_plan(len(moe_at), router_cfg))
+        self.blocks = nn.ModuleList(
+            Block(cfg, build_moe(cfg.d_model, cfg.n_experts, cfg.expert_hidden, next(plan), cfg.dispatch)
+                  if i in moe_at else None)
+            for i in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.embed.weight  # tied
+        nn.init.normal_(self.embed.weight, std=0.02)
+        for block in self.blocks:  # scale residual outputs down with depth (GPT-2)
+            nn.init.normal_(block.attn.proj.weight, std=0.02 / (2 * cfg.n_layers) ** 0.5)
+        cos, sin = rotary_tables(cfg.seq_len, cfg.d_model // cfg.n_heads)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @property
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.moe for b in self.blocks if b.moe is not None]
+
+    def forward(self, idx_BL: torch.Tensor, targets_BL: torch.Tensor | None = None,
+                embed_noise_std: float = 0.0) -> ModelOutput:
+        x = self.embed(idx_BL)
+        if embed_noise_std > 0:  # routing-stability probes perturb the embedding output
+            x = x + embed_noise_std * torch.randn_like(x)
+        routings, stats = [], []
+        aux = x.new_zeros((), dtype=torch.float32)
+        for block in self.blocks:
+            x, moe_out = block(x, self.rope_cos, self.rope_sin)
+            if moe_out is not None:
+                routings.append(moe_out.routing)
+                stats.append(moe_out.stats)
+                aux = aux + moe_out.routing.aux_loss
+        logits = self.lm_head(self.norm(x))
+        loss = None
+        if targets_BL is not None:
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets_BL.reshape(-1))
+        return ModelOutput(logits, loss, aux, routings, stats)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Total parameters and those active per token (K of E experts)."""
+        total = sum(p.numel() for p in self.parameters())
+        expert = sum(p.numel() for m in self.moe_layers for p in m.experts.parameters())
+        k = self.moe_layers[0].router.k if self.moe_layers else 0
+        inactive = expert * (1 - k / self.cfg.n_experts) if self.moe_layers else 0
+        return {"total": total, "active": int(total - inactive), "experts": expert}

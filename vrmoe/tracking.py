@@ -1,0 +1,172 @@
+"""Run records: ``metrics.jsonl`` and ``summary.json`` in the run dir, mirrored to W&B.
+
+The files are the source of truth (``vrmoe compare`` and the dashboard read
+them); W&B is a mirror that never fails a run: if it cannot start, the run
+goes on with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Protocol
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so a crash never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else str(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return _jsonable(value.item())
+    if hasattr(value, "tolist"):
+        return _jsonable(value.tolist())
+    return value
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], bool]:
+    """Rows of a run's metrics.jsonl, and whether it was complete (a killed run may
+    leave a truncated last line, which is skipped rather than fatal)."""
+    path = Path(run_dir) / METRICS_FILE
+    rows, complete = [], True
+    if not path.exists():
+        return rows, False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            complete = False
+    return rows, complete
+
+
+class Logger(Protocol):
+    def log(self, row: dict[str, Any], step: int) -> None: ...
+    def log_images(self, images: dict[str, Path], step: int) -> None: ...
+    def summary(self, data: dict[str, Any]) -> None: ...
+    def finish(self, failed: bool = False) -> None: ...
+
+
+class NullLogger:
+    """The logger for logger=none and for tests: does nothing."""
+
+    def log(self, row, step):
+        pass
+
+    def log_images(self, images, step):
+        pass
+
+    def summary(self, data):
+        pass
+
+    def finish(self, failed=False):
+        pass
+
+
+class WandbLogger:
+    """Mirror to Weights & Biases; offline by default, so no account is needed."""
+
+    def __init__(self, run_dir: Path, config: dict[str, Any], project: str, mode: str,
+                 entity: str | None, group: str | None, name: str | None, tags: list[str]):
+        import wandb
+
+        self._wandb = wandb
+        self.run = wandb.init(project=project, entity=entity, mode=mode, dir=str(run_dir), config=config,
+                              group=group, name=name, tags=tags or None, reinit="finish_previous",
+                              settings=wandb.Settings(silent=True, console="off"))
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
+
+    def log(self, row, step):
+        self.run.log({**_flatten(row), "step": step})
+
+    def log_images(self, images, step):
+        self.run.log({k: self._wandb.Image(str(p)) for k, p in images.items()} | {"step": step})
+
+    def summary(self, data):
+        for key, value in _flatten(data).items():
+            self.run.summary[key] = value
+
+    def finish(self, failed=False):
+        self.run.finish(exit_code=1 if failed else 0)
+
+
+def _flatten(row: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts and per-expert lists become flat W&B keys (layer0/utilisation/3)."""
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{name}/"))
+        elif isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
+            out.update({f"{name}/{i}": v for i, v in enumerate(value)})
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            out[name] = value
+    return out
+
+
+def make_logger(name: str, run_dir: Path, config: dict[str, Any], project: str = "vrmoe",
+                mode: str = "offline", entity: str | None = None, group: str | None = None,
+                run_name: str | None = None, tags: list[str] | None = None) -> Logger:
+    if name == "none" or mode == "disabled":
+        return NullLogger()
+    try:
+        return WandbLogger(run_dir, config, project, mode, entity, group, run_name, tags or [])
+    except Exception as exc:  # W&B unreachable, not installed, or misconfigured: keep training
+        warnings.warn(f"W&B could not start ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                      "continuing with local records only", stacklevel=2)
+        return NullLogger()
+
+
+class RunRecorder:
+    """Appends one JSON object per logged step to metrics.jsonl and writes summary.json."""
+
+    def __init__(self, run_dir: Path, logger: Logger, resume_after_step: int | None = None):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.logger = logger
+        path = self.run_dir / METRICS_FILE
+        if resume_after_step is not None and path.exists():
+            # Rows logged after the checkpoint will be produced again: drop them.
+            rows, _ = read_metrics(self.run_dir)
+            kept = "".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= resume_after_step)
+            atomic_write_text(path, kept)
+        elif path.exists():
+            path.unlink()
+        self._file = open(path, "a", encoding="utf-8")
+
+    def log(self, row: dict[str, Any]) -> None:
+        row = _jsonable(row)
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        self.logger.log(row, step=int(row.get("step", 0)))
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_json(self.run_dir / SUMMARY_FILE, summary)
+        self.logger.summary({k: v for k, v in summary.items() if k != "config"})
+
+    def close(self, failed: bool = False) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self.logger.finish(failed=failed)
