@@ -35,7 +35,12 @@ T (temperature), beta (KL weight), seed. Outputs go to outputs/<date>/<time>_<ro
 
 # Subcommands besides `train`, registered by the modules that implement them:
 # name -> ("module:function", one-line help). Each function takes argv.
-SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "eval": ("vrmoe.evaluate:main", "uncertainty metrics of a run: vrmoe eval run=<dir> [S=8]"),
+    "compare": ("vrmoe.report:compare_main", "runs side by side: vrmoe compare <run or sweep dirs...>"),
+    "dashboard": ("vrmoe.report:dashboard_main", "offline HTML report: vrmoe dashboard <dirs...> -o report.html"),
+    "bench": ("vrmoe.bench:main", "performance ratios on this device: vrmoe bench"),
+}
 
 
 def config_dir() -> Path:

@@ -30,6 +30,9 @@ class Routing:
     stats: dict[str, torch.Tensor] = field(default_factory=dict)  # detached diagnostics
     # Per-sample routing distributions at evaluation, for mutual information (None when S = 1).
     sample_probs_STE: torch.Tensor | None = None
+    # The router's own per-token uncertainty signal for OOD scores (None if it has none):
+    # tr(Sigma_post) for the variational router, the mean temperature for vtsr.
+    uncertainty_T: torch.Tensor | None = None
 
 
 def load_balance_loss(probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,61 @@
+"""Shared test helpers: compose configs the way the CLI does, and run the installed CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from vrmoe.cli import _register_resolvers
+from vrmoe.config import AppConfig, load_config
+
+# Fast, deterministic CPU runs; one thread keeps two concurrent test runs from thrashing.
+torch.set_num_threads(1)
+
+TINY = ["model=tiny", "logger=none", "train.batch_size=4", "train.log_every=1", "train.eval_every=2",
+        "train.eval_batches=1", "train.warmup_steps=1"]
+
+
+def make_config(*overrides: str) -> AppConfig:
+    """The validated config the CLI would build for these overrides."""
+    _register_resolvers()
+    with initialize_config_module(config_module="vrmoe.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    return load_config(cfg)
+
+
+def run_cli(*args: str, cwd: Path, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the installed `vrmoe` console script (the entry point users get)."""
+    exe = Path(sys.executable).with_name("vrmoe")
+    cmd = [str(exe) if exe.exists() else "vrmoe", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def only_run_dir(root: Path) -> Path:
+    """The single run dir that a command created under root/outputs."""
+    dirs = [p.parent for p in (root / "outputs").rglob("summary.json")]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+@pytest.fixture(scope="session")
+def corpus_cache(tmp_path_factory) -> Path:
+    """One prepared-corpus cache shared by every test (preparing it takes seconds)."""
+    path = Path(os.environ.get("VRMOE_CACHE") or tmp_path_factory.mktemp("cache"))
+    os.environ["VRMOE_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _use_cache(corpus_cache):
+    yield

@@ -1,0 +1,69 @@
+"""Composition of every config group, the top-level knobs, and validation messages."""
+
+from __future__ import annotations
+
+import pytest
+
+from vrmoe.cli import CONFIG_GROUPS, check_overrides, group_options
+from vrmoe.config import ConfigError
+
+from conftest import make_config
+
+
+@pytest.mark.parametrize("group", [g for g in CONFIG_GROUPS if g != "experiment"])
+def test_every_option_of_every_group_composes(group, tmp_path):
+    for option in group_options(group):
+        extra = {"text": [f"data.path={tmp_path}"], "hf": [f"data.hf_name={tmp_path}"]}.get(option, [])
+        cfg = make_config(f"{group}={option}", *extra)
+        assert getattr(cfg, group).name == option if hasattr(getattr(cfg, group), "name") else True
+
+
+def test_experiment_presets_compose():
+    for option in group_options("experiment"):
+        cfg = make_config(f"experiment={option}")
+        assert cfg.train.max_steps >= 1
+
+
+def test_top_level_knobs_reach_the_router():
+    cfg = make_config("K=1", "S=8", "T=0.7", "beta=0.5")
+    assert (cfg.router.k, cfg.router.samples, cfg.router.temperature, cfg.router.beta) == (1, 8, 0.7, 0.5)
+
+
+def test_defaults_are_the_documented_ones():
+    cfg = make_config()
+    assert (cfg.model.name, cfg.router.name, cfg.data.name, cfg.logger.name, cfg.logger.mode) == \
+        ("small", "topk", "stdlib_docs", "wandb", "offline")
+
+
+@pytest.mark.parametrize("override, words", [
+    ("K=9", ["K=9", "[1, 8]"]),
+    ("K=0", ["K=0", "[1, 8]"]),
+    ("S=0", ["S=0", "positive"]),
+    ("T=0", ["T=0", "> 0"]),
+    ("beta=-1", ["beta=-1", ">= 0"]),
+    ("train.max_steps=0", ["train.max_steps=0"]),
+    ("train.lr=0", ["train.lr=0"]),
+    ("train.lr=-1e-3", ["train.lr"]),
+    ("train.max_steps=abc", ["train.max_steps"]),
+])
+def test_bad_values_give_one_line_naming_the_key(override, words):
+    with pytest.raises(ConfigError) as info:
+        make_config(override)
+    message = str(info.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+@pytest.mark.parametrize("override, allowed", [
+    ("router=nope", "topk"), ("model=huge", "tiny"), ("data=wiki", "stdlib_docs")])
+def test_unknown_group_choice_is_refused_before_hydra(override, allowed):
+    with pytest.raises(ConfigError) as info:
+        check_overrides([override])
+    assert override.split("=")[1] in str(info.value) and allowed in str(info.value)
+
+
+def test_sweep_lists_are_checked_item_by_item():
+    check_overrides(["router=topk", "model=tiny,small"])
+    with pytest.raises(ConfigError, match="'bogus'"):
+        check_overrides(["model=tiny,bogus"])

@@ -1,0 +1,175 @@
+"""The training loop through its public entry points: records, reproducibility, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from vrmoe.train import build_model, load_checkpoint, lr_at, train
+
+from conftest import TINY, make_config, only_run_dir, run_cli
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_step_training_through_the_installed_cli(tmp_path):
+    proc = run_cli("train", *TINY, "train.max_steps=2", cwd=tmp_path)
+    run_dir = only_run_dir(tmp_path)
+    assert run_dir.parent.parent == tmp_path / "outputs"  # outputs/<date>/<time>_<router>
+    assert "Traceback" not in proc.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["step"] == 2
+    assert summary["params_active"] < summary["params_total"]
+    assert summary["config"]["model"]["name"] == "tiny"
+    assert math.isfinite(summary["final_val_loss"]) and 2.0 < summary["unigram_entropy"] < 4.5
+    assert (run_dir / "checkpoint.pt").exists() and (run_dir / ".hydra" / "config.yaml").exists()
+
+
+def test_metrics_schema_and_values(tmp_path):
+    cfg = make_config(*TINY, "train.max_steps=4")
+    train(cfg, tmp_path)
+    rows = _rows(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all("val/loss" in r for r in rows if r["step"] % 2 == 0)
+    n_experts = cfg.model.n_experts
+    for row in rows:
+        assert {"train/loss", "lr", "tokens_per_s", "moe"} <= set(row)
+        assert set(row["moe"]) == {"layer0", "layer1"}
+        for layer in row["moe"].values():
+            assert len(layer["utilisation"]) == n_experts
+            assert sum(layer["utilisation"]) == pytest.approx(1.0, abs=1e-5)
+            assert 0.0 <= layer["entropy"] <= math.log(n_experts) + 1e-6
+            assert layer["load_cv"] >= 0.0
+
+
+def test_the_default_training_beats_the_unigram_entropy_quickly(tmp_path):
+    # A real learning signal in seconds: 60 steps of the tiny model already model bigrams.
+    cfg = make_config("model=tiny", "logger=none", "train.max_steps=60", "train.eval_every=60",
+                      "train.batch_size=16", "train.warmup_steps=10")
+    summary = train(cfg, tmp_path)
+    assert summary["final_val_loss"] < summary["unigram_entropy"]
+
+
+def test_same_seed_same_losses_other_seed_other_losses(tmp_path):
+    runs = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        train(make_config(*TINY, "train.max_steps=3", f"seed={seed}"), tmp_path / name)
+        runs[name] = [r["train/loss"] for r in _rows(tmp_path / name)]
+    assert runs["a"] == runs["b"]
+    assert runs["a"] != runs["c"]
+
+
+def test_resume_continues_from_the_saved_step_and_optimizer_state(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(make_config(*TINY, "train.max_steps=6", "train.ckpt_every=3"), full)
+    # Interrupted after step 3 (simulated: a 3-step run of the same schedule length is not the same
+    # schedule, so train 6 steps but stop by raising once step 3's checkpoint exists).
+    cfg = make_config(*TINY, "train.max_steps=6", "train.ckpt_every=3")
+    import vrmoe.train as train_module
+
+    original = train_module.save_checkpoint
+    calls = []
+
+    def save_then_die(path, state):
+        original(path, state)
+        calls.append(state["step"])
+        raise KeyboardInterrupt
+
+    train_module.save_checkpoint = save_then_die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, part)
+    finally:
+        train_module.save_checkpoint = original
+    assert load_checkpoint(part, "train.resume")["step"] == 3
+    assert len(load_checkpoint(part, "train.resume")["optimizer"]["state"]) > 0
+    summary = train(make_config(*TINY, "train.max_steps=6", "train.ckpt_every=3", f"train.resume={part}"), part)
+    assert summary["status"] == "completed" and summary["step"] == 6
+    resumed = [(r["step"], r["train/loss"]) for r in _rows(part)]
+    assert [s for s, _ in resumed] == [1, 2, 3, 4, 5, 6]
+    assert resumed == [(r["step"], r["train/loss"]) for r in _rows(full)]
+
+
+def test_resume_through_the_cli_continues_in_the_same_dir(tmp_path):
+    run_cli("train", *TINY, "train.max_steps=2", cwd=tmp_path)
+    run_dir = only_run_dir(tmp_path)
+    run_cli("train", *TINY, "train.max_steps=4", f"train.resume={run_dir}", cwd=tmp_path)
+    assert only_run_dir(tmp_path) == run_dir
+    assert [r["step"] for r in _rows(run_dir)] == [1, 2, 3, 4]
+
+
+def test_learning_rate_schedule():
+    assert lr_at(0, 100, 10, 0.1) == pytest.approx(0.1)
+    assert lr_at(9, 100, 10, 0.1) == pytest.approx(1.0)
+    assert lr_at(100, 100, 10, 0.1) == pytest.approx(0.1)
+    assert lr_at(55, 100, 10, 0.1) == pytest.approx(0.55)
+
+
+def test_model_is_causal_and_counts_parameters():
+    cfg = make_config("model=tiny")
+    model = build_model(cfg).eval()
+    x = torch.randint(0, 256, (2, 16))
+    x2 = x.clone()
+    x2[:, 10:] = torch.randint(0, 256, (2, 6))
+    with torch.no_grad():
+        a, b = model(x).logits_BLV, model(x2).logits_BLV
+    assert torch.allclose(a[:, :10], b[:, :10], atol=1e-5) and not torch.allclose(a[:, 10:], b[:, 10:])
+    counts = model.parameter_counts()
+    per_layer = 3 * cfg.model.d_model * cfg.model.expert_hidden
+    inactive = (cfg.model.n_experts - cfg.router.k) * per_layer * cfg.model.n_layers
+    assert counts["total"] - counts["active"] == inactive
+
+
+@pytest.mark.parametrize("args, words", [
+    (["K=9"], ["K=9", "[1, 4]"]),
+    (["router=bogus"], ["router='bogus'", "topk"]),
+    (["model=huge"], ["model='huge'", "tiny"]),
+    (["data=text", "data.path=/nonexistent/corpus.txt"], ["data.path", "does not exist"]),
+    (["train.max_steps=0"], ["train.max_steps=0"]),
+    (["train.lr=-1"], ["train.lr=-1"]),
+    (["train.resume=/nonexistent/run"], ["train.resume", "checkpoint.pt"]),
+])
+def test_bad_input_is_one_line_with_no_traceback_and_no_run_dir(tmp_path, args, words):
+    proc = run_cli("train", *TINY, "train.max_steps=2", *args, cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    err = proc.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    for word in words:
+        assert word in err
+    assert not list((tmp_path / "outputs").rglob("summary.json")) if (tmp_path / "outputs").exists() else True
+
+
+def test_empty_data_file_is_refused(tmp_path):
+    (tmp_path / "empty.txt").write_text("  \n")
+    proc = run_cli("train", *TINY, "data=text", f"data.path={tmp_path / 'empty.txt'}", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "no text" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_refused_resume_leaves_the_existing_run_untouched(tmp_path):
+    run_cli("train", *TINY, "train.max_steps=2", cwd=tmp_path)
+    run_dir = only_run_dir(tmp_path)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and ".hydra" not in p.parts}
+    proc = run_cli("train", *TINY, "train.max_steps=4", "K=9", f"train.resume={run_dir}", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "K=9" in proc.stderr
+    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and ".hydra" not in p.parts}
+    assert before == after
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    proc = run_cli("train", *TINY, f"train.resume={run_dir}", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "corrupt" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_wandb_offline_logger_writes_a_local_run(tmp_path):
+    cfg = make_config("model=tiny", "logger=wandb", "train.max_steps=2", "train.batch_size=2")
+    train(cfg, tmp_path)
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
