@@ -106,16 +106,18 @@ def _strip_docstrings(tree: ast.Module) -> ast.Module:
     return tree
 
 
-def stdlib_docs_documents() -> list[tuple[str, str]]:
-    """(document id, text): one document per module's docstrings, one per pydoc topic."""
-    docs = []
+def _stdlib_trees():
+    """(file name, syntax tree) of every parseable standard-library module."""
     for path in stdlib_files():
         tree = _parse(path)
-        if tree is None:
-            continue
-        text = DOC_SEPARATOR.join(_docstrings(tree))
-        if text:
-            docs.append((str(path.name), text))
+        if tree is not None:
+            yield path.name, tree
+
+
+def stdlib_docs_documents() -> list[tuple[str, str]]:
+    """(document id, text): one document per module's docstrings, one per pydoc topic."""
+    docs = [(name, DOC_SEPARATOR.join(_docstrings(tree))) for name, tree in _stdlib_trees()]
+    docs = [(name, text) for name, text in docs if text]
     try:
         from pydoc_data.topics import topics
         docs.extend((f"topic:{key}", value.strip()) for key, value in sorted(topics.items()))
@@ -127,12 +129,9 @@ def stdlib_docs_documents() -> list[tuple[str, str]]:
 def python_source_documents() -> list[tuple[str, str]]:
     """(document id, source): the stdlib's code with docstrings and comments removed."""
     docs = []
-    for path in stdlib_files():
-        tree = _parse(path)
-        if tree is None:
-            continue
+    for name, tree in _stdlib_trees():
         try:
-            docs.append((str(path.name), ast.unparse(_strip_docstrings(tree))))  # unparse drops comments
+            docs.append((name, ast.unparse(_strip_docstrings(tree))))  # unparse drops comments
         except (ValueError, RecursionError):
             continue
     return docs
