@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from .config import ConfigError
 from .console import fail, log_line
 
-CONFIG_GROUPS = ("model", "router", "data", "train", "logger", "eval", "experiment")
+CONFIG_GROUPS = ("model", "router", "data", "train", "logger", "task", "eval", "experiment")
 
 USAGE = """\
 usage: vrmoe <command> [arguments]
@@ -83,21 +83,25 @@ def _train_job(cfg: DictConfig) -> None:
     from hydra.types import RunMode
 
     from .config import load_config
-    from .tracking import SUMMARY_FILE, write_json
     from .train import train
 
+    _register_resolvers()  # joblib and submitit workers import this module afresh
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     overrides = list(hc.overrides.task)
     multirun = hc.mode == RunMode.MULTIRUN
-    group = Path(hc.sweep.dir).name if multirun else None
+    group = run_name = None
+    if multirun:
+        # The job's own output dir locates the sweep: re-resolving hydra.sweep.dir (${now:...})
+        # in a worker process could name another time.
+        sweep_dir = run_dir.parents[len(Path(hc.sweep.subdir).parts) - 1]
+        group, run_name = sweep_group(sweep_dir), sweep_run_name(sweep_dir, overrides)
     try:
         app = load_config(cfg)
-        train(app, run_dir, overrides, group=group)
+        train(app, run_dir, overrides, group=group, run_name=run_name)
     except ConfigError as exc:
         if multirun:  # record it and let the rest of the sweep run
-            write_json(run_dir / SUMMARY_FILE, {"status": "failed", "error": str(exc), "overrides": overrides})
-            log_line(f"[red]job {hc.job.num} failed:[/] {exc}")
+            _record_failed_job(run_dir, overrides, str(exc), hc.job.num)
             return
         _drop_empty_run_dir(run_dir, cfg)
         fail(str(exc))
@@ -106,7 +110,53 @@ def _train_job(cfg: DictConfig) -> None:
     except Exception as exc:
         if not multirun:
             raise
-        log_line(f"[red]job {hc.job.num} failed:[/] {type(exc).__name__}: {exc}")
+        import traceback
+
+        _record_failed_job(run_dir, overrides, f"{type(exc).__name__}: {exc}", hc.job.num,
+                           traceback=traceback.format_exc())
+
+
+def _record_failed_job(run_dir: Path, overrides: list[str], error: str, job_num: int,
+                       traceback: str | None = None) -> None:
+    """Mark a sweep job failed in its summary.json (keeping what train() already recorded there)."""
+    from .tracking import SUMMARY_FILE, write_json
+    from .train import read_summary
+
+    summary = read_summary(run_dir) or {"overrides": overrides}
+    summary.update({"status": "failed", "error": error})
+    if traceback:
+        summary["traceback"] = traceback
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / SUMMARY_FILE, summary)
+    log_line(f"[red]job {job_num} failed:[/] {error}")
+
+
+def sweep_group(sweep_dir: Path) -> str:
+    """The W&B group of a sweep: its directory name, with the date when the name is only a time
+    (the default outputs/multirun/<date>/<time>), so that sweeps on different days stay apart."""
+    import re
+
+    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", sweep_dir.parent.name):
+        return f"{sweep_dir.parent.name}_{sweep_dir.name}"
+    return sweep_dir.name
+
+
+def sweep_run_name(sweep_dir: Path, overrides: list[str]) -> str | None:
+    """A sweep job's run name: only the overrides the sweep varies (K=1,seed=0), read against the
+    sweep's command line that Hydra saves in multirun.yaml before it launches any job."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from .train import run_name_from
+
+    try:
+        sweep_args = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides.task
+        parser = OverridesParser.create()
+        swept = {o.get_key_element() for o in parser.parse_overrides(list(sweep_args)) if o.is_sweep_override()}
+        varied = [text for text, o in zip(overrides, parser.parse_overrides(overrides))
+                  if o.get_key_element() in swept]
+    except Exception:  # no or unreadable multirun.yaml (a custom sweeper): name the run by all overrides
+        varied = []
+    return run_name_from(varied or overrides)
 
 
 def _drop_empty_run_dir(run_dir: Path, cfg: DictConfig) -> None:

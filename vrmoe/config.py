@@ -117,8 +117,38 @@ class LoggerConfig:
 
 
 @dataclass
+class TaskConfig:
+    # lm: next-token prediction; mcq: 4-way multiple choice made from the text (see vrmoe/mcq.py).
+    name: str = "lm"
+    # mcq: items built from the training split (epochs = max_steps * batch_size / train_items)
+    # and from the validation split (val/loss, val/accuracy).
+    train_items: int = 2000
+    val_items: int = 256
+    # mcq: longest filled-in sentence in bytes (capped at model.seq_len).
+    item_len: int = 64
+
+
+PAPER_GAMMAS = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05]
+
+
+@dataclass
 class EvalConfig:
+    # Run `vrmoe eval` on the final checkpoint when training ends.
     at_end: bool = False
+    # Next-token calibration and LM-level OOD scores use this many windows of each text.
+    windows: int = 64
+    # Multiple-choice calibration and MCQ-level OOD scores use this many items of each text.
+    mcq_items: int = 256
+    batch_size: int = 16
+    # Per-sequence OOD scores on "lm" windows or "mcq" items; auto follows the run's task.
+    ood_task: str = "auto"
+    # Extra OOD sets: text files, each scored against the validation split under its file name.
+    ood_text: list[str] = field(default_factory=list)
+    # Routing stability: embedding noise sigma = gamma * mean token-embedding norm.
+    gammas: list[float] = field(default_factory=lambda: list(PAPER_GAMMAS))
+    stability_windows: int = 16
+    # Also measure stability with fresh router sampling noise in the noisy pass.
+    stability_unmatched: bool = True
 
 
 @dataclass
@@ -133,11 +163,13 @@ class AppConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 ROUTERS = ("topk", "temperature", "vtsr", "mc_dropout", "variational")
 DATASETS = ("stdlib_docs", "python_source", "text", "hf")
+TASKS = ("lm", "mcq")
 MAX_FULL_COVARIANCE_EXPERTS = 64
 
 
@@ -193,6 +225,8 @@ def validate(c: AppConfig) -> None:
              f"router.covariance=full needs model.n_experts <= {MAX_FULL_COVARIANCE_EXPERTS} "
              f"(got {m.n_experts}); use router.covariance=diag")
     _require(r.sigma_init > 0, f"router.sigma_init={r.sigma_init} must be > 0")
+    _require(r.head_hidden_ratio > 0,
+             f"router.head_hidden_ratio={r.head_hidden_ratio} must be > 0 (heads are D -> D*ratio -> outputs)")
     _require(r.eval_mode in ("sample", "topk"), f"router.eval_mode={r.eval_mode!r} must be sample or topk")
     _require(0 <= r.dropout < 1, f"router.dropout={r.dropout} must be in [0, 1)")
     _require(r.min_temperature > 0, f"router.min_temperature={r.min_temperature} must be > 0")
@@ -220,6 +254,15 @@ def validate(c: AppConfig) -> None:
     _require(d.name != "text" or bool(d.path), "data=text needs data.path=<file or directory>")
     _require(d.name != "hf" or bool(d.hf_name),
              "data=hf needs data.hf_name=<dataset name or save_to_disk directory>")
+    _require(c.task.name in TASKS, f"task={c.task.name!r} is unknown; choose one of {', '.join(TASKS)}")
+    for key, value in (("task.train_items", c.task.train_items), ("task.val_items", c.task.val_items),
+                       ("eval.windows", c.eval.windows), ("eval.mcq_items", c.eval.mcq_items),
+                       ("eval.batch_size", c.eval.batch_size), ("eval.stability_windows", c.eval.stability_windows)):
+        _require(value >= 1, f"{key}={value} must be a positive integer")
+    _require(c.task.item_len >= 16, f"task.item_len={c.task.item_len} must be >= 16 bytes (a sentence around the blank)")
+    _require(c.eval.ood_task in ("auto", "lm", "mcq"), f"eval.ood_task={c.eval.ood_task!r} must be auto, lm or mcq")
+    _require(all(g >= 0 for g in c.eval.gammas),
+             f"eval.gammas={c.eval.gammas}: every noise scale gamma must be >= 0 (0 is the noise-free pass)")
     _require(c.logger.name in ("wandb", "none"), f"logger={c.logger.name!r} must be wandb or none")
     _require(c.logger.mode in ("offline", "online", "disabled"),
              f"logger.mode={c.logger.mode!r} must be offline, online or disabled")

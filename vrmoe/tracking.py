@@ -62,6 +62,9 @@ def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], bool]:
 
 
 class Logger(Protocol):
+    # Whether log_images stores anything: figures are drawn for a logger only when it does.
+    records_images: bool
+
     def log(self, row: dict[str, Any], step: int) -> None: ...
     def log_images(self, images: dict[str, Path], step: int) -> None: ...
     def summary(self, data: dict[str, Any]) -> None: ...
@@ -70,6 +73,8 @@ class Logger(Protocol):
 
 class NullLogger:
     """The logger for logger=none and for tests: does nothing."""
+
+    records_images = False
 
     def log(self, row, step):
         pass
@@ -86,6 +91,8 @@ class NullLogger:
 
 class WandbLogger:
     """Mirror to Weights & Biases; offline by default, so no account is needed."""
+
+    records_images = True
 
     def __init__(self, run_dir: Path, config: dict[str, Any], project: str, mode: str,
                  entity: str | None, group: str | None, name: str | None, tags: list[str]):

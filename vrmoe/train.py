@@ -25,6 +25,8 @@ from .model import MoETransformer
 from .model.transformer import moe_layer_indices
 from .tracking import CHECKPOINT_FILE, SUMMARY_FILE, RunRecorder, make_logger
 from .console import console, log_line
+from .mcq import MCQTask
+from .plots import log_utilisation_image, write_run_plots
 
 CHECKPOINT_VERSION = 1
 # Model fields that change no parameter shape: a checkpoint loads across them.
@@ -157,6 +159,36 @@ def autocast(device: torch.device, precision: str):
 
 
 # ---------------------------------------------------------------------------
+# Tasks: what a batch is, what loss it gives, how it is validated
+# ---------------------------------------------------------------------------
+
+class LMTask:
+    """Next-token prediction on random windows of the training split (task=lm).
+
+    A task gives the loop ``train_batch(step, device)``, ``forward(model, batch)`` (the
+    model's output with ``loss`` set to this task's loss) and ``validate(model, device)``
+    (a row of numbers with at least ``val/loss``); ``vrmoe.mcq.MCQTask`` is the other one."""
+
+    def __init__(self, app: AppConfig, corpus: Corpus):
+        self.app, self.corpus = app, corpus
+        self.tokens_per_step = app.train.batch_size * app.model.seq_len
+
+    def train_batch(self, step: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        return train_batch(self.corpus.train, self.app.train.batch_size, self.app.model.seq_len, self.app.seed,
+                           step, device)
+
+    def forward(self, model, batch: tuple[torch.Tensor, torch.Tensor]):
+        x, y = batch
+        return model(x, y)
+
+    def validate(self, model: MoETransformer, device: torch.device) -> dict[str, float]:
+        return {"val/loss": validation_loss(model, self.corpus, self.app, device)}
+
+
+TASKS = {"lm": LMTask, "mcq": MCQTask}
+
+
+# ---------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------
 
@@ -191,8 +223,11 @@ def run_name_from(overrides: list[str] | None) -> str | None:
 
 
 def train(app: AppConfig, run_dir: Path, overrides: list[str] | None = None,
-          group: str | None = None) -> dict[str, Any]:
-    """Train one run into ``run_dir``; return its summary (also written to summary.json)."""
+          group: str | None = None, run_name: str | None = None) -> dict[str, Any]:
+    """Train one run into ``run_dir``; return its summary (also written to summary.json).
+
+    ``group`` and ``run_name`` name the W&B run (a sweep passes its group and the overrides it
+    varies); by default the run is named by all its overrides."""
     run_dir = Path(run_dir)
     device = resolve_device(app.train.device)
     torch.manual_seed(app.seed)
@@ -207,6 +242,11 @@ def train(app: AppConfig, run_dir: Path, overrides: list[str] | None = None,
                               f"({'; '.join(diff) or 'router=' + saved.router.name}); resume with its own config")
 
     corpus = load_corpus(app.data, min_tokens=app.model.seq_len + 2)
+    task = TASKS[app.task.name](app, corpus)
+    if app.eval.at_end:
+        from .evaluate import check_eval_inputs
+
+        check_eval_inputs(app)  # a missing OOD file fails now, not after the training
     model = build_model(app)
     loaded: set[str] = set()  # parameter names that came from another run: frozen under freeze=backbone
     if resume_state is not None:
@@ -230,7 +270,8 @@ def train(app: AppConfig, run_dir: Path, overrides: list[str] | None = None,
 
     config_dict = to_dict(app)
     logger = make_logger(app.logger.name, run_dir, config_dict, app.logger.project, app.logger.mode,
-                         app.logger.entity, app.logger.group or group, run_name_from(overrides), app.logger.tags)
+                         app.logger.entity, app.logger.group or group, run_name or run_name_from(overrides),
+                         app.logger.tags)
     recorder = RunRecorder(run_dir, logger, resume_after_step=start_step if resume_state else None)
     counts = model.parameter_counts()
     moe_blocks = moe_layer_indices(app.model)
@@ -247,7 +288,7 @@ def train(app: AppConfig, run_dir: Path, overrides: list[str] | None = None,
              f"({counts['active'] / 1e6:.2f}M active), {app.data.name}: {len(corpus.train) / 1e6:.2f}M train bytes, "
              f"unigram entropy {summary['unigram_entropy']:.3f} nats, device {device}, run dir {run_dir}")
 
-    tokens_per_step = app.train.batch_size * app.model.seq_len
+    tokens_per_step = task.tokens_per_step
     stats = _StatAccumulator()
     loss_sum = torch.zeros((), device=device)
     aux_sum = torch.zeros((), device=device)
@@ -273,15 +314,15 @@ def train(app: AppConfig, run_dir: Path, overrides: list[str] | None = None,
 
     try:
         with progress:
-            task = progress.add_task("train", total=app.train.max_steps, completed=start_step, loss=float("nan"),
-                                     tps=0.0)
+            bar = progress.add_task("train", total=app.train.max_steps, completed=start_step, loss=float("nan"),
+                                    tps=0.0)
             while step < app.train.max_steps:
                 for group_ in optimizer.param_groups:
                     group_["lr"] = app.train.lr * lr_at(step, app.train.max_steps, app.train.warmup_steps,
                                                         app.train.min_lr_ratio)
-                x, y = train_batch(corpus.train, app.train.batch_size, app.model.seq_len, app.seed, step, device)
+                batch = task.train_batch(step, device)
                 with autocast(device, app.train.precision):
-                    out = step_fn(x, y)
+                    out = task.forward(step_fn, batch)
                 loss = out.loss + out.aux_loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -305,11 +346,13 @@ def train(app: AppConfig, run_dir: Path, overrides: list[str] | None = None,
                         "tokens_per_s": n_in_interval * tokens_per_step / max(elapsed, 1e-9),
                     }
                     if do_eval:
-                        last_val = validation_loss(model, corpus, app, device)
-                        row["val/loss"] = last_val
+                        row.update(task.validate(model, device))
+                        last_val = row["val/loss"]
                     row["moe"] = stats.pop(moe_blocks)
                     recorder.log(row)
-                    progress.update(task, completed=step, loss=last_train, tps=row["tokens_per_s"])
+                    if do_eval:
+                        log_utilisation_image(recorder.logger, run_dir, row["moe"], step)
+                    progress.update(bar, completed=step, loss=last_train, tps=row["tokens_per_s"])
                     if progress.disable:
                         val_part = f" val/loss {last_val:.4f}" if do_eval else ""
                         log_line(f"step {step}/{app.train.max_steps} loss {last_train:.4f}{val_part} "
@@ -334,9 +377,14 @@ def train(app: AppConfig, run_dir: Path, overrides: list[str] | None = None,
                         "final_val_loss": last_val,
                         "tokens_per_s": (step - start_step) * tokens_per_step / max(time.perf_counter() - t_start, 1e-9)})
         recorder.write_summary(summary)
+        write_run_plots(run_dir, n_experts=app.model.n_experts, logger=recorder.logger, step=step)
         recorder.close(failed=failed)
     log_line(f"done: val/loss {last_val:.4f} nats (unigram entropy {summary['unigram_entropy']:.4f}) "
              f"in {summary['wall_time_s']:.0f}s -> {run_dir}")
+    if app.eval.at_end:
+        from .evaluate import evaluate_run
+
+        evaluate_run(run_dir, app)
     return summary
 
 
