@@ -54,8 +54,10 @@ def test_a_2x2_sweep_with_failing_jobs_completes_and_compare_reads_it(tmp_path):
     sweep_dir = tmp_path / "sweep"
     # K=9 > 4 experts of model=tiny: those two jobs fail validation, the other two must still train.
     proc = run_cli("train", "-m", *TINY, "logger=wandb", *STEPS, "K=2,9", "seed=0,1",
-                   f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
+                   f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, check=False)
     assert "Traceback" not in proc.stderr
+    # The sweep finishes every job, then reports the failures with a non-zero exit.
+    assert proc.returncode == 1 and "2 completed, 2 failed" in proc.stderr
     jobs = job_dirs(sweep_dir)
     assert sorted(jobs) == ["0", "1", "2", "3"]
     by_overrides = {(o["K"], o["seed"]): d for d in jobs.values()
@@ -98,7 +100,9 @@ def test_a_2x2_sweep_with_failing_jobs_completes_and_compare_reads_it(tmp_path):
                                       ["hydra/launcher=submitit_local"]], ids=["joblib", "submitit_local"])
 def test_parallel_launchers_run_the_job_function_in_worker_processes(tmp_path, launcher):
     sweep_dir = tmp_path / "sweep"
-    run_cli("train", "-m", *launcher, *TINY, *STEPS, "K=1,9", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
+    proc = run_cli("train", "-m", *launcher, *TINY, *STEPS, "K=1,9", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path,
+                   check=False)
+    assert proc.returncode == 1 and "1 completed, 1 failed" in proc.stderr
     statuses = {n: summary(d)["status"] for n, d in job_dirs(sweep_dir).items()}
     assert statuses == {"0": "completed", "1": "failed"}
     assert "out of range" in summary(job_dirs(sweep_dir)["1"])["error"]

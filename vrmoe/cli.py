@@ -12,6 +12,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError
@@ -83,7 +84,6 @@ def _train_job(cfg: DictConfig) -> None:
     from hydra.types import RunMode
 
     from .config import load_config
-    from .train import train
 
     _register_resolvers()  # joblib and submitit workers import this module afresh
     hc = HydraConfig.get()
@@ -98,6 +98,8 @@ def _train_job(cfg: DictConfig) -> None:
         group, run_name = sweep_group(sweep_dir), sweep_run_name(sweep_dir, overrides)
     try:
         app = load_config(cfg)
+        from .train import train  # after validation: a refused config exits before torch loads
+
         train(app, run_dir, overrides, group=group, run_name=run_name)
     except ConfigError as exc:
         if multirun:  # record it and let the rest of the sweep run
@@ -157,6 +159,22 @@ def sweep_run_name(sweep_dir: Path, overrides: list[str]) -> str | None:
     except Exception:  # no or unreadable multirun.yaml (a custom sweeper): name the run by all overrides
         varied = []
     return run_name_from(varied or overrides)
+
+
+class SweepReport(Callback):
+    """At the end of a sweep: one line counting the jobs by status, and exit code 1 when any
+    failed (the other jobs still ran), so scripts notice a partial sweep."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from .train import read_summary
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        statuses = [(read_summary(p.parent) or {}).get("status", "unknown") for p in sweep_dir.rglob("summary.json")]
+        counts = {s: statuses.count(s) for s in sorted(set(statuses))}
+        log_line(f"sweep: {', '.join(f'{n} {s}' for s, n in counts.items()) or 'no jobs'} -> {sweep_dir} "
+                 f"(vrmoe compare {sweep_dir})")
+        if counts.get("failed"):
+            sys.exit(1)
 
 
 def _drop_empty_run_dir(run_dir: Path, cfg: DictConfig) -> None:
