@@ -23,12 +23,14 @@ Choices worth knowing:
   predictive distribution is over its four options; router scores (gate
   entropy, logit variance, temperature) are averaged over the tokens of its
   four filled-in sentences and over MoE layers. ``auto`` follows the run's task.
-* **Routing stability.** The clean and the noisy pass start from the same RNG
-  state and consume it identically (the clean pass draws, and discards, a
-  tensor of the embedding noise's shape), so a sampling router sees the same
-  sampling noise in both and the Jaccard measures the input noise alone; gamma
-  = 0 gives exactly 1. ``stability.jaccard_unmatched`` repeats the noisy pass
-  with fresh sampling noise, which adds the router's own variability.
+* **Routing stability.** The embedding noise and the routers' sampling noise
+  come from two separately seeded streams (the generator is re-seeded when the
+  first block starts), and the clean and the noisy pass share the routers'
+  stream, so a sampling router sees the same sampling noise in both and the
+  Jaccard measures the input noise alone; gamma = 0 gives exactly 1.
+  ``stability.jaccard_unmatched`` repeats each noisy pass with fresh sampling
+  noise, which adds the router's own variability (the number a user of a
+  sampling router experiences).
 """
 
 from __future__ import annotations
@@ -291,19 +293,31 @@ def score_items(model: MoETransformer, sampler: MoETransformer | None, items: MC
 # Routing stability
 # ---------------------------------------------------------------------------
 
-def _pass_with_noise(model: MoETransformer, x: torch.Tensor, sigma: float, rng_seed: int) -> list[Routing]:
-    """One forward pass whose random numbers are drawn in the same order whatever sigma is: the
-    model draws the embedding noise first, so a noise-free pass draws (and drops) as many."""
-    torch.manual_seed(rng_seed)
-    if sigma == 0:
-        torch.randn(*x.shape, model.cfg.d_model, device=x.device, dtype=model.embed.weight.dtype)
-    return model(x, embed_noise_std=sigma).routings
+def _routings_with_noise(model: MoETransformer, x: torch.Tensor, sigma: float, noise_seed: int,
+                         router_seed: int) -> list[Routing]:
+    """One forward pass with two separate random streams: the embedding noise comes from
+    ``noise_seed``, and the generator is re-seeded with ``router_seed`` when the first block
+    starts, so the routers' sampling noise does not depend on whether (or how much) embedding
+    noise was drawn."""
+    def reseed(module, args) -> None:  # a pre-hook that returns something would replace the block's input
+        torch.manual_seed(router_seed)
+
+    handle = model.blocks[0].register_forward_pre_hook(reseed)
+    try:
+        torch.manual_seed(noise_seed)
+        return model(x, embed_noise_std=sigma).routings
+    finally:
+        handle.remove()
 
 
 @torch.no_grad()
 def routing_stability(model: MoETransformer, windows: list[torch.Tensor], gammas: list[float], seed: int,
                       unmatched: bool) -> dict[str, Any]:
-    """Jaccard of the Top-K sets with and without embedding noise, per MoE layer and gamma."""
+    """Jaccard of the Top-K sets with and without embedding noise, per MoE layer and gamma.
+
+    The clean and noisy passes share the routers' sampling noise, so the Jaccard measures the
+    input noise alone (gamma = 0 gives exactly 1); with ``unmatched`` the noisy pass is repeated
+    with fresh sampling noise (same input noise), which adds the router's own variability."""
     embed_norm = torch.cat([model.embed(x).norm(dim=-1).reshape(-1) for x in windows]).mean()
     layer_names = [f"layer{b}" for b in moe_layer_indices(model.cfg)]
     n_experts = model.cfg.n_experts
@@ -311,16 +325,16 @@ def routing_stability(model: MoETransformer, windows: list[torch.Tensor], gammas
             "unmatched": torch.zeros(len(gammas), len(layer_names), dtype=torch.float64)}
     n_tokens = 0
     for b, x in enumerate(windows):
-        rng_seed = seed * 1_000_003 + b
-        clean = _pass_with_noise(model, x, 0.0, rng_seed)
+        noise_seed, router_seed = seed * 1_000_003 + b, seed * 1_000_003 + b + 500_000
+        clean = _routings_with_noise(model, x, 0.0, noise_seed, router_seed)
         n_tokens += x.numel()
         for g, gamma in enumerate(gammas):
             sigma = float(gamma * embed_norm)
-            runs = {"matched": rng_seed}
+            runs = {"matched": router_seed}
             if unmatched:
-                runs["unmatched"] = rng_seed + 7_919 * (g + 1)  # another draw of the router's sampling noise
-            for kind, pass_seed in runs.items():
-                noisy = _pass_with_noise(model, x, sigma, pass_seed)
+                runs["unmatched"] = router_seed + 7_919 * (g + 1)  # another draw of the sampling noise
+            for kind, pass_router_seed in runs.items():
+                noisy = _routings_with_noise(model, x, sigma, noise_seed, pass_router_seed)
                 for layer, (r_clean, r_noisy) in enumerate(zip(clean, noisy)):
                     sums[kind][g, layer] += metrics.topk_sets_jaccard(
                         r_clean.expert_ids_TK, r_noisy.expert_ids_TK, n_experts).sum().cpu()

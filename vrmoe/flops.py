@@ -13,8 +13,10 @@ Counting rules (one multiply-add = 2 FLOPs):
   transform, the softmax (5 FLOPs per expert: max, subtract, exp, sum, divide)
   and the running average. Variational and MC-dropout routers draw S samples
   at evaluation (MC dropout re-runs its logit layer on each dropped input);
-  temperature sampling and VTSR draw one. Top-K selection is comparisons and
-  is not counted; renormalising the K gates is.
+  temperature sampling draws one; VTSR evaluates deterministically. Top-K
+  selection is comparisons and is not counted; renormalising the K gates is.
+  The full-covariance noise ``L eps`` is counted as the triangular product it
+  is (E(E+1)/2 multiply-adds per sample).
 """
 
 from __future__ import annotations
@@ -77,9 +79,12 @@ def router_flops(router: Router, samples: int) -> float:
         dropout = router.gate.in_features  # mask multiply per input feature
         per_sample = dropout + gate + softmax + n_experts
         return heads + samples * per_sample + renormalise
-    if name in ("temperature", "vtsr"):
+    if name == "temperature":
         sampling = GUMBEL_FLOPS_PER_CLASS * n_experts if cfg.eval_mode == "sample" else n_experts
-        return gate + heads + sampling + softmax + renormalise
+        return gate + sampling + softmax + renormalise
+    if name == "vtsr":
+        # Evaluation is one deterministic pass: the temperature head, softplus, and l / T.
+        return gate + heads + 2 * n_experts + softmax + renormalise
     return gate + heads + softmax + renormalise  # deterministic Top-K
 
 

@@ -1,0 +1,126 @@
+"""The multiple-choice task: deterministic, well-formed items; scores; the fine-tuning task."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+
+import pytest
+import torch
+
+from vrmoe.config import ConfigError
+from vrmoe.mcq import (BLANK, N_OPTIONS, WORD, MCQTask, build_items, encode_items, items_from_text, make_batch,
+                       option_scores, sentences, shuffle_words_within_sentences)
+from vrmoe.data import load_corpus
+from vrmoe.train import build_model, train
+
+from conftest import TINY, make_config
+
+PROSE = " ".join(
+    f"The {a} parser reads every {b} value from the {c} stream and returns a new {d} object. "
+    f"Each {b} handler calls the {a} method before the {c} buffer is closed.\n\n"
+    for a, b, c, d in zip(["simple", "strict", "lazy", "quick", "plain", "small"] * 4,
+                          ["string", "number", "header", "record", "option", "column"] * 4,
+                          ["input", "output", "socket", "binary", "stdin", "stdout"] * 4,
+                          ["list", "dict", "tuple", "frame", "table", "block"] * 4))
+
+
+@pytest.fixture(scope="module")
+def docs_val_text(corpus_cache) -> str:
+    cfg = make_config("model=tiny")
+    return bytes(load_corpus(cfg.data).val.numpy().tobytes()).decode("utf-8", errors="replace")
+
+
+def test_items_are_deterministic_and_depend_on_the_seed(docs_val_text):
+    a = build_items(docs_val_text, 50, 64)
+    assert a == build_items(docs_val_text, 50, 64)
+    assert a != build_items(docs_val_text, 50, 64, seed=1)
+    assert len(a) == 50
+
+
+def test_items_are_well_formed(docs_val_text):
+    items = build_items(docs_val_text, 200, 64)
+    source = set(sentences(docs_val_text))
+    counts = Counter(WORD.findall(docs_val_text))
+    answers = Counter(item.answer for item in items)
+    for item in items:
+        options = item.options
+        answer = options[item.answer]
+        assert len(options) == N_OPTIONS and len({o.lower() for o in options}) == N_OPTIONS  # 4 distinct
+        assert all(WORD.fullmatch(o) and counts[o] > 0 for o in options)  # real words of this text
+        assert all(abs(len(o) - len(answer)) <= 1 for o in options)  # similar length
+        # The blank really removes the answer: the question holds the blank where the word was,
+        # and filling it back gives a piece of one of the text's sentences.
+        assert item.question == item.prefix + BLANK + item.suffix and item.prefix
+        assert not re.search(r"[A-Za-z0-9_]$", item.prefix) and not re.match(r"[A-Za-z0-9_]", item.suffix)
+        assert any(item.filled(item.answer) in s for s in source)
+        assert all(len(item.filled(o).encode()) <= 64 for o in range(N_OPTIONS))
+    # The right answer's position is spread over the four slots, not always the same one.
+    assert len(answers) == N_OPTIONS and min(answers.values()) > len(items) / 10
+
+
+def test_distractors_have_similar_frequency(docs_val_text):
+    counts = Counter(WORD.findall(docs_val_text))
+    items = build_items(docs_val_text, 200, 64)
+    gaps = [abs(math.log(counts[o]) - math.log(counts[item.options[item.answer]]))
+            for item in items for o in item.options]
+    assert sorted(gaps)[int(0.9 * len(gaps))] < math.log(8)  # 90% within a factor of 8 in frequency
+
+
+def test_shuffled_near_domain_keeps_words_and_layout_but_not_order():
+    shuffled = shuffle_words_within_sentences(PROSE)
+    assert shuffled == shuffle_words_within_sentences(PROSE)
+    assert Counter(PROSE.split()) == Counter(shuffled.split())
+    assert re.findall(r"\s+", PROSE) == re.findall(r"\s+", shuffled)  # same whitespace skeleton
+    assert shuffled != PROSE
+    # Words stay inside their own sentence: each paragraph keeps its own multiset of words.
+    for before, after in zip(PROSE.split("\n\n"), shuffled.split("\n\n")):
+        assert Counter(before.split()) == Counter(after.split())
+
+
+def test_text_without_items_is_a_config_error():
+    with pytest.raises(ConfigError, match="eval.ood_text: x.txt"):
+        items_from_text("too short", 10, 64, "eval.ood_text: x.txt")
+
+
+def test_option_scores_give_the_softmax_over_full_sentence_likelihoods():
+    torch.manual_seed(0)
+    model = build_model(make_config(*TINY)).eval()
+    items = build_items(PROSE, 6, 32)
+    data = encode_items(items)
+    batch = make_batch(data, torch.arange(len(items)))
+    with torch.no_grad():
+        scores = option_scores(model(batch.inputs_NL).logits_BLV, batch)
+        full = torch.zeros(len(items), N_OPTIONS)
+        for n, item in enumerate(items):
+            for o in range(N_OPTIONS):
+                ids = torch.tensor(list(item.filled(o).encode()))[None]
+                logp = torch.log_softmax(model(ids[:, :-1]).logits_BLV.float(), -1)
+                full[n, o] = logp[0].gather(-1, ids[0, 1:, None]).sum()
+    assert torch.allclose(scores.softmax(-1), full.softmax(-1), atol=1e-5)
+    assert torch.equal(batch.answers_B, torch.tensor([item.answer for item in items]))
+
+
+def test_mcq_task_batches_are_a_function_of_seed_and_step(tmp_path, corpus_cache):
+    app = make_config(*TINY, "task=mcq", "task.train_items=20", "task.val_items=8")
+    corpus = load_corpus(app.data, min_tokens=app.model.seq_len + 2)
+    a, b = MCQTask(app, corpus), MCQTask(app, corpus)
+    for step in (0, 3, 7):  # 4 items a step over 20 items: step 7 crosses into the second epoch
+        assert torch.equal(a.train_batch(step, "cpu").inputs_NL, b.train_batch(step, "cpu").inputs_NL)
+    epoch = torch.cat([a.train_batch(s, "cpu").answers_B for s in range(5)])
+    assert len(epoch) == 20
+
+
+def test_fine_tuning_on_mcq_from_a_pretrained_run_overfits_its_items(tmp_path, corpus_cache):
+    base = tmp_path / "base"
+    train(make_config(*TINY, "train.max_steps=2"), base)
+    ft = tmp_path / "ft"
+    summary = train(make_config(*TINY, "task=mcq", "task.train_items=8", "task.val_items=8",
+                                f"train.init_from={base}", "train.batch_size=8", "train.max_steps=40",
+                                "train.lr=3e-3", "train.eval_every=40", "train.log_every=5"), ft)
+    rows = [json.loads(line) for line in (ft / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["train/loss"] < 0.5 * rows[0]["train/loss"]  # 8 items, 40 epochs: memorised
+    assert 0.0 <= rows[-1]["val/accuracy"] <= 1.0 and math.isfinite(summary["final_val_loss"])
+    assert summary["config"]["task"]["name"] == "mcq"
