@@ -75,7 +75,7 @@ DEFAULT = Size(
          "train.lr=1e-3", "train.warmup_steps=20", "train.eval_every=200", "train.log_every=200",
          "train.ckpt_every=400"],
     posthoc=["task=mcq", "task.train_items=1000", "task.val_items=256", "train.max_steps=200",
-             "train.batch_size=16", "train.lr=3e-3", "train.warmup_steps=10", "train.eval_every=200",
+             "train.batch_size=16", "train.lr=1e-2", "train.warmup_steps=10", "train.eval_every=200",
              "train.log_every=200", "train.ckpt_every=200", "train.freeze=backbone"],
     eval=["S=8", "eval.windows=64", "eval.mcq_items=256", "eval.stability_windows=16", "eval.batch_size=32"],
     seeds=[0, 1, 2],
@@ -142,10 +142,10 @@ def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
-    from vrmoe.cli import _register_resolvers
+    from vrmoe.cli import prepare_hydra
     from vrmoe.config import load_config
 
-    _register_resolvers()
+    prepare_hydra()
     with initialize_config_module(config_module="vrmoe.conf", version_base="1.3"):
         return load_config(hydra_compose(config_name="config", overrides=overrides))
 

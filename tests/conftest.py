@@ -12,7 +12,7 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from vrmoe.cli import _register_resolvers
+from vrmoe.cli import prepare_hydra
 from vrmoe.config import AppConfig, load_config
 
 # Fast, deterministic CPU runs; one thread keeps two concurrent test runs from thrashing.
@@ -24,7 +24,7 @@ TINY = ["model=tiny", "logger=none", "train.batch_size=4", "train.log_every=1", 
 
 def make_config(*overrides: str) -> AppConfig:
     """The validated config the CLI would build for these overrides."""
-    _register_resolvers()
+    prepare_hydra()
     with initialize_config_module(config_module="vrmoe.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=list(overrides))
     return load_config(cfg)

@@ -44,7 +44,6 @@ def test_defaults_are_the_documented_ones():
     ("train.max_steps=0", ["train.max_steps=0"]),
     ("train.lr=0", ["train.lr=0"]),
     ("train.lr=-1e-3", ["train.lr"]),
-    ("train.max_steps=abc", ["train.max_steps"]),
 ])
 def test_bad_values_give_one_line_naming_the_key(override, words):
     with pytest.raises(ConfigError) as info:
@@ -67,3 +66,10 @@ def test_sweep_lists_are_checked_item_by_item():
     check_overrides(["router=topk", "model=tiny,small"])
     with pytest.raises(ConfigError, match="'bogus'"):
         check_overrides(["model=tiny,bogus"])
+
+
+@pytest.mark.parametrize("override", ["train.max_steps=abc", "K=1.5", "seed=0,x"])
+def test_a_value_of_the_wrong_type_is_one_line_before_hydra(override):
+    with pytest.raises(ConfigError) as info:
+        check_overrides([override])
+    assert "could not be converted" in str(info.value) and "\n" not in str(info.value)

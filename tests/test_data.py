@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 
 from vrmoe.config import ConfigError, DataConfig
-from vrmoe.data import (ByteTokenizer, eval_batches, hf_documents, load_corpus, split_documents,
+from vrmoe.data import (ByteTokenizer, eval_batches, hf_documents, load_corpus, looks_binary, split_documents,
                         text_documents, train_batch)
 
 
@@ -86,3 +89,25 @@ def test_batches_are_shifted_and_reproducible():
     assert torch.equal(x[:, 1:], y[:, :-1])
     windows = list(eval_batches(data.to(torch.uint8), 4, 16, 2))
     assert len(windows) == 2 and all(w[0].shape == (4, 16) for w in windows)
+
+
+def test_binary_data_is_refused_not_trained_on_as_replacement_characters(tmp_path):
+    blob = bytes(range(256)) * 40  # NUL bytes and invalid UTF-8
+    (tmp_path / "model.bin").write_bytes(blob)
+    with pytest.raises(ConfigError, match="looks binary") as info:
+        text_documents(str(tmp_path / "model.bin"))
+    assert "\n" not in str(info.value)
+    # In a directory a binary file (no suffix, like an executable) is skipped and the text kept.
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "program").write_bytes(blob)
+    (tmp_path / "corpus" / "notes.txt").write_text("café naïve résumé " * 50, encoding="utf-8")
+    assert [Path(name).name for name, _ in text_documents(str(tmp_path / "corpus"))] == ["notes.txt"]
+    (tmp_path / "corpus" / "notes.txt").unlink()
+    with pytest.raises(ConfigError, match=r"1 binary file\(s\) skipped"):
+        text_documents(str(tmp_path / "corpus"))
+
+
+def test_latin1_text_with_a_few_undecodable_bytes_is_still_text():
+    assert not looks_binary("a line of plain text with one café in it\n".encode("latin-1") * 100)
+    assert not looks_binary(("é" * 5000).encode("utf-8")[:8191])  # a character cut at the sample end
+    assert looks_binary(bytes(range(128, 256)) * 64)

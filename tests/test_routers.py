@@ -322,3 +322,24 @@ def test_bad_router_input_is_exit_code_2_and_one_line_naming_the_key(tmp_path, a
     assert proc.returncode == 2, err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert key in err
+
+
+@pytest.mark.parametrize("name, fields", [("topk", {}), ("variational", {"covariance": "diag"}),
+                                          ("variational", {"covariance": "full"}), ("temperature", {}),
+                                          ("vtsr", {}), ("mc_dropout", {})])
+@pytest.mark.parametrize("n_experts, k", [(1, 1), (4, 4)])
+@pytest.mark.parametrize("training", [True, False])
+def test_edge_shapes_one_expert_k_equals_e_one_token_and_bf16(name, fields, n_experts, k, training):
+    router = build_router(8, n_experts, RouterConfig(name=name, k=k, samples=3, z_loss_weight=1e-3, **fields))
+    router.train(training)
+    for n_tokens in (1, 5):
+        u_TD = torch.randn(n_tokens, 8, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            routing = router(u_TD)
+        assert routing.expert_ids_TK.shape == (n_tokens, k) and routing.probs_TE.shape == (n_tokens, n_experts)
+        # K = E selects every expert once; the gates still sum to 1 per token (bf16 rounding aside).
+        assert torch.equal(routing.expert_ids_TK.sort(-1).values, torch.arange(k).expand(n_tokens, k))
+        torch.testing.assert_close(routing.gates_TK.float().sum(-1), torch.ones(n_tokens), atol=1e-2, rtol=0)
+        assert torch.isfinite(routing.aux_loss) and all(torch.isfinite(v).all() for v in routing.stats.values())
+        (routing.aux_loss + routing.gates_TK.float().square().sum()).backward()
+        assert torch.isfinite(u_TD.grad).all()

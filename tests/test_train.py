@@ -173,3 +173,12 @@ def test_wandb_offline_logger_writes_a_local_run(tmp_path):
     cfg = make_config("model=tiny", "logger=wandb", "train.max_steps=2", "train.batch_size=2")
     train(cfg, tmp_path)
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_resuming_a_finished_run_is_refused_and_keeps_its_record(tmp_path):
+    run_cli("train", *TINY, "train.max_steps=2", cwd=tmp_path)
+    run_dir = only_run_dir(tmp_path)
+    before = (run_dir / "summary.json").read_text()
+    proc = run_cli("train", *TINY, "train.max_steps=2", f"train.resume={run_dir}", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "raise train.max_steps" in proc.stderr and "Traceback" not in proc.stderr
+    assert (run_dir / "summary.json").read_text() == before

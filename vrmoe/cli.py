@@ -53,30 +53,121 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
 
 
+# Hydra's mutually exclusive modes, as its own parser names them.
+_HYDRA_MODES = {"run": "--run", "multirun": "-m/--multirun", "cfg": "--cfg", "info": "--info",
+                "shell_completion": "--shell-completion"}
+
+
+def split_hydra_args(argv: list[str]) -> list[str]:
+    """Check ``vrmoe train``'s command line the way Hydra will read it and return its overrides.
+
+    Hydra reports a bad flag combination with a traceback and a malformed override with a
+    multi-line message and exit code 1; here each is one ConfigError line instead."""
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+
+    def refuse(message: str) -> None:
+        raise ConfigError(f"vrmoe train: {message} (see vrmoe train --help)")
+
+    parser.error = refuse  # type: ignore[method-assign]  # argparse would print its usage and exit
+    args = parser.parse_args(argv)
+    modes = [flag for name, flag in _HYDRA_MODES.items() if getattr(args, name)]
+    if len(modes) > 1:
+        raise ConfigError(f"vrmoe train: {' and '.join(modes)} cannot be combined; use one of them "
+                          "(e.g. vrmoe train -m K=1,2, or vrmoe train K=1 --cfg job)")
+    return list(args.overrides)
+
+
+def _schema_keys() -> set[str]:
+    """Every dotted key of the typed config (``K``, ``router.k``, ``eval.gammas``, ...)."""
+    import dataclasses
+
+    from .config import AppConfig
+
+    keys: set[str] = set()
+
+    def walk(cls: type, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            keys.add(prefix + f.name)
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+            if dataclasses.is_dataclass(default):
+                walk(type(default), f"{prefix}{f.name}.")
+
+    walk(AppConfig, "")
+    return keys
+
+
 def check_overrides(overrides: list[str]) -> None:
-    """Refuse unknown config-group choices (``router=foo``) before Hydra makes a run dir,
-    and a ``train.resume`` that has nothing to resume."""
+    """Refuse, before Hydra makes a run dir: malformed overrides, keys the config does not have,
+    unknown config-group choices (``router=foo``) and a ``train.resume`` with nothing to resume."""
+    import difflib
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    from .tracking import CHECKPOINT_FILE
+
+    parser = OverridesParser.create()
+    schema = _schema_keys()
     for item in overrides:
-        if "=" not in item or item.startswith(("hydra", "+", "~", "-")):
+        try:
+            parsed = parser.parse_overrides([item])[0]
+        except OverrideParseException as exc:
+            detail = next((line for line in str(exc).splitlines() if not line.startswith(("Error parsing", "See "))),
+                          "not an override")
+            raise ConfigError(f"{item!r}: {detail}; overrides are key=value, e.g. K=2 or router=variational") from None
+        key = parsed.key_or_group
+        if key.startswith("hydra") or parsed.is_delete() or "=" not in item:
             continue
-        key, value = item.split("=", 1)
-        key = key.lstrip("+")
+        value = item.split("=", 1)[1]
         if key in CONFIG_GROUPS:
             options = group_options(key)
             for choice in value.split(","):  # a multirun sweep lists several
                 if choice and choice != "null" and choice not in options:
                     raise ConfigError(f"{key}={choice!r} is unknown; choose one of {', '.join(options)}")
+            continue
+        if key not in schema:
+            close = difflib.get_close_matches(key, sorted(schema), n=1)
+            hint = f"did you mean {close[0]}?" if close else "vrmoe train --cfg job lists every key"
+            raise ConfigError(f"{key}={value}: {key} is not a config key; {hint}")
+        _check_type(parsed, key)
         if key == "train.resume" and value not in ("", "null"):
-            ckpt = Path(value).expanduser() / "checkpoint.pt"
-            if not ckpt.exists():
-                raise ConfigError(f"train.resume={value}: no checkpoint.pt there; "
+            if not (Path(value).expanduser() / CHECKPOINT_FILE).exists():
+                raise ConfigError(f"train.resume={value}: no {CHECKPOINT_FILE} there; "
                                   "point it at the run dir of an interrupted run")
 
 
-def _register_resolvers() -> None:
+def _check_type(parsed, key: str) -> None:
+    """A value of the wrong type (``train.max_steps=abc``), each value of a sweep checked."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .config import AppConfig
+
+    values = list(parsed.sweep_string_iterator()) if parsed.is_sweep_override() \
+        else [parsed.get_value_element_as_str()]
+    for value in values:
+        if "${" in value:  # an interpolation is checked once resolved
+            continue
+        try:
+            OmegaConf.merge(OmegaConf.structured(AppConfig), OmegaConf.from_dotlist([f"{key}={value}"]))
+        except OmegaConfBaseException as exc:
+            reason = str(exc).strip().splitlines()[0]
+            raise ConfigError(f"{key}={value}: {reason}") from None
+
+
+def prepare_hydra() -> None:
+    """Register what the configs need before Hydra composes them (in every process that composes)."""
     if not OmegaConf.has_resolver("vrmoe_run_dir"):
         # A resumed run continues in its own directory instead of a new one.
         OmegaConf.register_new_resolver("vrmoe_run_dir", lambda resume, default: resume or default)
+    from hydra.core.config_store import ConfigStore
+
+    from .config import AppConfig
+
+    # The typed schema is the base of config.yaml: every key of every group exists (with its
+    # default) whichever option a group takes, so `router=topk router.sigma_init=0.2` needs no `+`.
+    ConfigStore.instance().store(name="vrmoe_schema", node=AppConfig)
 
 
 def _train_job(cfg: DictConfig) -> None:
@@ -85,7 +176,7 @@ def _train_job(cfg: DictConfig) -> None:
 
     from .config import load_config
 
-    _register_resolvers()  # joblib and submitit workers import this module afresh
+    prepare_hydra()  # joblib and submitit workers import this module afresh
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     overrides = list(hc.overrides.task)
@@ -108,7 +199,7 @@ def _train_job(cfg: DictConfig) -> None:
         _drop_empty_run_dir(run_dir, cfg)
         fail(str(exc))
     except KeyboardInterrupt:
-        fail(f"interrupted; resume with: vrmoe train train.resume={run_dir}", code=130)
+        fail(interrupted_message(run_dir, cfg), code=130)
     except Exception as exc:
         if not multirun:
             raise
@@ -121,8 +212,7 @@ def _train_job(cfg: DictConfig) -> None:
 def _record_failed_job(run_dir: Path, overrides: list[str], error: str, job_num: int,
                        traceback: str | None = None) -> None:
     """Mark a sweep job failed in its summary.json (keeping what train() already recorded there)."""
-    from .tracking import SUMMARY_FILE, write_json
-    from .train import read_summary
+    from .tracking import SUMMARY_FILE, read_summary, write_json
 
     summary = read_summary(run_dir) or {"overrides": overrides}
     summary.update({"status": "failed", "error": error})
@@ -166,15 +256,26 @@ class SweepReport(Callback):
     failed (the other jobs still ran), so scripts notice a partial sweep."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from .train import read_summary
+        from .tracking import SUMMARY_FILE, read_summary
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        statuses = [(read_summary(p.parent) or {}).get("status", "unknown") for p in sweep_dir.rglob("summary.json")]
+        statuses = [(read_summary(p.parent) or {}).get("status", "unknown") for p in sweep_dir.rglob(SUMMARY_FILE)]
         counts = {s: statuses.count(s) for s in sorted(set(statuses))}
         log_line(f"sweep: {', '.join(f'{n} {s}' for s, n in counts.items()) or 'no jobs'} -> {sweep_dir} "
                  f"(vrmoe compare {sweep_dir})")
         if counts.get("failed"):
             sys.exit(1)
+
+
+def interrupted_message(run_dir: Path, cfg: DictConfig) -> str:
+    """What Ctrl-C leaves: a checkpoint to resume from, or (stopped before the first one) nothing,
+    in which case the empty run dir goes too."""
+    from .tracking import CHECKPOINT_FILE
+
+    if (run_dir / CHECKPOINT_FILE).exists():
+        return f"interrupted; resume with: vrmoe train train.resume={run_dir}"
+    _drop_empty_run_dir(run_dir, cfg)
+    return "interrupted before the first checkpoint; nothing to resume"
 
 
 def _drop_empty_run_dir(run_dir: Path, cfg: DictConfig) -> None:
@@ -189,10 +290,10 @@ def train_main(argv: list[str]) -> None:
     import hydra
 
     try:
-        check_overrides(argv)
+        check_overrides(split_hydra_args(argv))
     except ConfigError as exc:
         fail(str(exc))
-    _register_resolvers()
+    prepare_hydra()
     app = hydra.main(version_base="1.3", config_path="conf", config_name="config")(_train_job)
     sys.argv = ["vrmoe train", *argv]
     app()
@@ -212,11 +313,16 @@ def main(argv: list[str] | None = None) -> None:
         module_name, func_name = SUBCOMMANDS[command][0].split(":")
         import importlib
 
-        func = getattr(importlib.import_module(module_name), func_name)
+        try:
+            func = getattr(importlib.import_module(module_name), func_name)
+        except ImportError as exc:  # a missing optional dependency, or a command not installed
+            fail(f"vrmoe {command} is unavailable here ({exc})")
         try:
             func(rest)
         except ConfigError as exc:
             fail(str(exc))
+        except KeyboardInterrupt:
+            fail(f"vrmoe {command} interrupted", code=130)
         return
     fail(f"unknown command {command!r}; choose one of train, {', '.join(SUBCOMMANDS)} (vrmoe --help)")
 

@@ -151,17 +151,35 @@ def text_documents(path_str: str) -> list[tuple[str, str]]:
     files = [path] if path.is_file() else sorted(
         p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
         and not any(part.startswith(".") for part in p.relative_to(path).parts))
-    docs = []
+    docs, binary = [], []
     for f in files:
         try:
-            text = f.read_text(encoding="utf-8", errors="replace")
+            raw = f.read_bytes()
         except OSError as exc:
             raise ConfigError(f"data.path: cannot read {f}: {exc.strerror}") from None
+        if looks_binary(raw):
+            binary.append(f)
+            continue
+        text = raw.decode("utf-8", errors="replace")
         if text.strip():
             docs.append((str(f), text))
+    if path.is_file() and binary:
+        raise ConfigError(f"data.path={path_str!r} is not UTF-8 text (it looks binary); give a text file")
     if not docs:
-        raise ConfigError(f"data.path={path_str!r} holds no text; give a non-empty text file or directory")
+        skipped = f" ({len(binary)} binary file(s) skipped)" if binary else ""
+        raise ConfigError(f"data.path={path_str!r} holds no text{skipped}; give a non-empty text file or directory")
     return docs
+
+
+def looks_binary(raw: bytes, sample: int = 8192) -> bool:
+    """A NUL byte, or more than 10% of undecodable bytes, in the first ``sample`` bytes: a file
+    that would train on replacement characters rather than on text."""
+    head = raw[:sample]
+    if b"\x00" in head:
+        return True
+    # A multi-byte character cut at the sample's end is not an error in the file.
+    undecodable = len(head) - len(head.decode("utf-8", errors="ignore").encode("utf-8"))
+    return undecodable > 0.1 * len(head) + 3
 
 
 def hf_documents(name: str, split: str, text_field: str) -> list[tuple[str, str]]:

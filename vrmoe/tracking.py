@@ -44,6 +44,15 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """A run's summary.json, or None when it is missing or unreadable (a run killed mid-write)."""
+    try:
+        data = json.loads((Path(run_dir) / SUMMARY_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], bool]:
     """Rows of a run's metrics.jsonl, and whether it was complete (a killed run may
     leave a truncated last line, which is skipped rather than fatal)."""

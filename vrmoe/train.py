@@ -240,6 +240,9 @@ def train(app: AppConfig, run_dir: Path, overrides: list[str] | None = None,
         if diff or saved.router.name != app.router.name:
             raise ConfigError(f"train.resume={app.train.resume}: the run was made with another model or router "
                               f"({'; '.join(diff) or 'router=' + saved.router.name}); resume with its own config")
+        if int(resume_state["step"]) >= app.train.max_steps:
+            raise ConfigError(f"train.resume={app.train.resume}: the run already reached step {resume_state['step']} "
+                              f"of train.max_steps={app.train.max_steps}; raise train.max_steps to train it further")
 
     corpus = load_corpus(app.data, min_tokens=app.model.seq_len + 2)
     task = TASKS[app.task.name](app, corpus)

@@ -1,15 +1,28 @@
 """The MoE feed-forward layer: a router, E SwiGLU experts and token dispatch.
 
-Dispatch sorts the T*K token slots by expert so each expert runs once on one
-contiguous block. On CUDA the blocks go through ``torch._grouped_mm`` in a
-single call; on CPU (where grouped_mm has no backward) a loop over the E
-experts runs the blocks, which needs the per-expert counts on the host once
-per layer. Neither path loops over tokens, and no expert ever runs twice for
-a token, whatever the router's sample count S.
+Dispatch sorts the T*K token slots (token t's k-th choice) by expert, so each
+expert runs once on one contiguous block, and combines each token's K outputs
+by gathering them back, weighted by the gates. Two kernels run the blocks
+(``model.dispatch``):
+
+* ``grouped_mm`` (the default on CUDA): each of the three matmuls is a single
+  ``torch._grouped_mm`` call over all experts, differentiated by autograd. The
+  block offsets stay on the device, so there is no host sync and
+  ``torch.compile`` sees the layer as one graph.
+* ``loop`` (the default elsewhere: on CPU ``_grouped_mm`` has a forward but no
+  backward): one autograd function walks the experts' blocks, forward and
+  backward, each block gathered, multiplied and finished while it is still in
+  cache, and each expert's weight gradient written straight into its slice.
+  It reads the block sizes on the host once per layer (free on CPU) and runs
+  outside ``torch.compile``'s graphs.
+
+Neither path loops over tokens, copies expert weights per token, or runs an
+expert twice for a token, whatever the router's sample count S.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -27,11 +40,17 @@ class MoEOutput:
     stats: dict[str, torch.Tensor]  # detached per-layer diagnostics
 
 
+def expert_counts(expert_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """How many slots chose each expert (long, shape (E,)). A scatter-add rather than
+    ``bincount``, whose data-dependent output size would break a compiled graph."""
+    ids = expert_ids.reshape(-1)
+    return torch.zeros(n_experts, dtype=torch.long, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
+
+
 def routing_stats(routing: Routing, n_experts: int) -> dict[str, torch.Tensor]:
     """Utilisation fractions (sum to 1), mean routing entropy (nats, in [0, log E]) and the
     load's coefficient of variation; all on device, no host sync."""
-    ids = routing.expert_ids_TK.reshape(-1)
-    counts_E = torch.bincount(ids, minlength=n_experts).float()
+    counts_E = expert_counts(routing.expert_ids_TK, n_experts).float()
     utilisation_E = counts_E / counts_E.sum().clamp_min(1)
     p = routing.probs_TE.detach().float()
     entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
@@ -39,6 +58,25 @@ def routing_stats(routing: Routing, n_experts: int) -> dict[str, torch.Tensor]:
     stats = {"utilisation": utilisation_E, "entropy": entropy, "load_cv": load_cv}
     stats.update({k: v.detach() for k, v in routing.stats.items()})
     return stats
+
+
+@dataclass
+class SlotOrder:
+    """The N = T*K token slots sorted by expert: expert e's block of the sorted order starts
+    where expert e-1's ends."""
+
+    token_N: torch.Tensor  # the token each sorted slot reads
+    position_TK: torch.Tensor  # where slot (t, k) sits in the sorted order
+    counts_E: torch.Tensor  # block sizes
+
+
+def sort_slots(expert_ids_TK: torch.Tensor, n_experts: int) -> SlotOrder:
+    n_tokens, k = expert_ids_TK.shape
+    flat_ids_N = expert_ids_TK.reshape(-1)
+    slot_of_position_N = flat_ids_N.argsort(stable=True)  # stable: a deterministic order within a block
+    position_N = torch.empty_like(slot_of_position_N).scatter_(
+        0, slot_of_position_N, torch.arange(flat_ids_N.numel(), device=flat_ids_N.device))
+    return SlotOrder(slot_of_position_N // k, position_N.view(n_tokens, k), expert_counts(flat_ids_N, n_experts))
 
 
 class Experts(nn.Module):
@@ -52,7 +90,7 @@ class Experts(nn.Module):
         self.w2_EFD = nn.Parameter(torch.empty(n_experts, hidden, d_model))
         for w, fan_in in ((self.w1_EDF, d_model), (self.w3_EDF, d_model), (self.w2_EFD, hidden)):
             nn.init.normal_(w, std=fan_in ** -0.5)
-        #: how many times each expert ran on a block since the last reset (test hook for
+        #: how many times the experts ran on their blocks since the last reset (test hook for
         #: "S costs router work only"); a plain int, so it costs nothing on device.
         self.block_calls = 0
 
@@ -61,19 +99,120 @@ class Experts(nn.Module):
             return True
         return self.dispatch == "auto" and x.is_cuda and hasattr(torch, "_grouped_mm")
 
-    def forward(self, x_sorted_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """Run each expert on its contiguous block of the expert-sorted token slots."""
+    def forward(self, x_TD: torch.Tensor, slots: SlotOrder, gates_TK: torch.Tensor) -> torch.Tensor:
+        """``y_t = sum_k gates_tk * expert_{e_tk}(x_t)``, the experts run on the sorted blocks."""
         self.block_calls += 1
-        if self.use_grouped_mm(x_sorted_ND):
-            offs = counts_E.cumsum(0).to(torch.int32)
-            w1, w3, w2 = (w.to(x_sorted_ND.dtype) for w in (self.w1_EDF, self.w3_EDF, self.w2_EFD))
-            h = F.silu(torch._grouped_mm(x_sorted_ND, w1, offs=offs)) * torch._grouped_mm(x_sorted_ND, w3, offs=offs)
-            return torch._grouped_mm(h, w2, offs=offs)
-        outs = []
-        for e, x_e in enumerate(x_sorted_ND.split(counts_E.tolist())):
-            h = F.silu(x_e @ self.w1_EDF[e]) * (x_e @ self.w3_EDF[e])
-            outs.append(h @ self.w2_EFD[e])
-        return torch.cat(outs)
+        if self.use_grouped_mm(x_TD):
+            return grouped_mm_experts(x_TD, slots, gates_TK, self.w1_EDF, self.w3_EDF, self.w2_EFD)
+        return loop_experts(x_TD, slots, gates_TK, self.w1_EDF, self.w3_EDF, self.w2_EFD)
+
+
+def grouped_mm_experts(x_TD, slots: SlotOrder, gates_TK, w1_EDF, w3_EDF, w2_EFD) -> torch.Tensor:
+    """The experts as three grouped matmuls over the sorted blocks, in the autocast dtype
+    when autocast is on (grouped_mm is not on autocast's list, so it is cast here)."""
+    device = x_TD.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_TD.dtype
+    offsets_E = slots.counts_E.cumsum(0).to(torch.int32)
+    w1, w3, w2 = (w.to(dtype) for w in (w1_EDF, w3_EDF, w2_EFD))
+    x_ND = x_TD.to(dtype).index_select(0, slots.token_N)
+    h_NF = F.silu(torch._grouped_mm(x_ND, w1, offs=offsets_E)) * torch._grouped_mm(x_ND, w3, offs=offsets_E)
+    out_ND = torch._grouped_mm(h_NF, w2, offs=offsets_E)
+    n_tokens, k = slots.position_TK.shape
+    out_TKD = out_ND.index_select(0, slots.position_TK.reshape(-1)).view(n_tokens, k, -1)
+    y_TD = torch.bmm(gates_TK.to(dtype).unsqueeze(1), out_TKD).squeeze(1)
+    return y_TD.to(x_TD.dtype)
+
+
+@torch.compiler.disable  # reads the block sizes on the host; runs eagerly between compiled graphs
+def loop_experts(x_TD, slots: SlotOrder, gates_TK, w1_EDF, w3_EDF, w2_EFD) -> torch.Tensor:
+    dtype = x_TD.dtype
+    w1, w3, w2 = (w.to(dtype) for w in (w1_EDF, w3_EDF, w2_EFD))
+    return _ExpertLoop.apply(x_TD, slots.token_N, slots.position_TK, gates_TK.to(dtype),
+                             slots.counts_E.tolist(), w1, w3, w2)
+
+
+def _blocks(counts: list[int]):
+    """(expert, rows of its block in the sorted order) for every expert with work."""
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            yield expert, slice(start, start + count)
+        start += count
+
+
+class _ExpertLoop(torch.autograd.Function):
+    """Forward and backward of the experts over their sorted blocks, one expert at a time.
+
+    Working per block keeps its gathered inputs and SwiGLU intermediates in cache. The
+    combine gathers each token's K weighted outputs and sums them; an ``index_add_``
+    scatter would do the same but is a slow serial loop on CPU. Saved for backward:
+    the pre-activations ``a = x w1`` and ``b = x w3`` and the unweighted outputs (for the
+    gate gradient); the SwiGLU product and the gathered inputs are recomputed, which is
+    cheaper than keeping N x (F + D) more numbers alive.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, token_N, position_TK, gates_TK, counts, w1_EDF, w3_EDF, w2_EFD):
+        with _no_autocast(x_TD):
+            n_tokens, k = position_TK.shape
+            n_slots, d_model, hidden = token_N.numel(), x_TD.shape[1], w1_EDF.shape[-1]
+            gate_N = gates_TK.new_empty(n_slots).scatter_(0, position_TK.reshape(-1), gates_TK.reshape(-1))
+            a_NF = x_TD.new_empty(n_slots, hidden)
+            b_NF = torch.empty_like(a_NF)
+            out_ND = x_TD.new_empty(n_slots, d_model)
+            weighted_ND = torch.empty_like(out_ND)
+            for e, rows in _blocks(counts):
+                x_e = x_TD.index_select(0, token_N[rows])
+                a = torch.mm(x_e, w1_EDF[e], out=a_NF[rows])
+                b = torch.mm(x_e, w3_EDF[e], out=b_NF[rows])
+                out = torch.mm(F.silu(a).mul_(b), w2_EFD[e], out=out_ND[rows])
+                torch.mul(out, gate_N[rows, None], out=weighted_ND[rows])
+            y_TD = weighted_ND.index_select(0, position_TK.reshape(-1)).view(n_tokens, k, d_model).sum(1)
+        ctx.save_for_backward(x_TD, token_N, position_TK, gate_N, w1_EDF, w3_EDF, w2_EFD, a_NF, b_NF, out_ND)
+        ctx.counts = counts
+        return y_TD
+
+    @staticmethod
+    def backward(ctx, grad_y_TD):
+        x_TD, token_N, position_TK, gate_N, w1_EDF, w3_EDF, w2_EFD, a_NF, b_NF, out_ND = ctx.saved_tensors
+        with _no_autocast(x_TD):
+            n_tokens, k = position_TK.shape
+            grad_y_TD = grad_y_TD.contiguous()
+            # Weight gradients only when asked for (train.freeze=backbone freezes the experts):
+            # that skips three of the seven matmuls per block. Experts without tokens get zeros.
+            need_w = any(ctx.needs_input_grad[5:])
+            grad_w1, grad_w3, grad_w2 = ((torch.zeros_like(w) for w in (w1_EDF, w3_EDF, w2_EFD)) if need_w
+                                         else (None, None, None))
+            grad_x_ND = torch.empty_like(out_ND)
+            grad_gate_N = torch.empty_like(gate_N)
+            for e, rows in _blocks(ctx.counts):
+                tokens = token_N[rows]
+                grad_y = grad_y_TD.index_select(0, tokens)
+                torch.linalg.vecdot(grad_y, out_ND[rows], out=grad_gate_N[rows])  # d y_t / d g_tk = out
+                grad_out = grad_y.mul_(gate_N[rows, None])
+                a, b = a_NF[rows], b_NF[rows]
+                silu_a = F.silu(a)
+                if need_w:
+                    torch.mm((silu_a * b).T, grad_out, out=grad_w2[e])
+                grad_h = grad_out @ w2_EFD[e].T
+                grad_b = silu_a.mul_(grad_h)
+                grad_a = torch.ops.aten.silu_backward(grad_h.mul_(b), a)
+                if need_w:
+                    x_e = x_TD.index_select(0, tokens)
+                    torch.mm(x_e.T, grad_a, out=grad_w1[e])
+                    torch.mm(x_e.T, grad_b, out=grad_w3[e])
+                torch.mm(grad_a, w1_EDF[e].T, out=grad_x_ND[rows]).addmm_(grad_b, w3_EDF[e].T)
+            # Every slot is in some block, so grad_x_ND and grad_gate_N are fully written.
+            grad_x_TD = grad_x_ND.index_select(0, position_TK.reshape(-1)).view(n_tokens, k, -1).sum(1)
+            grad_gates_TK = grad_gate_N[position_TK]
+        return grad_x_TD, None, None, grad_gates_TK, None, grad_w1, grad_w3, grad_w2
+
+
+def _no_autocast(x: torch.Tensor):
+    """The loop computes in its inputs' dtype: ``out=`` matmuls are outside autocast anyway."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class MoELayer(nn.Module):
@@ -92,18 +231,9 @@ class MoELayer(nn.Module):
 
 
 def dispatch(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> torch.Tensor:
-    """Sort token slots by expert, run the experts on contiguous blocks, scatter back
-    weighted by the gates."""
-    n_tokens, k = routing.expert_ids_TK.shape
-    flat_ids = routing.expert_ids_TK.reshape(-1)
-    order = flat_ids.argsort(stable=True)
-    token_of_slot = order // k
-    counts_E = torch.bincount(flat_ids, minlength=experts.n_experts)
-    out_ND = experts(x_TD[token_of_slot], counts_E)
-    gates_N = routing.gates_TK.reshape(-1)[order].to(out_ND.dtype)
-    y_TD = torch.zeros_like(x_TD, dtype=out_ND.dtype)
-    y_TD.index_add_(0, token_of_slot, out_ND * gates_N[:, None])
-    return y_TD.to(x_TD.dtype)
+    """Sort token slots by expert, run the experts on contiguous blocks, and sum each token's
+    K outputs weighted by the gates."""
+    return experts(x_TD, sort_slots(routing.expert_ids_TK, experts.n_experts), routing.gates_TK)
 
 
 def reference_moe(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> torch.Tensor:
@@ -123,4 +253,5 @@ def build_moe(d_model: int, n_experts: int, hidden: int, router_cfg: RouterConfi
     return MoELayer(d_model, n_experts, hidden, build_router(d_model, n_experts, router_cfg), dispatch)
 
 
-__all__ = ["MoELayer", "MoEOutput", "Experts", "dispatch", "reference_moe", "routing_stats", "build_moe"]
+__all__ = ["MoELayer", "MoEOutput", "Experts", "SlotOrder", "dispatch", "sort_slots", "expert_counts",
+           "reference_moe", "routing_stats", "build_moe"]

@@ -1,0 +1,84 @@
+"""The `vrmoe` command's error paths: every mistake is one line on stderr, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from vrmoe import cli
+from vrmoe.cli import check_overrides, interrupted_message, split_hydra_args
+from vrmoe.config import ConfigError
+
+from conftest import TINY, run_cli
+
+
+def assert_one_line_error(proc, *words: str) -> None:
+    err = proc.stderr.strip()
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    for word in words:
+        assert word in err, err
+
+
+@pytest.mark.parametrize("args, words", [
+    (["train", "-m", "router=topk,variational", "--cfg", "hydra"], ["-m/--multirun and --cfg", "cannot be combined"]),
+    (["train", "K=1", "--info", "--cfg", "job"], ["--cfg and --info"]),
+    (["train", "model=tiny", "foo"], ["'foo'", "key=value"]),
+    (["train", "K=[1"], ["'K=[1'", "key=value"]),
+    (["train", "router.sigma_intt=0.2"], ["router.sigma_intt", "not a config key", "router.sigma_init"]),
+    (["train", "--no-such-flag"], ["vrmoe train", "--no-such-flag"]),
+    (["compare", "/nonexistent/runs"], ["/nonexistent/runs", "no such directory"]),
+    (["dashboard"], ["vrmoe dashboard", "dirs"]),
+])
+def test_command_line_mistakes_are_one_line(tmp_path, args, words):
+    proc = run_cli(*args, cwd=tmp_path, check=False)
+    assert_one_line_error(proc, *words)
+    assert not (tmp_path / "outputs").exists()  # refused before Hydra made a run dir
+
+
+def test_init_from_a_dir_without_a_checkpoint_is_one_line(tmp_path):
+    proc = run_cli("train", *TINY, "train.max_steps=1", f"train.init_from={tmp_path}", cwd=tmp_path, check=False)
+    assert_one_line_error(proc, "train.init_from", "checkpoint.pt")
+
+
+def test_valid_overrides_pass_the_early_checks(tmp_path):
+    overrides = split_hydra_args(["-m", "router=topk,variational", "+router.sigma_init=0.2", "~logger",
+                                  "eval.gammas=[0.01]", "hydra.run.dir=x", "hydra/launcher=joblib", "K=1,2"])
+    assert overrides[0] == "router=topk,variational"
+    check_overrides(overrides)
+
+
+def test_interrupt_before_the_first_checkpoint_offers_no_resume(tmp_path):
+    cfg = OmegaConf.create({"train": {"resume": None}})
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    assert "nothing to resume" in interrupted_message(run_dir, cfg)
+    assert not run_dir.exists()  # the empty run dir is not left behind
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / "checkpoint.pt").write_bytes(b"")
+    assert interrupted_message(run_dir, cfg) == f"interrupted; resume with: vrmoe train train.resume={run_dir}"
+    assert run_dir.exists()
+
+
+def test_a_subcommand_that_cannot_be_imported_is_one_line(monkeypatch, capsys):
+    monkeypatch.setitem(cli.SUBCOMMANDS, "ghost", ("vrmoe.no_such_module:main", "help"))
+    with pytest.raises(SystemExit) as info:
+        cli.main(["ghost"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "vrmoe ghost is unavailable" in err and len(err.splitlines()) == 1
+
+
+def test_ctrl_c_in_a_subcommand_is_exit_130_without_a_traceback(monkeypatch, capsys):
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("vrmoe.report.compare_main", interrupted)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["compare", "x"])
+    assert info.value.code == 130 and "interrupted" in capsys.readouterr().err
+
+
+def test_refused_unknown_key_names_the_closest_one():
+    with pytest.raises(ConfigError, match="did you mean train.max_steps"):
+        check_overrides(["train.max_step=3"])
