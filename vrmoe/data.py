@@ -26,8 +26,11 @@ import numpy as np
 import torch
 
 from .config import ConfigError, DataConfig
+from .tracking import atomic_write
 
 DOC_SEPARATOR = "\n\n"
+# Part of the cache key: bump it whenever the way a built-in corpus is made changes.
+CORPUS_VERSION = 1
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".json", ".csv", ".html", ".tex", ".jsonl", ""}
 
 
@@ -236,16 +239,16 @@ def cache_root(cfg: DataConfig) -> Path:
     return Path(base).expanduser()
 
 
-def _atomic_save(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would append ".npy" to a bare path
+        np.save(f, array)
 
 
 def load_corpus(cfg: DataConfig, min_tokens: int = 0) -> Corpus:
     """Build (or read from cache) the corpus that ``cfg`` names."""
     if cfg.name in BUILTIN_CORPORA:
-        tag = f"{cfg.name}-py{sys.version_info.major}.{sys.version_info.minor}-v{cfg.val_fraction}"
+        tag = (f"{cfg.name}-c{CORPUS_VERSION}-py{sys.version_info.major}.{sys.version_info.minor}"
+               f"-v{cfg.val_fraction}")
         folder = cache_root(cfg)
         train_path, val_path = folder / f"{tag}.train.npy", folder / f"{tag}.val.npy"
         if train_path.exists() and val_path.exists():
@@ -259,8 +262,8 @@ def load_corpus(cfg: DataConfig, min_tokens: int = 0) -> Corpus:
         train_np, val_np = np.frombuffer(train_b, np.uint8), np.frombuffer(val_b, np.uint8)
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            _atomic_save(train_path, train_np)
-            _atomic_save(val_path, val_np)
+            for path, array in ((train_path, train_np), (val_path, val_np)):
+                atomic_write(path, lambda tmp, a=array: _save_npy(tmp, a))
         except OSError:  # a read-only home still trains, only without the cache
             pass
         return _corpus(cfg.name, train_np, val_np, min_tokens)

@@ -53,9 +53,8 @@ from .mcq import (MCQTensors, decode_split, item_len, items_from_text, make_batc
 from .model import MoETransformer
 from .model.routers import Routing
 from .model.transformer import moe_layer_indices
-from .tracking import write_json
+from .tracking import EVAL_FILE, write_json
 
-EVAL_FILE = "eval.json"
 JACCARD_PNG = "jaccard_vs_gamma.png"
 # The name of a router's own uncertainty signal (Routing.uncertainty_T) as an OOD score.
 UNCERTAINTY_SCORE = {"variational": "logit_variance", "vtsr": "temperature"}

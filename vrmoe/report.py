@@ -26,9 +26,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 from .config import ConfigError
 from .console import log_line
-from .tracking import METRICS_FILE, SUMMARY_FILE, read_metrics
+from .tracking import EVAL_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics
 
-EVAL_FILE = "eval.json"
 # Overrides that say where or how a run was recorded, not what it is: never a compare column.
 _RECORDING_KEYS = ("hydra", "train.resume", "logger")
 # The noise scale the paper quotes routing stability at.

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import json
 import os
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from .config import AppConfig, ConfigError, ModelConfig, from_dict, to_dict
 from .data import Corpus, eval_batches, load_corpus, train_batch
 from .model import MoETransformer
 from .model.transformer import moe_layer_indices
-from .tracking import CHECKPOINT_FILE, SUMMARY_FILE, RunRecorder, make_logger
+from .tracking import CHECKPOINT_FILE, RunRecorder, atomic_write, make_logger
 from .console import console, log_line
 from .mcq import MCQTask
 from .plots import log_utilisation_image, write_run_plots
@@ -52,9 +51,7 @@ def build_model(app: AppConfig) -> MoETransformer:
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Atomic: a run killed mid-save keeps its previous checkpoint intact."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(run_dir: str | Path, key: str) -> dict[str, Any]:
@@ -398,11 +395,3 @@ def make_progress(total: int, start: int):
                     TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                     console=console, disable=not console.is_terminal, transient=False)
-
-
-def read_summary(run_dir: Path) -> dict[str, Any] | None:
-    path = Path(run_dir) / SUMMARY_FILE
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None

@@ -178,12 +178,12 @@ class _ExpertLoop(torch.autograd.Function):
         with _no_autocast(x_TD):
             n_tokens, k = position_TK.shape
             grad_y_TD = grad_y_TD.contiguous()
-            # Weight gradients only when asked for (train.freeze=backbone freezes the experts):
-            # that skips three of the seven matmuls per block. Experts without tokens get zeros.
-            need_w = any(ctx.needs_input_grad[5:])
+            # Only the gradients asked for: train.freeze=backbone freezes the experts (three of the
+            # seven matmuls per block are theirs). Experts without tokens get zero gradients.
+            need_x, need_w = ctx.needs_input_grad[0], any(ctx.needs_input_grad[5:])
             grad_w1, grad_w3, grad_w2 = ((torch.zeros_like(w) for w in (w1_EDF, w3_EDF, w2_EFD)) if need_w
                                          else (None, None, None))
-            grad_x_ND = torch.empty_like(out_ND)
+            grad_x_ND = torch.empty_like(out_ND) if need_x else None
             grad_gate_N = torch.empty_like(gate_N)
             for e, rows in _blocks(ctx.counts):
                 tokens = token_N[rows]
@@ -201,9 +201,11 @@ class _ExpertLoop(torch.autograd.Function):
                     x_e = x_TD.index_select(0, tokens)
                     torch.mm(x_e.T, grad_a, out=grad_w1[e])
                     torch.mm(x_e.T, grad_b, out=grad_w3[e])
-                torch.mm(grad_a, w1_EDF[e].T, out=grad_x_ND[rows]).addmm_(grad_b, w3_EDF[e].T)
+                if need_x:
+                    torch.mm(grad_a, w1_EDF[e].T, out=grad_x_ND[rows]).addmm_(grad_b, w3_EDF[e].T)
             # Every slot is in some block, so grad_x_ND and grad_gate_N are fully written.
-            grad_x_TD = grad_x_ND.index_select(0, position_TK.reshape(-1)).view(n_tokens, k, -1).sum(1)
+            grad_x_TD = (grad_x_ND.index_select(0, position_TK.reshape(-1)).view(n_tokens, k, -1).sum(1)
+                         if need_x else None)
             grad_gates_TK = grad_gate_N[position_TK]
         return grad_x_TD, None, None, grad_gates_TK, None, grad_w1, grad_w3, grad_w2
 

@@ -1,0 +1,627 @@
+"""``vrmoe bench``: performance ratios on the current device, as one table.
+
+    vrmoe bench                        # about a minute on 2 CPU cores
+    vrmoe bench --format markdown      # the same table, for the README
+    vrmoe bench --tiny                 # tiny shapes and one repeat: a smoke test in seconds
+
+Every ratio compares contenders measured in the same process, run in turns (A, B, C, A, B,
+C, ..., the order rotating every round) and summarised by their medians, so load from other
+processes on a shared machine hits every contender alike. The rows:
+
+* **MoE layer**: forward + backward of one MoE layer (Top-K router, SwiGLU experts) against
+  a dense SwiGLU *floor* with the same active FLOPs (hidden K*F), and the peer, Hugging Face's
+  Mixtral sparse block (``pip install 'vrmoe[bench]'``; skipped when transformers is missing).
+  Peak memory of one step of each, parameter gradients included.
+* **Router overheads**, for one MoE layer and for a whole ``model=small`` training step
+  (forward, backward, AdamW): each Bayesian router's training step against Top-K's, and
+  evaluation with S = 32 routing samples against S = 1.
+* **On CUDA only**: the three GPU layer shapes in bf16, and the model FLOPs utilisation (MFU)
+  of ``model=gpt_small`` trained with bf16 autocast and torch.compile, against 989 TFLOP/s
+  (H100 dense bf16) and against a bf16 matmul measured here; the compiled graph's breaks
+  from ``torch._dynamo.explain``.
+
+``experiments/bench.py`` is the long form (more repeats, E = 16, a real ``vrmoe train`` run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+
+from .config import AppConfig, ConfigError
+
+H100_BF16_DENSE_FLOPS = 989e12
+LAYER_TARGET = 1.10  # MoE layer step / dense floor
+ROUTER_TARGET = 1.05  # Bayesian router / Top-K training step; S = 32 / S = 1 evaluation
+# The routers whose overhead is measured, as (label, router overrides).
+ROUTERS = (("variational diag", ["router=variational", "router.covariance=diag"]),
+           ("variational full", ["router=variational", "router.covariance=full"]),
+           ("vtsr", ["router=vtsr"]),
+           ("mc_dropout", ["router=mc_dropout"]))
+SAMPLED_ROUTERS = ("variational diag", "variational full", "mc_dropout", "vtsr")
+GPU_SHAPES = ((16384, 256, 512, 8, 2), (16384, 1024, 2048, 8, 2), (16384, 2048, 1408, 64, 6))
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What one bench run measures: the layer shape, the whole-model preset, the repeats."""
+
+    tokens: int = 4096
+    d_model: int = 256
+    hidden: int = 512
+    n_experts: int = 8
+    k: int = 2
+    model: str = "small"
+    samples: int = 32
+    repeats: int = 7
+    warmup: int = 2
+    gpu_shapes: tuple[tuple[int, int, int, int, int], ...] = GPU_SHAPES  # (T, D, F, E, K)
+    gpu_model: str = "gpt_small"
+    gpu_batch: int = 16
+    gpu_steps: int = 10
+
+
+QUICK = Sizes()
+TINY = Sizes(tokens=256, d_model=32, hidden=64, n_experts=4, model="tiny", samples=4, repeats=1, warmup=1,
+             gpu_shapes=((256, 32, 64, 4, 2),), gpu_model="tiny", gpu_batch=4, gpu_steps=2)
+
+
+@dataclass
+class Row:
+    section: str
+    name: str
+    time_ms: float | None = None
+    ratio: float | None = None
+    target: float | None = None  # the ratio should be at most this
+    memory_mb: float | None = None
+    note: str = ""
+
+    @property
+    def verdict(self) -> str:
+        if self.ratio is None or self.target is None:
+            return ""
+        return "yes" if self.ratio <= self.target else "NO"
+
+
+# ---------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_medians(contenders: dict[str, Callable[[], Any]], repeats: int, warmup: int,
+                        device: torch.device) -> dict[str, float]:
+    """Median seconds per call of each contender, the contenders run in turns with the order
+    rotating every round, so background load and clock drift hit them alike."""
+    names = list(contenders)
+    for _ in range(warmup):
+        for name in names:
+            contenders[name]()
+    synchronize(device)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            contenders[name]()
+            synchronize(device)  # the device's work is part of the call (no sync inside it)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(samples) for name, samples in times.items()}
+
+
+def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float | None:
+    """Peak memory that one call of ``fn`` allocates above what was live before it: the CUDA
+    allocator's statistics, or on CPU the torch profiler's memory timeline (None where that
+    private API is unavailable)."""
+    if device.type == "cuda":
+        synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        from torch.profiler._memory_profiler import Action, MemoryProfile
+
+        with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True,
+                                      record_shapes=True, with_stack=True) as prof:
+            fn()
+        live = peak = 0
+        for _, action, _, size in MemoryProfile(prof.profiler.kineto_results).timeline:
+            if action == Action.CREATE:
+                live += size
+            elif action == Action.DESTROY:
+                live -= size
+            peak = max(peak, live)
+        return peak / 2**20
+    except Exception:  # a private API: its absence costs the column, not the bench
+        return None
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence the profiler's own start/stop lines, which it writes to file descriptor 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA (how GPU runs train), full precision elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+# ---------------------------------------------------------------------------
+# Configs and contenders
+# ---------------------------------------------------------------------------
+
+def compose_config(overrides: Iterable[str]) -> AppConfig:
+    """The validated config that ``vrmoe train`` would build from these overrides."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from .cli import check_overrides, prepare_hydra
+    from .config import load_config
+
+    overrides = list(overrides)
+    check_overrides(overrides)
+    prepare_hydra()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="vrmoe.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    return load_config(cfg)
+
+
+def router_config(overrides: Iterable[str], k: int, samples: int = 1):
+    return compose_config([*overrides, f"K={k}", f"S={samples}"]).router
+
+
+def with_samples(module: torch.nn.Module, samples: int) -> torch.nn.Module:
+    """A copy of ``module`` (same weights) whose routers draw ``samples`` routing samples."""
+    from .model.routers import Router
+
+    twin = copy.deepcopy(module)
+    for sub in twin.modules():
+        if isinstance(sub, Router):
+            sub.cfg = dataclasses.replace(sub.cfg, samples=samples)
+    return twin
+
+
+def layer_train_step(layer: torch.nn.Module, x_TD: torch.Tensor, device: torch.device) -> Callable[[], None]:
+    """Forward + backward of one feed-forward layer (an MoE layer, the dense floor or the peer)
+    against a fixed output gradient, gradients set to None first as a training step does."""
+    grad_y = torch.randn_like(x_TD)
+    params = [p for p in layer.parameters() if p.requires_grad]
+
+    def step() -> None:
+        for p in [*params, x_TD]:
+            p.grad = None
+        with autocast_for(device):
+            out = layer(x_TD)
+        outputs, grads = _outputs_and_grads(out, grad_y)
+        torch.autograd.backward(outputs, grads)
+
+    return step
+
+
+def _outputs_and_grads(out: Any, grad_y: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The tensors a layer's output hands to backward: the MoE layer's y and router loss, the
+    dense floor's y, or the first element of a peer's tuple."""
+    from .model.moe import MoEOutput
+
+    if isinstance(out, MoEOutput):
+        return [out.y_TD, out.routing.aux_loss], [grad_y.to(out.y_TD.dtype), torch.ones_like(out.routing.aux_loss)]
+    y = out[0] if isinstance(out, tuple) else out
+    return [y], [grad_y.reshape(y.shape).to(y.dtype)]
+
+
+def layer_eval_step(layer: torch.nn.Module, x_TD: torch.Tensor, device: torch.device) -> Callable[[], None]:
+    layer.eval()
+
+    @torch.no_grad()
+    def step() -> None:
+        with autocast_for(device):
+            layer(x_TD)
+
+    return step
+
+
+def mixtral_block(d_model: int, hidden: int, n_experts: int, k: int) -> torch.nn.Module | None:
+    """Hugging Face's Mixtral sparse MoE block of the same shape, or None without transformers."""
+    try:
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    except ImportError:
+        return None
+    config = MixtralConfig(hidden_size=d_model, intermediate_size=hidden, num_local_experts=n_experts,
+                           num_experts_per_tok=k, router_jitter_noise=0.0)
+    if hasattr(config, "_experts_implementation"):
+        config._experts_implementation = "eager"  # what a standalone block runs
+    block = MixtralSparseMoeBlock(config)
+    for p in block.parameters():  # transformers leaves the stacked expert weights uninitialised
+        torch.nn.init.normal_(p, std=d_model ** -0.5)
+    return block
+
+
+class _PeerInput(torch.nn.Module):
+    """The Mixtral block takes (batch, length, D); feed it the same tokens as one sequence."""
+
+    def __init__(self, block: torch.nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x_TD: torch.Tensor):
+        out = self.block(x_TD.unsqueeze(0))
+        return out[0] if isinstance(out, tuple) else out
+
+
+def train_step(model, optimizer, idx: torch.Tensor, device: torch.device, forward=None) -> Callable[[], None]:
+    """One training step as ``vrmoe train`` takes it: forward, task + router loss, backward, AdamW."""
+    forward = forward or model
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast_for(device):
+            out = forward(idx, idx)
+        (out.loss + out.aux_loss).backward()
+        optimizer.step()
+
+    return step
+
+
+def build_model(app: AppConfig, device: torch.device, seed: int = 0):
+    from .model import MoETransformer
+
+    torch.manual_seed(seed)
+    return MoETransformer(app.model, app.router).to(device)
+
+
+def random_tokens(app: AppConfig, batch_size: int, device: torch.device) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, app.model.vocab_size, (batch_size, app.model.seq_len), generator=generator).to(device)
+
+
+# ---------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------
+
+def moe_layer_rows(tokens: int, d_model: int, hidden: int, n_experts: int, k: int, sizes: Sizes,
+                   device: torch.device, section: str | None = None) -> list[Row]:
+    """MoE layer forward + backward against the dense floor and the Mixtral peer."""
+    from .model.moe import build_moe
+    from .model.transformer import SwiGLU
+
+    precision = "bf16 autocast" if device.type == "cuda" else "fp32"
+    section = section or f"MoE layer fwd+bwd: T={tokens} D={d_model} F={hidden} E={n_experts} K={k}, {precision}"
+    torch.manual_seed(0)
+    x_TD = torch.randn(tokens, d_model, device=device, requires_grad=True)  # a residual stream: it needs dx
+    layers = {
+        "dense SwiGLU floor": SwiGLU(d_model, k * hidden).to(device),
+        "vrmoe MoE layer": build_moe(d_model, n_experts, hidden, router_config(["router=topk"], k), "auto").to(device),
+    }
+    kernel = "grouped_mm" if layers["vrmoe MoE layer"].experts.use_grouped_mm(x_TD) else "loop"
+    peer = mixtral_block(d_model, hidden, n_experts, k)
+    if peer is not None:
+        layers["HF Mixtral sparse block"] = _PeerInput(peer).to(device)
+    steps = {name: layer_train_step(layer, x_TD, device) for name, layer in layers.items()}
+    medians = interleaved_medians(steps, sizes.repeats, sizes.warmup, device)
+    floor = medians["dense SwiGLU floor"]
+    notes = {"dense SwiGLU floor": f"hidden K*F = {k * hidden}: the same active FLOPs",
+             "vrmoe MoE layer": f"{kernel} dispatch, Top-K router",
+             "HF Mixtral sparse block": "peer (transformers, eager experts)"}
+    rows = [Row(section, name, 1e3 * medians[name], medians[name] / floor,
+                LAYER_TARGET if name == "vrmoe MoE layer" else None,
+                peak_memory_mb(steps[name], device), notes[name]) for name in steps]
+    if peer is None:
+        rows.append(Row(section, "HF Mixtral sparse block", note="skipped: transformers is not installed "
+                                                                   "(pip install 'vrmoe[bench]')"))
+    return rows
+
+
+def router_layer_rows(sizes: Sizes, device: torch.device) -> list[Row]:
+    """Each router's training step and S-sample evaluation at the layer level."""
+    from .model.moe import build_moe
+
+    section = (f"Router overhead, MoE layer: T={sizes.tokens} D={sizes.d_model} F={sizes.hidden} "
+               f"E={sizes.n_experts} K={sizes.k}")
+    torch.manual_seed(0)
+    x_TD = torch.randn(sizes.tokens, sizes.d_model, device=device, requires_grad=True)
+
+    def layer(overrides: list[str]) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return build_moe(sizes.d_model, sizes.n_experts, sizes.hidden, router_config(overrides, sizes.k),
+                         "auto").to(device)
+
+    layers = {"topk": layer(["router=topk"]), **{label: layer(o) for label, o in ROUTERS}}
+    train = interleaved_medians({name: layer_train_step(m, x_TD, device) for name, m in layers.items()},
+                                sizes.repeats, sizes.warmup, device)
+    evals = {}
+    for label in SAMPLED_ROUTERS:
+        for samples in (1, sizes.samples):
+            evals[(label, samples)] = layer_eval_step(with_samples(layers[label], samples), x_TD, device)
+    evaluation = interleaved_medians(evals, sizes.repeats, sizes.warmup, device)
+    return _router_rows(section, train, evaluation, sizes.samples)
+
+
+def router_model_rows(sizes: Sizes, device: torch.device) -> list[Row]:
+    """Each router's whole-model training step (and the step's throughput), and S-sample
+    evaluation of the whole model."""
+    from .train import make_optimizer
+
+    base = compose_config([f"model={sizes.model}", f"K={sizes.k}"])
+    section = (f"Router overhead, whole model: model={sizes.model}, batch {base.train.batch_size}x"
+               f"{base.model.seq_len}, train step = fwd+bwd+AdamW")
+    idx = random_tokens(base, base.train.batch_size, device)
+    models = {"topk": build_model(base, device)}
+    for label, overrides in ROUTERS:
+        models[label] = build_model(compose_config([f"model={sizes.model}", f"K={sizes.k}", *overrides]), device)
+    steps = {}
+    for name, model in models.items():
+        model.train()
+        steps[name] = train_step(model, make_optimizer(model, base.train.lr, base.train.weight_decay), idx, device)
+    train = interleaved_medians(steps, sizes.repeats, sizes.warmup, device)
+    evals = {}
+    for label in SAMPLED_ROUTERS:
+        for samples in (1, sizes.samples):
+            evals[(label, samples)] = layer_eval_step(with_samples(models[label], samples), idx, device)
+    evaluation = interleaved_medians(evals, sizes.repeats, sizes.warmup, device)
+    rows = _router_rows(section, train, evaluation, sizes.samples)
+    tokens = idx.numel()
+    rows.append(Row(section, "train step throughput (topk)", 1e3 * train["topk"],
+                    note=f"{tokens / train['topk']:,.0f} tokens/s"))
+    return rows
+
+
+def _router_rows(section: str, train: dict, evaluation: dict, samples: int) -> list[Row]:
+    rows = [Row(section, "train step: topk", 1e3 * train["topk"], 1.0, note="the baseline")]
+    for label, _ in ROUTERS:
+        rows.append(Row(section, f"train step: {label} / topk", 1e3 * train[label], train[label] / train["topk"],
+                        ROUTER_TARGET))
+    for label in SAMPLED_ROUTERS:
+        one, many = evaluation[(label, 1)], evaluation[(label, samples)]
+        note = "one deterministic pass at evaluation: S is unused" if label == "vtsr" else ""
+        rows.append(Row(section, f"eval: {label} S={samples} / S=1", 1e3 * many, many / one, ROUTER_TARGET,
+                        note=note))
+    return rows
+
+
+def measured_matmul_flops(device: torch.device, n: int = 8192, repeats: int = 10) -> float:
+    """FLOP/s of a large bf16 matmul on this device: the attainable roofline for MFU."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def graph_breaks(model, idx: torch.Tensor) -> tuple[int, list[str]]:
+    """How many graph breaks torch.compile meets in a forward of ``model``, and why."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    with autocast_for(idx.device):
+        explanation = torch._dynamo.explain(model)(idx, idx)
+    torch._dynamo.reset()
+    reasons = [getattr(r, "reason", str(r)).splitlines()[0] for r in explanation.break_reasons]
+    return explanation.graph_break_count, reasons
+
+
+def model_throughput(app: AppConfig, batch_size: int, steps: int, device: torch.device,
+                     compiled: bool = True) -> dict[str, float]:
+    """Tokens/s and model FLOP/s of ``steps`` training steps (bf16 autocast on CUDA, optionally
+    compiled), timed after three warm-up steps (which include the compilation). Model FLOPs
+    per token are three forward passes' (forward + backward), counted by :mod:`vrmoe.flops`."""
+    from .flops import flops_per_token
+    from .train import make_optimizer
+
+    model = build_model(app, device)
+    model.train()
+    idx = random_tokens(app, batch_size, device)
+    forward = torch.compile(model) if compiled else model
+    step = train_step(model, make_optimizer(model, app.train.lr, app.train.weight_decay), idx, device, forward)
+    for _ in range(3):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    tokens_per_s = steps * idx.numel() / elapsed
+    train_flops_per_token = 3 * flops_per_token(model, samples=1).total
+    return {"tokens_per_s": tokens_per_s, "flops_per_s": tokens_per_s * train_flops_per_token,
+            "step_ms": 1e3 * elapsed / steps}
+
+
+def gpu_rows(sizes: Sizes, device: torch.device) -> list[Row]:
+    rows: list[Row] = []
+    for tokens, d_model, hidden, n_experts, k in sizes.gpu_shapes:
+        rows += moe_layer_rows(tokens, d_model, hidden, n_experts, k, sizes, device,
+                               section=f"GPU MoE layer fwd+bwd, bf16: T={tokens} D={d_model} F={hidden} "
+                                       f"E={n_experts} K={k}")
+    app = compose_config([f"model={sizes.gpu_model}", "train.precision=bf16", "train.compile=true"])
+    section = (f"MFU: model={sizes.gpu_model}, batch {sizes.gpu_batch}x{app.model.seq_len}, bf16 autocast, "
+               "torch.compile")
+    matmul = measured_matmul_flops(device)
+    rows.append(Row(section, "bf16 matmul 8192^3", note=f"{matmul / 1e12:.0f} TFLOP/s measured"))
+    result = model_throughput(app, sizes.gpu_batch, sizes.gpu_steps, device)
+    rows.append(Row(section, "train step", result["step_ms"],
+                    note=f"{result['tokens_per_s']:,.0f} tokens/s, {result['flops_per_s'] / 1e12:.1f} TFLOP/s: "
+                         f"MFU {result['flops_per_s'] / H100_BF16_DENSE_FLOPS:.1%} of 989 TFLOP/s, "
+                         f"{result['flops_per_s'] / matmul:.1%} of the measured matmul"))
+    model = build_model(app, device)
+    count, reasons = graph_breaks(model, random_tokens(app, 1, device))
+    rows.append(Row(section, "graph breaks (torch._dynamo.explain)", note=f"{count}" + (f": {reasons[0]}" if reasons else "")))
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA), torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    policy = os.environ.get("OMP_WAIT_POLICY", "unset")
+    return (f"CPU {cpu}, {torch.get_num_threads()} torch threads of {os.cpu_count()} cores "
+            f"(OMP_WAIT_POLICY {policy}), torch {torch.__version__}")
+
+
+def shared_cpu_warning(device: torch.device) -> str | None:
+    """On a CPU that other processes keep busy, spinning OpenMP barriers make every parallel op
+    wait for a descheduled thread; many small ops (an expert loop) suffer far more than few
+    large ones, and the ratios then measure the neighbours."""
+    if device.type != "cpu" or not hasattr(os, "getloadavg") or torch.get_num_threads() < 2:
+        return None
+    load = os.getloadavg()[0]
+    if load <= (os.cpu_count() or 1) or os.environ.get("OMP_WAIT_POLICY", "").lower() == "passive":
+        return None
+    return (f"the CPU is shared (load {load:.1f} on {os.cpu_count()} cores): multi-threaded timings suffer from "
+            "spinning OpenMP barriers; rerun with OMP_WAIT_POLICY=PASSIVE or --threads 1")
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def table_cells(row: Row) -> list[str]:
+    target = f"<= {row.target:.2f}" if row.target is not None else ""
+    return [row.name, _fmt(row.time_ms, ".1f"), _fmt(row.ratio, ".3f") and _fmt(row.ratio, ".3f") + "x",
+            target, row.verdict, _fmt(row.memory_mb, ".1f"), row.note]
+
+
+HEADERS = ["measurement", "ms", "ratio", "target", "met", "peak MB", "note"]
+
+
+def render_markdown(rows: list[Row], title: str) -> str:
+    lines = [f"**{title}**", ""]
+    for section in dict.fromkeys(r.section for r in rows):
+        lines += [f"*{section}*", "", "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+        lines += ["| " + " | ".join(table_cells(r)) + " |" for r in rows if r.section == section]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def render_rich(rows: list[Row], title: str) -> None:
+    """One table per section, on stdout (a log or a pipe gets 160 columns rather than 80)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Console(highlight=False)
+    if not out.is_terminal:
+        out = Console(highlight=False, width=160)
+    out.print(f"[bold]{title}[/]")
+    for section in dict.fromkeys(r.section for r in rows):
+        table = Table(title=section, title_justify="left", title_style="bold")
+        for header in HEADERS:
+            table.add_column(header, justify="right" if header in ("ms", "ratio", "peak MB") else "left")
+        for r in (r for r in rows if r.section == section):
+            cells = table_cells(r)
+            cells[4] = {"yes": "[green]yes[/]", "NO": "[red]NO[/]"}.get(cells[4], cells[4])
+            table.add_row(*cells)
+        out.print(table)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def run_benchmarks(sizes: Sizes, device: torch.device, sections: Iterable[str] = ("layer", "router", "model", "gpu"),
+                   progress: Callable[[str], None] = lambda _: None) -> list[Row]:
+    rows: list[Row] = []
+    sections = set(sections)
+    if "layer" in sections:
+        progress("MoE layer against the dense floor and the peer")
+        rows += moe_layer_rows(sizes.tokens, sizes.d_model, sizes.hidden, sizes.n_experts, sizes.k, sizes, device)
+    if "router" in sections:
+        progress("router overheads at the layer")
+        rows += router_layer_rows(sizes, device)
+    if "model" in sections:
+        progress(f"router overheads over a model={sizes.model} step")
+        rows += router_model_rows(sizes, device)
+    if "gpu" in sections and device.type == "cuda":
+        progress("GPU shapes and MFU")
+        rows += gpu_rows(sizes, device)
+    return rows
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="vrmoe bench", description=__doc__.split("\n\n")[0].strip("`: "),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--format", choices=("table", "markdown"), default="table",
+                        help="a rich table (default) or a markdown table for the README")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes and one repeat (a smoke test)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per contender (default 7)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto (CUDA when present), cpu or cuda")
+    parser.add_argument("--only", nargs="+", choices=("layer", "router", "model", "gpu"),
+                        default=("layer", "router", "model", "gpu"), help="run only these sections")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    from .console import log_line
+    from .train import resolve_device
+
+    if args.repeats is not None and args.repeats < 1:
+        raise ConfigError(f"--repeats {args.repeats}: must be at least 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads {args.threads}: must be at least 1")
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    sizes = TINY if args.tiny else QUICK
+    if args.repeats is not None:
+        sizes = dataclasses.replace(sizes, repeats=args.repeats)
+    warning = shared_cpu_warning(device)
+    if warning:
+        log_line(f"[yellow]note:[/] {warning}")
+    start = time.perf_counter()
+    rows = run_benchmarks(sizes, device, args.only, progress=lambda s: log_line(f"bench: {s}"))
+    title = f"vrmoe bench on {device_name(device)}; medians of {sizes.repeats} interleaved rounds"
+    if args.format == "markdown":
+        print(render_markdown(rows, title))
+    else:
+        render_rich(rows, title)
+    if device.type != "cuda" and "gpu" in args.only:
+        log_line("GPU rows (three bf16 layer shapes, MFU of model=gpt_small, graph breaks) need CUDA; skipped here")
+    log_line(f"bench took {time.perf_counter() - start:.0f}s")
+    sys.stdout.flush()
+
+
+__all__ = ["main", "run_benchmarks", "Sizes", "QUICK", "TINY", "Row", "interleaved_medians", "peak_memory_mb",
+           "graph_breaks", "model_throughput", "compose_config", "render_markdown"]
