@@ -45,6 +45,8 @@ SCORE_LABELS = {"predictive_entropy": "PE", "mutual_information": "MI", "gate_en
                 "own": "LV/T"}  # own: the router's uncertainty (logit variance, or VTSR's temperature)
 OWN_SCORES = ("logit_variance", "temperature")
 STABILITY_GAMMA = 0.01
+# One entry per invocation with the same --out (a resumed experiment has several).
+INVOCATIONS_FILE = "invocations.json"
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,15 @@ def run_job(job: Job) -> dict[str, Any]:
             "train_wall_s": summary["wall_time_s"], "job_wall_s": time.perf_counter() - started}
 
 
+def record_invocation(out: Path, entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """Append this invocation's timing to ``<out>/invocations.json``; return the whole history."""
+    path = out / INVOCATIONS_FILE
+    history = json.loads(path.read_text(encoding="utf-8")) if path.exists() else []
+    history.append(entry)
+    path.write_text(json.dumps(history, indent=2), encoding="utf-8")
+    return history
+
+
 def run_stage(jobs: list[Job], workers: int) -> list[dict[str, Any]]:
     if workers <= 1:
         return [run_job(job) for job in jobs]
@@ -272,7 +283,7 @@ def write_plots(out: Path, results: dict[tuple[str, str, int], dict[str, Any]], 
                                   out / f"reliability_{slug(label)}.png", f"MCQ: {label}")
     if curves:
         plots.jaccard_plot(gammas_kept, curves, out / "jaccard_vs_gamma.png",
-                           "Top-K Jaccard under embedding noise (MCQ models, mean over layers and seeds)")
+                           "Top-K Jaccard under noise (MCQ models)")
 
 
 # ---------------------------------------------------------------------------
@@ -300,28 +311,38 @@ def main(argv: list[str] | None = None) -> int:
     by_key = {(m.stage, m.label): m for m in all_methods}
     parent_stage = {"mcq": "lm", "posthoc": "mcq"}
     started = time.perf_counter()
+    started_at = datetime.now().isoformat(timespec="seconds")
     stage_wall: dict[str, float] = {}
+    runs_trained = 0
     print(f"paper table: {len(all_methods)} methods x {len(seeds)} seeds, {workers} parallel runs of "
           f"{threads} thread(s) -> {out}", flush=True)
 
-    for stage in ("lm", "mcq", "posthoc"):
-        jobs = []
-        for method in (m for m in all_methods if m.stage == stage):
-            for seed in seeds:
-                path = run_dir(out, method, seed)
-                if (path / "eval.json").exists():
-                    continue  # finished by an earlier invocation with this --out
-                overrides = [*size.model, *(getattr(size, stage)), *method.router, *size.eval, f"seed={seed}",
-                             "logger=none", "eval.at_end=true"]
-                if method.parent is not None:
-                    parent = by_key[(parent_stage[stage], method.parent)]
-                    overrides.append(f"train.init_from={run_dir(out, parent, seed)}")
-                jobs.append(Job(method.label, stage, seed, overrides, str(path),
-                                str(out / "logs" / stage / f"{slug(method.label)}_seed{seed}.log"), threads))
-        t0 = time.perf_counter()
-        done = run_stage(jobs, workers)
-        stage_wall[stage] = time.perf_counter() - t0
-        print(f"stage {stage}: {len(done)} runs in {stage_wall[stage]:.0f}s", flush=True)
+    completed = False
+    try:
+        for stage in ("lm", "mcq", "posthoc"):
+            jobs = []
+            for method in (m for m in all_methods if m.stage == stage):
+                for seed in seeds:
+                    path = run_dir(out, method, seed)
+                    if (path / "eval.json").exists():
+                        continue  # finished by an earlier invocation with this --out
+                    overrides = [*size.model, *(getattr(size, stage)), *method.router, *size.eval,
+                                 f"seed={seed}", "logger=none", "eval.at_end=true"]
+                    if method.parent is not None:
+                        parent = by_key[(parent_stage[stage], method.parent)]
+                        overrides.append(f"train.init_from={run_dir(out, parent, seed)}")
+                    jobs.append(Job(method.label, stage, seed, overrides, str(path),
+                                    str(out / "logs" / stage / f"{slug(method.label)}_seed{seed}.log"), threads))
+            t0 = time.perf_counter()
+            done = run_stage(jobs, workers)
+            runs_trained += len(done)
+            stage_wall[stage] = time.perf_counter() - t0
+            print(f"stage {stage}: {len(done)} runs in {stage_wall[stage]:.0f}s", flush=True)
+        completed = True
+    finally:
+        history = record_invocation(out, {"started": started_at, "wall_s": time.perf_counter() - started,
+                                          "runs_trained": runs_trained, "stage_wall_s": stage_wall,
+                                          "completed": completed, "cores": cores, "workers": workers})
 
     results: dict[tuple[str, str, int], dict[str, Any]] = {}
     for method in all_methods:
@@ -334,12 +355,17 @@ def main(argv: list[str] | None = None) -> int:
     easy = aggregate(results, "next_token", easy_keys)
     hard = aggregate(results, "mcq", hard_keys)
     write_plots(out, results, hard_keys)
-    wall = time.perf_counter() - started
+    wall = sum(entry["wall_s"] for entry in history)
+    if len(history) > 1:
+        timing = (f"Wall time {wall / 60:.1f} min in {len(history)} invocations with this --out ("
+                  + " + ".join(f"{e['wall_s'] / 60:.1f}" for e in history) + " min)")
+    else:
+        timing = f"Wall time {wall / 60:.1f} min"
 
     lines = [
         f"# Bayesian routing at small scale ({'quick' if args.quick else 'default'} size)", "",
-        f"Seeds {seeds}; mean ± std over seeds. Wall time {wall / 60:.1f} min on {cores} CPU core(s) "
-        f"({workers} parallel runs); stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in stage_wall.items()) + ".",
+        f"Seeds {seeds}; mean ± std over seeds. {timing} on {cores} CPU core(s), {workers} runs in parallel "
+        f"({sum(e['runs_trained'] for e in history)} runs trained and evaluated).",
         "Command: `python experiments/paper_table.py" + (" --quick" if args.quick else "") + "`.", "",
         "## Hard regime: 4-way multiple choice after fine-tuning (the paper's setting)", "",
         "Calibration on held-out items (ECE: 10 equal-width bins); AUROC per item, in-distribution "
@@ -355,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         markdown_table(easy), "",
     ]
     (out / "table.md").write_text("\n".join(lines), encoding="utf-8")
-    serialisable = {"size": asdict(size), "seeds": seeds, "wall_time_s": wall, "stage_wall_s": stage_wall,
+    serialisable = {"size": asdict(size), "seeds": seeds, "wall_time_s": wall, "invocations": history,
                     "workers": workers, "threads_per_worker": threads,
                     "rows": {"hard": hard, "easy": easy},
                     "runs": {f"{st}/{lb}/seed{sd}": {"run_dir": str(run_dir(out, by_key[(st, lb)], sd)),
@@ -364,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
                              for (st, lb, sd), r in results.items()}}
     (out / "results.json").write_text(json.dumps(serialisable, indent=2), encoding="utf-8")
     print("\n".join(lines), flush=True)
-    print(f"wrote {out / 'table.md'} in {wall / 60:.1f} min", flush=True)
+    print(f"wrote {out / 'table.md'} ({timing.lower()})", flush=True)
     return 0
 
 

@@ -4,9 +4,10 @@
     vrmoe bench --format markdown      # the same table, for the README
     vrmoe bench --tiny                 # tiny shapes and one repeat: a smoke test in seconds
 
-Every ratio compares contenders measured in the same process, run in turns (A, B, C, A, B,
-C, ..., the order rotating every round) and summarised by their medians, so load from other
-processes on a shared machine hits every contender alike. The rows:
+Every ratio compares contenders measured in the same process, run in turns (A, B, C, B, C,
+A, ..., the order rotating every round): the "ms" column is a contender's median time, the
+ratio the median over rounds of its time over the baseline's in the same round, so load
+from other processes on a shared machine hits every contender alike. The rows:
 
 * **MoE layer**: forward + backward of one MoE layer (Top-K router, SwiGLU experts) against
   a dense SwiGLU *floor* with the same active FLOPs (hidden K*F), and the peer, Hugging Face's
@@ -70,11 +71,13 @@ class Sizes:
     gpu_model: str = "gpt_small"
     gpu_batch: int = 16
     gpu_steps: int = 10
+    matmul_size: int = 8192  # the bf16 matmul that measures the attainable FLOP/s
 
 
 QUICK = Sizes()
 TINY = Sizes(tokens=256, d_model=32, hidden=64, n_experts=4, model="tiny", samples=4, repeats=1, warmup=1,
-             gpu_shapes=((256, 32, 64, 4, 2),), gpu_model="tiny", gpu_batch=4, gpu_steps=2)
+             gpu_shapes=((256, 32, 64, 4, 2),), gpu_model="tiny", gpu_batch=4, gpu_steps=2,
+             matmul_size=256)
 
 
 @dataclass
@@ -103,10 +106,10 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved_medians(contenders: dict[str, Callable[[], Any]], repeats: int, warmup: int,
-                        device: torch.device) -> dict[str, float]:
-    """Median seconds per call of each contender, the contenders run in turns with the order
-    rotating every round, so background load and clock drift hit them alike."""
+def interleaved_times(contenders: dict[str, Callable[[], Any]], repeats: int, warmup: int,
+                      device: torch.device) -> dict[str, list[float]]:
+    """Seconds per call of each contender in every round. The contenders run in turns, the
+    order rotating every round, so background load and clock drift hit them alike."""
     names = list(contenders)
     for _ in range(warmup):
         for name in names:
@@ -120,7 +123,14 @@ def interleaved_medians(contenders: dict[str, Callable[[], Any]], repeats: int, 
             contenders[name]()
             synchronize(device)  # the device's work is part of the call (no sync inside it)
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(samples) for name, samples in times.items()}
+    return times
+
+
+def paired_ratio(times: dict[str, list[float]], name: str, baseline: str) -> float:
+    """The median over rounds of ``name``'s time over ``baseline``'s in the same round: two
+    calls a moment apart see the same background load, so their ratio is steadier than the
+    ratio of the medians when the load drifts."""
+    return statistics.median(a / b for a, b in zip(times[name], times[baseline]))
 
 
 def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float | None:
@@ -167,9 +177,10 @@ def _quiet_stderr():
         os.close(saved)
 
 
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA (how GPU runs train), full precision elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+def autocast_for(device: torch.device, bf16: bool | None = None):
+    """bf16 autocast, by default on CUDA only (how GPU runs train); full precision elsewhere."""
+    bf16 = device.type == "cuda" if bf16 is None else bf16
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 # ---------------------------------------------------------------------------
@@ -278,7 +289,7 @@ class _PeerInput(torch.nn.Module):
 
 def train_step(model, optimizer, idx: torch.Tensor, device: torch.device, forward=None) -> Callable[[], None]:
     """One training step as ``vrmoe train`` takes it: forward, task + router loss, backward, AdamW."""
-    forward = forward or model
+    forward = model if forward is None else forward
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -307,30 +318,30 @@ def random_tokens(app: AppConfig, batch_size: int, device: torch.device) -> torc
 # ---------------------------------------------------------------------------
 
 def moe_layer_rows(tokens: int, d_model: int, hidden: int, n_experts: int, k: int, sizes: Sizes,
-                   device: torch.device, section: str | None = None) -> list[Row]:
+                   device: torch.device, title: str = "MoE layer fwd+bwd") -> list[Row]:
     """MoE layer forward + backward against the dense floor and the Mixtral peer."""
     from .model.moe import build_moe
     from .model.transformer import SwiGLU
 
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
-    section = section or f"MoE layer fwd+bwd: T={tokens} D={d_model} F={hidden} E={n_experts} K={k}, {precision}"
+    section = f"{title}: T={tokens} D={d_model} F={hidden} E={n_experts} K={k}, {precision}"
     torch.manual_seed(0)
     x_TD = torch.randn(tokens, d_model, device=device, requires_grad=True)  # a residual stream: it needs dx
     layers = {
         "dense SwiGLU floor": SwiGLU(d_model, k * hidden).to(device),
         "vrmoe MoE layer": build_moe(d_model, n_experts, hidden, router_config(["router=topk"], k), "auto").to(device),
     }
-    kernel = "grouped_mm" if layers["vrmoe MoE layer"].experts.use_grouped_mm(x_TD) else "loop"
+    with autocast_for(device):  # the kernel depends on the dtype the step computes in
+        kernel = "grouped_mm" if layers["vrmoe MoE layer"].experts.use_grouped_mm(x_TD) else "loop"
     peer = mixtral_block(d_model, hidden, n_experts, k)
     if peer is not None:
         layers["HF Mixtral sparse block"] = _PeerInput(peer).to(device)
     steps = {name: layer_train_step(layer, x_TD, device) for name, layer in layers.items()}
-    medians = interleaved_medians(steps, sizes.repeats, sizes.warmup, device)
-    floor = medians["dense SwiGLU floor"]
+    times = interleaved_times(steps, sizes.repeats, sizes.warmup, device)
     notes = {"dense SwiGLU floor": f"hidden K*F = {k * hidden}: the same active FLOPs",
              "vrmoe MoE layer": f"{kernel} dispatch, Top-K router",
              "HF Mixtral sparse block": "peer (transformers, eager experts)"}
-    rows = [Row(section, name, 1e3 * medians[name], medians[name] / floor,
+    rows = [Row(section, name, 1e3 * statistics.median(times[name]), paired_ratio(times, name, "dense SwiGLU floor"),
                 LAYER_TARGET if name == "vrmoe MoE layer" else None,
                 peak_memory_mb(steps[name], device), notes[name]) for name in steps]
     if peer is None:
@@ -354,13 +365,13 @@ def router_layer_rows(sizes: Sizes, device: torch.device) -> list[Row]:
                          "auto").to(device)
 
     layers = {"topk": layer(["router=topk"]), **{label: layer(o) for label, o in ROUTERS}}
-    train = interleaved_medians({name: layer_train_step(m, x_TD, device) for name, m in layers.items()},
-                                sizes.repeats, sizes.warmup, device)
+    train = interleaved_times({name: layer_train_step(m, x_TD, device) for name, m in layers.items()},
+                              sizes.repeats, sizes.warmup, device)
     evals = {}
     for label in SAMPLED_ROUTERS:
         for samples in (1, sizes.samples):
-            evals[(label, samples)] = layer_eval_step(with_samples(layers[label], samples), x_TD, device)
-    evaluation = interleaved_medians(evals, sizes.repeats, sizes.warmup, device)
+            evals[f"{label} S={samples}"] = layer_eval_step(with_samples(layers[label], samples), x_TD, device)
+    evaluation = interleaved_times(evals, sizes.repeats, sizes.warmup, device)
     return _router_rows(section, train, evaluation, sizes.samples)
 
 
@@ -380,29 +391,30 @@ def router_model_rows(sizes: Sizes, device: torch.device) -> list[Row]:
     for name, model in models.items():
         model.train()
         steps[name] = train_step(model, make_optimizer(model, base.train.lr, base.train.weight_decay), idx, device)
-    train = interleaved_medians(steps, sizes.repeats, sizes.warmup, device)
+    train = interleaved_times(steps, sizes.repeats, sizes.warmup, device)
     evals = {}
     for label in SAMPLED_ROUTERS:
         for samples in (1, sizes.samples):
-            evals[(label, samples)] = layer_eval_step(with_samples(models[label], samples), idx, device)
-    evaluation = interleaved_medians(evals, sizes.repeats, sizes.warmup, device)
+            evals[f"{label} S={samples}"] = layer_eval_step(with_samples(models[label], samples), idx, device)
+    evaluation = interleaved_times(evals, sizes.repeats, sizes.warmup, device)
     rows = _router_rows(section, train, evaluation, sizes.samples)
-    tokens = idx.numel()
-    rows.append(Row(section, "train step throughput (topk)", 1e3 * train["topk"],
-                    note=f"{tokens / train['topk']:,.0f} tokens/s"))
+    step_s = statistics.median(train["topk"])
+    rows.append(Row(section, "train step throughput (topk)", 1e3 * step_s,
+                    note=f"{idx.numel() / step_s:,.0f} tokens/s"))
     return rows
 
 
-def _router_rows(section: str, train: dict, evaluation: dict, samples: int) -> list[Row]:
-    rows = [Row(section, "train step: topk", 1e3 * train["topk"], 1.0, note="the baseline")]
+def _router_rows(section: str, train: dict[str, list[float]], evaluation: dict[str, list[float]],
+                 samples: int) -> list[Row]:
+    rows = [Row(section, "train step: topk", 1e3 * statistics.median(train["topk"]), 1.0, note="the baseline")]
     for label, _ in ROUTERS:
-        rows.append(Row(section, f"train step: {label} / topk", 1e3 * train[label], train[label] / train["topk"],
-                        ROUTER_TARGET))
+        rows.append(Row(section, f"train step: {label} / topk", 1e3 * statistics.median(train[label]),
+                        paired_ratio(train, label, "topk"), ROUTER_TARGET))
     for label in SAMPLED_ROUTERS:
-        one, many = evaluation[(label, 1)], evaluation[(label, samples)]
+        many, one = f"{label} S={samples}", f"{label} S=1"
         note = "one deterministic pass at evaluation: S is unused" if label == "vtsr" else ""
-        rows.append(Row(section, f"eval: {label} S={samples} / S=1", 1e3 * many, many / one, ROUTER_TARGET,
-                        note=note))
+        rows.append(Row(section, f"eval: {label} S={samples} / S=1", 1e3 * statistics.median(evaluation[many]),
+                        paired_ratio(evaluation, many, one), ROUTER_TARGET, note=note))
     return rows
 
 
@@ -421,11 +433,11 @@ def measured_matmul_flops(device: torch.device, n: int = 8192, repeats: int = 10
 
 
 def graph_breaks(model, idx: torch.Tensor) -> tuple[int, list[str]]:
-    """How many graph breaks torch.compile meets in a forward of ``model``, and why."""
+    """How many graph breaks torch.compile meets in a bf16-autocast forward of ``model``, and why."""
     import torch._dynamo
 
     torch._dynamo.reset()
-    with autocast_for(idx.device):
+    with autocast_for(idx.device, bf16=True):
         explanation = torch._dynamo.explain(model)(idx, idx)
     torch._dynamo.reset()
     reasons = [getattr(r, "reason", str(r)).splitlines()[0] for r in explanation.break_reasons]
@@ -436,7 +448,8 @@ def model_throughput(app: AppConfig, batch_size: int, steps: int, device: torch.
                      compiled: bool = True) -> dict[str, float]:
     """Tokens/s and model FLOP/s of ``steps`` training steps (bf16 autocast on CUDA, optionally
     compiled), timed after three warm-up steps (which include the compilation). Model FLOPs
-    per token are three forward passes' (forward + backward), counted by :mod:`vrmoe.flops`."""
+    per token are three forward passes' (forward + backward), counted by :mod:`vrmoe.flops`:
+    matmuls with K of E experts, causal attention at its mean context, the routers in full."""
     from .flops import flops_per_token
     from .train import make_optimizer
 
@@ -462,19 +475,17 @@ def model_throughput(app: AppConfig, batch_size: int, steps: int, device: torch.
 def gpu_rows(sizes: Sizes, device: torch.device) -> list[Row]:
     rows: list[Row] = []
     for tokens, d_model, hidden, n_experts, k in sizes.gpu_shapes:
-        rows += moe_layer_rows(tokens, d_model, hidden, n_experts, k, sizes, device,
-                               section=f"GPU MoE layer fwd+bwd, bf16: T={tokens} D={d_model} F={hidden} "
-                                       f"E={n_experts} K={k}")
+        rows += moe_layer_rows(tokens, d_model, hidden, n_experts, k, sizes, device, title="GPU MoE layer fwd+bwd")
     app = compose_config([f"model={sizes.gpu_model}", "train.precision=bf16", "train.compile=true"])
     section = (f"MFU: model={sizes.gpu_model}, batch {sizes.gpu_batch}x{app.model.seq_len}, bf16 autocast, "
                "torch.compile")
-    matmul = measured_matmul_flops(device)
-    rows.append(Row(section, "bf16 matmul 8192^3", note=f"{matmul / 1e12:.0f} TFLOP/s measured"))
+    matmul = measured_matmul_flops(device, sizes.matmul_size)
+    rows.append(Row(section, f"bf16 matmul {sizes.matmul_size}^3", note=f"{matmul / 1e12:.1f} TFLOP/s measured"))
     result = model_throughput(app, sizes.gpu_batch, sizes.gpu_steps, device)
     rows.append(Row(section, "train step", result["step_ms"],
                     note=f"{result['tokens_per_s']:,.0f} tokens/s, {result['flops_per_s'] / 1e12:.1f} TFLOP/s: "
-                         f"MFU {result['flops_per_s'] / H100_BF16_DENSE_FLOPS:.1%} of 989 TFLOP/s, "
-                         f"{result['flops_per_s'] / matmul:.1%} of the measured matmul"))
+                         f"MFU {result['flops_per_s'] / H100_BF16_DENSE_FLOPS:.1%} of 989 TFLOP/s (H100 dense "
+                         f"bf16), {result['flops_per_s'] / matmul:.1%} of the measured matmul"))
     model = build_model(app, device)
     count, reasons = graph_breaks(model, random_tokens(app, 1, device))
     rows.append(Row(section, "graph breaks (torch._dynamo.explain)", note=f"{count}" + (f": {reasons[0]}" if reasons else "")))
@@ -578,8 +589,11 @@ def run_benchmarks(sizes: Sizes, device: torch.device, sections: Iterable[str] =
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="vrmoe bench", description=__doc__.split("\n\n")[0].strip("`: "),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="vrmoe bench",
+        description="Performance ratios on this device: the MoE layer against a dense floor and Hugging Face's "
+                    "Mixtral block, the Bayesian routers' training and S-sample evaluation overheads, and on CUDA "
+                    "the GPU layer shapes and the MFU of model=gpt_small. Ratios come from interleaved rounds.")
     parser.add_argument("--format", choices=("table", "markdown"), default="table",
                         help="a rich table (default) or a markdown table for the README")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes and one repeat (a smoke test)")
@@ -603,6 +617,8 @@ def main(argv: list[str]) -> None:
         if args.threads < 1:
             raise ConfigError(f"--threads {args.threads}: must be at least 1")
         torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available here; use --device cpu (or auto)")
     device = resolve_device(args.device)
     sizes = TINY if args.tiny else QUICK
     if args.repeats is not None:
@@ -623,5 +639,5 @@ def main(argv: list[str]) -> None:
     sys.stdout.flush()
 
 
-__all__ = ["main", "run_benchmarks", "Sizes", "QUICK", "TINY", "Row", "interleaved_medians", "peak_memory_mb",
+__all__ = ["main", "run_benchmarks", "Sizes", "QUICK", "TINY", "Row", "interleaved_times", "paired_ratio", "peak_memory_mb",
            "graph_breaks", "model_throughput", "compose_config", "render_markdown"]

@@ -5,12 +5,12 @@ expert runs once on one contiguous block, and combines each token's K outputs
 by gathering them back, weighted by the gates. Two kernels run the blocks
 (``model.dispatch``):
 
-* ``grouped_mm`` (the default on CUDA): each of the three matmuls is a single
+* ``grouped_mm`` (the default on CUDA in bf16): each of the three matmuls is a single
   ``torch._grouped_mm`` call over all experts, differentiated by autograd. The
   block offsets stay on the device, so there is no host sync and
   ``torch.compile`` sees the layer as one graph.
 * ``loop`` (the default elsewhere: on CPU ``_grouped_mm`` has a forward but no
-  backward): one autograd function walks the experts' blocks, forward and
+  backward, and in fp32 it is a loop with a host sync): one autograd function walks the experts' blocks, forward and
   backward, each block gathered, multiplied and finished while it is still in
   cache, and each expert's weight gradient written straight into its slice.
   It reads the block sizes on the host once per layer (free on CPU) and runs
@@ -95,9 +95,11 @@ class Experts(nn.Module):
         self.block_calls = 0
 
     def use_grouped_mm(self, x: torch.Tensor) -> bool:
-        if self.dispatch == "grouped_mm":
-            return True
-        return self.dispatch == "auto" and x.is_cuda and hasattr(torch, "_grouped_mm")
+        if self.dispatch != "auto":
+            return self.dispatch == "grouped_mm"
+        # grouped_mm's fast CUDA kernels, and its shape rules under torch.compile, are bf16-only;
+        # in fp32 it would fall back to a loop with a host sync anyway.
+        return x.is_cuda and compute_dtype(x) == torch.bfloat16
 
     def forward(self, x_TD: torch.Tensor, slots: SlotOrder, gates_TK: torch.Tensor) -> torch.Tensor:
         """``y_t = sum_k gates_tk * expert_{e_tk}(x_t)``, the experts run on the sorted blocks."""
@@ -107,20 +109,22 @@ class Experts(nn.Module):
         return loop_experts(x_TD, slots, gates_TK, self.w1_EDF, self.w3_EDF, self.w2_EFD)
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on ``x`` run in: autocast's when it is on for x's device."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 def grouped_mm_experts(x_TD, slots: SlotOrder, gates_TK, w1_EDF, w3_EDF, w2_EFD) -> torch.Tensor:
     """The experts as three grouped matmuls over the sorted blocks, in the autocast dtype
     when autocast is on (grouped_mm is not on autocast's list, so it is cast here)."""
-    device = x_TD.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_TD.dtype
+    dtype = compute_dtype(x_TD)
     offsets_E = slots.counts_E.cumsum(0).to(torch.int32)
     w1, w3, w2 = (w.to(dtype) for w in (w1_EDF, w3_EDF, w2_EFD))
     x_ND = x_TD.to(dtype).index_select(0, slots.token_N)
     h_NF = F.silu(torch._grouped_mm(x_ND, w1, offs=offsets_E)) * torch._grouped_mm(x_ND, w3, offs=offsets_E)
     out_ND = torch._grouped_mm(h_NF, w2, offs=offsets_E)
-    n_tokens, k = slots.position_TK.shape
-    out_TKD = out_ND.index_select(0, slots.position_TK.reshape(-1)).view(n_tokens, k, -1)
-    y_TD = torch.bmm(gates_TK.to(dtype).unsqueeze(1), out_TKD).squeeze(1)
-    return y_TD.to(x_TD.dtype)
+    return _gather_sum(out_ND, slots.position_TK, gates_TK.to(dtype)).to(x_TD.dtype)
 
 
 @torch.compiler.disable  # reads the block sizes on the host; runs eagerly between compiled graphs
@@ -143,31 +147,27 @@ def _blocks(counts: list[int]):
 class _ExpertLoop(torch.autograd.Function):
     """Forward and backward of the experts over their sorted blocks, one expert at a time.
 
-    Working per block keeps its gathered inputs and SwiGLU intermediates in cache. The
-    combine gathers each token's K weighted outputs and sums them; an ``index_add_``
-    scatter would do the same but is a slow serial loop on CPU. Saved for backward:
-    the pre-activations ``a = x w1`` and ``b = x w3`` and the unweighted outputs (for the
-    gate gradient); the SwiGLU product and the gathered inputs are recomputed, which is
-    cheaper than keeping N x (F + D) more numbers alive.
+    Working per block keeps its gathered inputs and SwiGLU intermediates in cache; the
+    combine gathers each token's K outputs back. Saved for backward: the pre-activations
+    ``a = x w1`` and ``b = x w3`` and the unweighted outputs (for the gate gradient); the
+    SwiGLU product and the gathered inputs are recomputed, which is cheaper than keeping
+    N x (F + D) more numbers alive.
     """
 
     @staticmethod
     def forward(ctx, x_TD, token_N, position_TK, gates_TK, counts, w1_EDF, w3_EDF, w2_EFD):
         with _no_autocast(x_TD):
-            n_tokens, k = position_TK.shape
             n_slots, d_model, hidden = token_N.numel(), x_TD.shape[1], w1_EDF.shape[-1]
             gate_N = gates_TK.new_empty(n_slots).scatter_(0, position_TK.reshape(-1), gates_TK.reshape(-1))
             a_NF = x_TD.new_empty(n_slots, hidden)
             b_NF = torch.empty_like(a_NF)
             out_ND = x_TD.new_empty(n_slots, d_model)
-            weighted_ND = torch.empty_like(out_ND)
             for e, rows in _blocks(counts):
                 x_e = x_TD.index_select(0, token_N[rows])
                 a = torch.mm(x_e, w1_EDF[e], out=a_NF[rows])
                 b = torch.mm(x_e, w3_EDF[e], out=b_NF[rows])
-                out = torch.mm(F.silu(a).mul_(b), w2_EFD[e], out=out_ND[rows])
-                torch.mul(out, gate_N[rows, None], out=weighted_ND[rows])
-            y_TD = weighted_ND.index_select(0, position_TK.reshape(-1)).view(n_tokens, k, d_model).sum(1)
+                torch.mm(F.silu(a).mul_(b), w2_EFD[e], out=out_ND[rows])
+            y_TD = _gather_sum(out_ND, position_TK, gates_TK)
         ctx.save_for_backward(x_TD, token_N, position_TK, gate_N, w1_EDF, w3_EDF, w2_EFD, a_NF, b_NF, out_ND)
         ctx.counts = counts
         return y_TD
@@ -176,7 +176,6 @@ class _ExpertLoop(torch.autograd.Function):
     def backward(ctx, grad_y_TD):
         x_TD, token_N, position_TK, gate_N, w1_EDF, w3_EDF, w2_EFD, a_NF, b_NF, out_ND = ctx.saved_tensors
         with _no_autocast(x_TD):
-            n_tokens, k = position_TK.shape
             grad_y_TD = grad_y_TD.contiguous()
             # Only the gradients asked for: train.freeze=backbone freezes the experts (three of the
             # seven matmuls per block are theirs). Experts without tokens get zero gradients.
@@ -204,10 +203,24 @@ class _ExpertLoop(torch.autograd.Function):
                 if need_x:
                     torch.mm(grad_a, w1_EDF[e].T, out=grad_x_ND[rows]).addmm_(grad_b, w3_EDF[e].T)
             # Every slot is in some block, so grad_x_ND and grad_gate_N are fully written.
-            grad_x_TD = (grad_x_ND.index_select(0, position_TK.reshape(-1)).view(n_tokens, k, -1).sum(1)
-                         if need_x else None)
+            grad_x_TD = _gather_sum(grad_x_ND, position_TK) if need_x else None
             grad_gates_TK = grad_gate_N[position_TK]
         return grad_x_TD, None, None, grad_gates_TK, None, grad_w1, grad_w3, grad_w2
+
+
+def _gather_sum(rows_ND: torch.Tensor, position_TK: torch.Tensor, weights_TK: torch.Tensor | None = None):
+    """``y_t = sum_k w_tk * rows[position_tk]`` (w = 1 when None): K row gathers added in place.
+    No scatter: it is deterministic, and ``index_add_`` collapses on a busy multi-threaded CPU."""
+    y_TD = rows_ND.index_select(0, position_TK[:, 0])
+    if weights_TK is not None:
+        y_TD.mul_(weights_TK[:, :1])
+    for j in range(1, position_TK.shape[1]):
+        rows_TD = rows_ND.index_select(0, position_TK[:, j])
+        if weights_TK is None:
+            y_TD.add_(rows_TD)
+        else:
+            y_TD.addcmul_(rows_TD, weights_TK[:, j:j + 1])
+    return y_TD
 
 
 def _no_autocast(x: torch.Tensor):

@@ -1,0 +1,97 @@
+"""`vrmoe bench`: the rows it prints, its measuring helpers, its errors. No timing assertions:
+performance targets live in the benchmark's output, not in tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vrmoe.bench import TINY, Row, gpu_rows, interleaved_times, paired_ratio, peak_memory_mb, render_markdown
+from vrmoe.bench import main as bench_main
+from vrmoe.config import ConfigError
+
+from conftest import run_cli
+
+
+def test_tiny_bench_prints_every_row_as_markdown(tmp_path):
+    out = run_cli("bench", "--tiny", "--format", "markdown", cwd=tmp_path).stdout
+    assert out.startswith("**vrmoe bench on CPU ")
+    assert "| measurement | ms | ratio | target | met | peak MB | note |" in out
+    for row in ["| dense SwiGLU floor |", "| vrmoe MoE layer |", "| HF Mixtral sparse block |",
+                "| train step: topk |", "| train step: variational diag / topk |",
+                "| train step: variational full / topk |", "| train step: vtsr / topk |",
+                "| train step: mc_dropout / topk |", "| eval: variational diag S=4 / S=1 |",
+                "| eval: variational full S=4 / S=1 |", "| eval: mc_dropout S=4 / S=1 |",
+                "| eval: vtsr S=4 / S=1 |", "| train step throughput (topk) |"]:
+        assert row in out, row
+    assert out.count("| train step: variational full / topk |") == 2  # the layer and the whole model
+    assert "*MoE layer fwd+bwd: T=256 D=32 F=64 E=4 K=2, fp32*" in out
+    assert "*Router overhead, whole model: model=tiny" in out
+    dense_row = next(line for line in out.splitlines() if line.startswith("| dense SwiGLU floor |"))
+    assert "| 1.000x |" in dense_row  # the floor is the unit of the layer ratios
+
+
+def test_bench_prints_a_rich_table_for_one_section(tmp_path):
+    proc = run_cli("bench", "--tiny", "--only", "layer", cwd=tmp_path)
+    assert "vrmoe bench on CPU" in proc.stdout and "dense SwiGLU floor" in proc.stdout
+    assert "Router overhead" not in proc.stdout
+    assert "need CUDA; skipped here" not in proc.stderr  # the GPU section was not asked for
+
+
+def test_bad_argument_is_one_line_and_exit_code_2(tmp_path):
+    proc = run_cli("bench", "--repeats", "0", cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "--repeats 0: must be at least 1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--threads", "0"], "--threads 0: must be at least 1"),
+    pytest.param(["--device", "cuda"], "--device cuda: no CUDA device is available here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
+])
+def test_bad_arguments_name_the_option(args, message):
+    with pytest.raises(ConfigError, match=message):
+        bench_main(args)
+
+
+def test_contenders_run_in_rotating_turns():
+    calls: list[str] = []
+    contenders = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = interleaved_times(contenders, repeats=3, warmup=1, device=torch.device("cpu"))
+    assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3, "c": 3}
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab")
+
+
+def test_paired_ratio_is_the_median_of_same_round_ratios():
+    # Round 2 ran under heavy load for both: the pairing cancels it.
+    times = {"base": [1.0, 10.0, 1.0], "other": [1.1, 11.0, 1.2]}
+    assert paired_ratio(times, "other", "base") == pytest.approx(1.1)
+
+
+def test_peak_memory_sees_a_transient_allocation():
+    def allocate_then_free():
+        torch.ones(4 * 2**20)  # 16 MiB, freed at once
+
+    peak = peak_memory_mb(allocate_then_free, torch.device("cpu"))
+    assert peak is None or peak >= 16  # None where the profiler's memory timeline is unavailable
+
+
+def test_markdown_marks_targets_met_and_missed():
+    rows = [Row("s", "fast", 1.0, 1.04, 1.05), Row("s", "slow", 2.0, 1.2, 1.05), Row("s", "info", note="n")]
+    lines = render_markdown(rows, "t").splitlines()
+    assert lines[:3] == ["**t**", "", "*s*"]
+    assert lines[-3:] == ["| fast | 1.0 | 1.040x | <= 1.05 | yes |  |  |",
+                            "| slow | 2.0 | 1.200x | <= 1.05 | NO |  |  |",
+                            "| info |  |  |  |  |  | n |"]
+
+
+@pytest.mark.slow
+def test_gpu_section_runs_on_cpu_at_tiny_size():
+    """The CUDA-only section's code (layer shapes, compiled MFU step, graph breaks), exercised on CPU."""
+    rows = gpu_rows(TINY, torch.device("cpu"))
+    names = [r.name for r in rows]
+    assert names.count("vrmoe MoE layer") == 1 and "train step" in names
+    mfu = next(r for r in rows if r.name == "train step")
+    assert "tokens/s" in mfu.note and "MFU" in mfu.note and mfu.time_ms > 0
+    breaks = next(r for r in rows if r.name.startswith("graph breaks"))
+    assert breaks.note.split(":")[0].isdigit()
