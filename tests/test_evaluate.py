@@ -182,6 +182,14 @@ def test_eval_at_end_of_training(tmp_path, corpus_cache):
     assert json.loads((tmp_path / EVAL_FILE).read_text())["step"] == 2
 
 
+def test_a_dense_model_evaluates_without_routing_scores(tmp_path, corpus_cache):
+    result = train(make_config(*TINY, "model.moe_every=0", "train.max_steps=2", "eval.at_end=true", *SMALL_EVAL),
+                   tmp_path) and json.loads((tmp_path / EVAL_FILE).read_text())
+    assert "gate_entropy" not in result["ood"]["far"]["auroc"]
+    assert result["stability"]["jaccard"]["mean"] == [None] * len(result["stability"]["gammas"])
+    assert math.isfinite(result["calibration"]["next_token"]["ece_10"])
+
+
 def test_eval_at_end_refuses_a_missing_ood_file_before_training(tmp_path, corpus_cache):
     with pytest.raises(ConfigError, match="eval.ood_text"):
         train(make_config(*TINY, "train.max_steps=2", "eval.at_end=true", f"eval.ood_text=[{tmp_path}/nope.txt]"),

@@ -214,7 +214,9 @@ class ScoredSet:
 
 def router_token_scores(routings: list[Routing], uncertainty_name: str) -> dict[str, torch.Tensor]:
     """Per-token router scores averaged over MoE layers: gate entropy, and the router's own
-    uncertainty over the layers that report one."""
+    uncertainty over the layers that report one (none for a dense model)."""
+    if not routings:
+        return {}
     out = {"gate_entropy": torch.stack([metrics.entropy(r.probs_TE) for r in routings]).mean(0)}
     own = [r.uncertainty_T.double() for r in routings if r.uncertainty_T is not None]
     if own:
@@ -341,7 +343,8 @@ def routing_stability(model: MoETransformer, windows: list[torch.Tensor], gammas
     def table(total: torch.Tensor) -> dict[str, list[float]]:
         mean_GL = total / max(n_tokens, 1)
         out = {name: mean_GL[:, layer].tolist() for layer, name in enumerate(layer_names)}
-        out["mean"] = mean_GL.mean(1).tolist() if layer_names else [1.0] * len(gammas)
+        # A dense model has no routing to be stable or not: NaN (null in eval.json), not a perfect 1.
+        out["mean"] = mean_GL.mean(1).tolist() if layer_names else [math.nan] * len(gammas)
         return out
 
     result = {"gammas": list(gammas), "embedding_norm": float(embed_norm), "jaccard": table(sums["matched"])}
