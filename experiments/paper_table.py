@@ -140,30 +140,19 @@ class Job:
     threads: int
 
 
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-
-    from vrmoe.cli import prepare_hydra
-    from vrmoe.config import load_config
-
-    prepare_hydra()
-    with initialize_config_module(config_module="vrmoe.conf", version_base="1.3"):
-        return load_config(hydra_compose(config_name="config", overrides=overrides))
-
-
 def run_job(job: Job) -> dict[str, Any]:
     """Train and evaluate one run; its console output goes to ``job.log``."""
     import torch
 
     torch.set_num_threads(job.threads)
+    from vrmoe.cli import compose_config
     from vrmoe.train import train
 
     path = Path(job.run_dir)
     started = time.perf_counter()
     Path(job.log).parent.mkdir(parents=True, exist_ok=True)
     with open(job.log, "w", encoding="utf-8") as log, contextlib.redirect_stderr(log), contextlib.redirect_stdout(log):
-        app = compose(job.overrides)
+        app = compose_config(job.overrides)
         summary = train(app, path)
     return {"label": job.label, "stage": job.stage, "seed": job.seed, "run_dir": job.run_dir,
             "train_wall_s": summary["wall_time_s"], "job_wall_s": time.perf_counter() - started}

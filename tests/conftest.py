@@ -9,11 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
-from omegaconf import OmegaConf
 
-from vrmoe.cli import prepare_hydra
-from vrmoe.config import AppConfig, load_config
+from vrmoe.cli import compose_config
+from vrmoe.config import AppConfig
 
 # Fast, deterministic CPU runs; one thread keeps two concurrent test runs from thrashing.
 torch.set_num_threads(1)
@@ -24,10 +22,7 @@ TINY = ["model=tiny", "logger=none", "train.batch_size=4", "train.log_every=1", 
 
 def make_config(*overrides: str) -> AppConfig:
     """The validated config the CLI would build for these overrides."""
-    prepare_hydra()
-    with initialize_config_module(config_module="vrmoe.conf", version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides))
-    return load_config(cfg)
+    return compose_config(overrides)
 
 
 def run_cli(*args: str, cwd: Path, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:

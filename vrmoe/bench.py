@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from .cli import compose_config
 from .config import AppConfig, ConfigError
 
 H100_BF16_DENSE_FLOPS = 989e12
@@ -186,23 +187,6 @@ def autocast_for(device: torch.device, bf16: bool | None = None):
 # ---------------------------------------------------------------------------
 # Configs and contenders
 # ---------------------------------------------------------------------------
-
-def compose_config(overrides: Iterable[str]) -> AppConfig:
-    """The validated config that ``vrmoe train`` would build from these overrides."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    from .cli import check_overrides, prepare_hydra
-    from .config import load_config
-
-    overrides = list(overrides)
-    check_overrides(overrides)
-    prepare_hydra()
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="vrmoe.conf", version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    return load_config(cfg)
-
 
 def router_config(overrides: Iterable[str], k: int, samples: int = 1):
     return compose_config([*overrides, f"K={k}", f"S={samples}"]).router

@@ -11,12 +11,16 @@ import shutil
 import sys
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError
 from .console import fail, log_line
+
+if TYPE_CHECKING:
+    from .config import AppConfig
 
 CONFIG_GROUPS = ("model", "router", "data", "train", "logger", "task", "eval", "experiment")
 
@@ -168,6 +172,24 @@ def prepare_hydra() -> None:
     # The typed schema is the base of config.yaml: every key of every group exists (with its
     # default) whichever option a group takes, so `router=topk router.sigma_init=0.2` needs no `+`.
     ConfigStore.instance().store(name="vrmoe_schema", node=AppConfig)
+
+
+def compose_config(overrides: Iterable[str]) -> "AppConfig":
+    """The validated config that ``vrmoe train`` would build from these overrides."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from .config import load_config
+
+    overrides = list(overrides)
+    check_overrides(overrides)
+    prepare_hydra()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="vrmoe.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    return load_config(cfg)
+
+
 
 
 def _train_job(cfg: DictConfig) -> None:

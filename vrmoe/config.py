@@ -34,7 +34,7 @@ class ModelConfig:
     moe_every: int = 1
     dense_hidden: int = 512
     dropout: float = 0.0
-    # Expert dispatch kernel: "auto" picks grouped_mm on CUDA, a loop over experts on CPU.
+    # Expert dispatch kernel: "auto" picks grouped_mm on CUDA in bf16, a loop over experts otherwise.
     dispatch: str = "auto"
 
 
