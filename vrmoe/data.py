@@ -34,17 +34,32 @@ CORPUS_VERSION = 1
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".json", ".csv", ".html", ".tex", ".jsonl", ""}
 
 
+def text_to_bytes(text: str) -> torch.Tensor:
+    """UTF-8 bytes of ``text`` as a uint8 tensor (how every corpus is stored)."""
+    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)
+
+
+def bytes_to_text(data: torch.Tensor) -> str:
+    """The inverse of :func:`text_to_bytes`; a window cut mid-character decodes with U+FFFD."""
+    return data.to(torch.uint8).numpy().tobytes().decode("utf-8", errors="replace")
+
+
+def derived_seed(seed: int, index: int) -> int:
+    """A seed for the ``index``-th stream (step, epoch, window) of a run seeded ``seed``:
+    deterministic, so a resumed or re-evaluated run draws exactly the same numbers."""
+    return seed * 1_000_003 + index
+
+
 class ByteTokenizer:
     """UTF-8 bytes as tokens: a vocabulary of 256, nothing to download or train."""
 
     vocab_size = 256
 
     def encode(self, text: str) -> torch.Tensor:
-        return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+        return text_to_bytes(text).long()
 
     def decode(self, ids: torch.Tensor | list[int]) -> str:
-        data = bytes(int(i) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids))
-        return data.decode("utf-8", errors="replace")
+        return bytes_to_text(torch.as_tensor(ids))
 
 
 @dataclass
@@ -289,7 +304,7 @@ def train_batch(data: torch.Tensor, batch_size: int, seq_len: int, seed: int, st
                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Random windows for one step. The generator is derived from (seed, step), so a
     resumed run sees exactly the batches the uninterrupted run would have seen."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    gen = torch.Generator().manual_seed(derived_seed(seed, step))
     starts = torch.randint(0, len(data) - seq_len - 1 + 1, (batch_size,), generator=gen)
     return _windows(data, starts, seq_len, device)
 

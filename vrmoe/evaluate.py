@@ -46,9 +46,9 @@ import torch
 from . import metrics
 from .config import AppConfig, ConfigError, DataConfig, from_dict, to_dict
 from .console import console, log_line
-from .data import eval_batches, load_corpus
+from .data import bytes_to_text, derived_seed, eval_batches, load_corpus, text_to_bytes
 from .flops import cost_summary
-from .mcq import (MCQTensors, decode_split, item_len, items_from_text, make_batch, option_scores,
+from .mcq import (MCQTensors, item_len, items_from_text, make_batch, option_scores,
                   shuffle_words_within_sentences)
 from .model import MoETransformer
 from .model.routers import Routing
@@ -326,7 +326,7 @@ def routing_stability(model: MoETransformer, windows: list[torch.Tensor], gammas
             "unmatched": torch.zeros(len(gammas), len(layer_names), dtype=torch.float64)}
     n_tokens = 0
     for b, x in enumerate(windows):
-        noise_seed, router_seed = seed * 1_000_003 + b, seed * 1_000_003 + b + 500_000
+        noise_seed, router_seed = derived_seed(seed, b), derived_seed(seed, b) + 500_000
         clean = _routings_with_noise(model, x, 0.0, noise_seed, router_seed)
         n_tokens += x.numel()
         for g, gamma in enumerate(gammas):
@@ -357,16 +357,12 @@ def routing_stability(model: MoETransformer, windows: list[torch.Tensor], gammas
 # Text sets
 # ---------------------------------------------------------------------------
 
-def _text_bytes(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)
-
-
 def ood_texts(app: AppConfig, val_text: str) -> dict[str, tuple[str, str]]:
     """name -> (config key for errors, text): near, far and the user's files."""
     far_name = "python_source" if app.data.name != "python_source" else "stdlib_docs"
     far = load_corpus(DataConfig(name=far_name, val_fraction=app.data.val_fraction, cache_dir=app.data.cache_dir))
     sets = {"near": ("near (word-shuffled validation text)", shuffle_words_within_sentences(val_text)),
-            "far": (f"far ({far_name})", decode_split(far.val))}
+            "far": (f"far ({far_name})", bytes_to_text(far.val))}
     for path_str in app.eval.ood_text:
         name = base = Path(path_str).stem or "ood"
         n = 2
@@ -412,13 +408,13 @@ def evaluate_run(run_dir: Path, app: AppConfig, state: dict[str, Any] | None = N
 
     # Everything that can refuse the input is built before anything is written.
     corpus = load_corpus(app.data, min_tokens=app.model.seq_len + 2)
-    val_text = decode_split(corpus.val)
+    val_text = bytes_to_text(corpus.val)
     max_len = item_len(app)
     lm_sets = {"in": _windows(corpus.val, app, app.eval.windows, "the validation split", device)}
     mcq_sets = {"in": items_from_text(val_text, app.eval.mcq_items, max_len, "the validation split")}
     for name, (key, text) in ood_texts(app, val_text).items():
         if unit == "lm":
-            lm_sets[name] = _windows(_text_bytes(text), app, app.eval.windows, key, device)
+            lm_sets[name] = _windows(text_to_bytes(text), app, app.eval.windows, key, device)
         else:
             mcq_sets[name] = items_from_text(text, app.eval.mcq_items, max_len, key)
 

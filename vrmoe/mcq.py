@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ConfigError
+from .data import bytes_to_text, derived_seed
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import AppConfig
@@ -261,10 +262,6 @@ def item_len(app: "AppConfig") -> int:
     return min(app.task.item_len, app.model.seq_len)
 
 
-def decode_split(data: torch.Tensor) -> str:
-    return bytes(data.numpy().tobytes()).decode("utf-8", errors="replace")
-
-
 def items_from_text(text: str, n_items: int, max_len: int, key: str, seed: int = 0) -> MCQTensors:
     """Items as tensors, or a ConfigError naming ``key`` when the text yields none."""
     items = build_items(text, n_items, max_len, seed)
@@ -286,8 +283,8 @@ class MCQTask:
 
     def __init__(self, app: "AppConfig", corpus: "Corpus"):
         max_len = item_len(app)
-        self.train_set = items_from_text(decode_split(corpus.train), app.task.train_items, max_len, "task=mcq")
-        self.val_set = items_from_text(decode_split(corpus.val), app.task.val_items, max_len, "task=mcq")
+        self.train_set = items_from_text(bytes_to_text(corpus.train), app.task.train_items, max_len, "task=mcq")
+        self.val_set = items_from_text(bytes_to_text(corpus.val), app.task.val_items, max_len, "task=mcq")
         self.batch_size = app.train.batch_size
         self.seed = app.seed
         self.eval_batch_size = app.train.batch_size
@@ -296,7 +293,7 @@ class MCQTask:
 
     def _order(self, epoch: int) -> torch.Tensor:
         if epoch not in self._orders:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            gen = torch.Generator().manual_seed(derived_seed(self.seed, epoch))
             self._orders = {epoch: torch.randperm(len(self.train_set), generator=gen)}
         return self._orders[epoch]
 
@@ -327,4 +324,4 @@ class MCQTask:
 
 __all__ = ["MCQItem", "MCQTensors", "MCQBatch", "MCQTask", "N_OPTIONS", "BLANK", "sentences",
            "shuffle_words_within_sentences", "build_items", "encode_items", "make_batch", "option_scores",
-           "item_len", "decode_split", "items_from_text"]
+           "item_len", "items_from_text"]

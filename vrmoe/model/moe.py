@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import metrics
 from ..config import RouterConfig
 from .routers import Router, Routing, build_router
 
@@ -53,7 +54,7 @@ def routing_stats(routing: Routing, n_experts: int) -> dict[str, torch.Tensor]:
     counts_E = expert_counts(routing.expert_ids_TK, n_experts).float()
     utilisation_E = counts_E / counts_E.sum().clamp_min(1)
     p = routing.probs_TE.detach().float()
-    entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
+    entropy = metrics.entropy(p).mean().float()
     load_cv = counts_E.std(unbiased=False) / counts_E.mean().clamp_min(1e-12)
     stats = {"utilisation": utilisation_E, "entropy": entropy, "load_cv": load_cv}
     stats.update({k: v.detach() for k, v in routing.stats.items()})
