@@ -142,7 +142,8 @@ def test_bad_input_is_one_line_with_no_traceback_and_no_run_dir(tmp_path, args, 
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
     for word in words:
         assert word in err
-    assert not list((tmp_path / "outputs").rglob("summary.json")) if (tmp_path / "outputs").exists() else True
+    # No run dir is left behind: neither records nor Hydra's own .hydra folder.
+    assert not list(tmp_path.rglob("summary.json")) and not list(tmp_path.rglob(".hydra"))
 
 
 def test_empty_data_file_is_refused(tmp_path):
