@@ -35,7 +35,8 @@ import torch
 from vrmoe.bench import QUICK, Row, device_name, render_markdown, render_rich, router_layer_rows, run_benchmarks, \
     shared_cpu_warning
 from vrmoe.console import log_line
-from vrmoe.train import resolve_device
+from vrmoe.device import resolve_device
+from vrmoe.tracking import read_metrics, read_summary
 
 LONG = dataclasses.replace(QUICK, repeats=15, warmup=3)
 
@@ -48,9 +49,10 @@ def train_throughput(out: Path, steps: int) -> list[Row]:
                f"train.log_every={max(1, steps // 6)}", f"hydra.run.dir={run_dir}"]
     log_line(f"bench: vrmoe {' '.join(command[1:])}")
     subprocess.run(command, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-              if line.strip()]
+    summary = read_summary(run_dir)
+    if summary is None:
+        raise SystemExit(f"{run_dir}: the training run left no readable summary.json")
+    logged, _ = read_metrics(run_dir)
     intervals = [row["tokens_per_s"] for row in logged if "tokens_per_s" in row][1:]
     section = f"vrmoe train logger=none train.max_steps={steps} (model=small, router=topk, batch 32x128)"
     rows = [Row(section, "whole run (summary.json)", note=f"{summary['tokens_per_s']:,.0f} tokens/s over "

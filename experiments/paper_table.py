@@ -40,11 +40,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from vrmoe.eval import schema
+from vrmoe.tracking import EVAL_FILE, read_json
+
 SCORES = ("predictive_entropy", "mutual_information", "gate_entropy", "own")
 SCORE_LABELS = {"predictive_entropy": "PE", "mutual_information": "MI", "gate_entropy": "GE",
                 "own": "LV/T"}  # own: the router's uncertainty (logit variance, or VTSR's temperature)
 OWN_SCORES = ("logit_variance", "temperature")
-STABILITY_GAMMA = 0.01
+STABILITY_GAMMA = schema.JACCARD_GAMMA
 # One entry per invocation with the same --out (a resumed experiment has several).
 INVOCATIONS_FILE = "invocations.json"
 
@@ -145,7 +148,9 @@ def run_job(job: Job) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(job.threads)
-    from vrmoe.cli import compose_config
+    from vrmoe.compose import compose_config
+    from vrmoe.eval.context import check_eval_inputs
+    from vrmoe.eval.run import evaluate_run
     from vrmoe.train import train
 
     path = Path(job.run_dir)
@@ -153,7 +158,9 @@ def run_job(job: Job) -> dict[str, Any]:
     Path(job.log).parent.mkdir(parents=True, exist_ok=True)
     with open(job.log, "w", encoding="utf-8") as log, contextlib.redirect_stderr(log), contextlib.redirect_stdout(log):
         app = compose_config(job.overrides)
+        check_eval_inputs(app)  # a bad eval setting fails now, not after the training
         summary = train(app, path)
+        evaluate_run(path, app)  # the training loop does not evaluate; eval.json is written here
     return {"label": job.label, "stage": job.stage, "seed": job.seed, "run_dir": job.run_dir,
             "train_wall_s": summary["wall_time_s"], "job_wall_s": time.perf_counter() - started}
 
@@ -181,25 +188,36 @@ def run_stage(jobs: list[Job], workers: int) -> list[dict[str, Any]]:
 # Aggregation
 # ---------------------------------------------------------------------------
 
-def _own_score(block: dict[str, float]) -> float | None:
-    return next((block[s] for s in OWN_SCORES if s in block), None)
+def own_score_auroc(result: dict[str, Any], ood_set: str) -> float | None:
+    """The AUROC of the router's own uncertainty score, whichever of OWN_SCORES it offers."""
+    return next((value for s in OWN_SCORES if (value := schema.auroc(result, ood_set, s)) is not None), None)
+
+
+def jaccard_near(result: dict[str, Any], gamma: float, key: str = "jaccard") -> float | None:
+    """Mean-over-layers Jaccard at the evaluated noise scale closest to ``gamma``."""
+    gammas, curves = schema.jaccard_curve(result, key)
+    mean = curves.get("mean")
+    if not gammas or not isinstance(mean, list):
+        return None
+    at = min(range(len(gammas)), key=lambda i: abs(gammas[i] - gamma))
+    return schema.number(mean[at]) if at < len(mean) else None
 
 
 def row_numbers(result: dict[str, Any], regime: str) -> dict[str, float | None]:
     """The table's numbers of one evaluated run: regime "mcq" (hard) or "next_token" (easy)."""
-    cal = result["calibration"][regime]
-    numbers: dict[str, float | None] = {"acc": cal["accuracy"], "nll": cal["nll"], "ece": cal["ece_10"],
-                                        "ece_15": cal["ece_15"], "mce": cal["mce"]}
+    numbers: dict[str, float | None] = {
+        name: schema.calibration_number(result, regime, key)
+        for name, key in (("acc", "accuracy"), ("nll", "nll"), ("ece", "ece_10"), ("ece_15", "ece_15"),
+                          ("mce", "mce"))}
     for ood_set in ("near", "far"):
-        auroc = result["ood"][ood_set]["auroc"]
         for score in SCORES:
-            numbers[f"auroc_{ood_set}_{score}"] = _own_score(auroc) if score == "own" else auroc.get(score)
-    stab = result["stability"]
-    at = min(range(len(stab["gammas"])), key=lambda i: abs(stab["gammas"][i] - STABILITY_GAMMA))
-    numbers["jaccard"] = stab["jaccard"]["mean"][at]
-    numbers["jaccard_fresh"] = stab.get("jaccard_unmatched", stab["jaccard"])["mean"][at]
-    numbers["flops_overhead"] = result["cost"]["router_overhead_vs_topk"]
-    numbers["router_share"] = result["cost"]["router_share"]
+            numbers[f"auroc_{ood_set}_{score}"] = (own_score_auroc(result, ood_set) if score == "own"
+                                                   else schema.auroc(result, ood_set, score))
+    numbers["jaccard"] = jaccard_near(result, STABILITY_GAMMA)
+    fresh = jaccard_near(result, STABILITY_GAMMA, "jaccard_unmatched")
+    numbers["jaccard_fresh"] = numbers["jaccard"] if fresh is None else fresh
+    numbers["flops_overhead"] = schema.cost_number(result, "router_overhead_vs_topk")
+    numbers["router_share"] = schema.cost_number(result, "router_share")
     return numbers
 
 
@@ -249,26 +267,31 @@ def write_plots(out: Path, results: dict[tuple[str, str, int], dict[str, Any]], 
     from vrmoe import plots
 
     curves: dict[str, list[float]] = {}
-    gammas: list[float] = []
+    gammas_kept: list[float] = []
     for stage, label in hard_keys:
         runs = [r for (st, lb, _), r in sorted(results.items()) if st == stage and lb == label]
         if not runs:
             continue
-        gammas = runs[0]["stability"]["gammas"]
+        gammas, _ = schema.jaccard_curve(runs[0])
         keep = [i for i, g in enumerate(gammas) if g > 0]
-        curves[label] = [statistics.fmean(r["stability"]["jaccard"]["mean"][i] for r in runs) for i in keep]
-        gammas_kept = [gammas[i] for i in keep]
+        jaccard_means = [curve["mean"] for r in runs if "mean" in (curve := schema.jaccard_curve(r)[1])]
+        if jaccard_means:
+            curves[label] = [statistics.fmean(mean[i] for mean in jaccard_means) for i in keep]
+            gammas_kept = [gammas[i] for i in keep]
         # Reliability bins pooled over seeds: counts add, bin means weighted by counts.
-        bins = [r["calibration"]["mcq"]["reliability"] for r in runs]
-        n_bins = len(bins[0]["bin_count"])
-        count = [sum(b["bin_count"][i] for b in bins) for i in range(n_bins)]
+        per_run = [bins for r in runs if (bins := schema.reliability_bins(r, "mcq")) is not None]
+        if not per_run:
+            continue
+        confidences, accuracies, counts = zip(*per_run)
+        n_bins = len(counts[0])
+        count = [sum(n[i] for n in counts) for i in range(n_bins)]
 
-        def pooled(key: str, i: int) -> float:
-            total = sum(b["bin_count"][i] * b[key][i] for b in bins if b["bin_count"][i])
+        def pooled(means: tuple[list[float | None], ...], i: int) -> float:
+            total = sum(n[i] * m[i] for m, n in zip(means, counts) if n[i])
             return total / count[i] if count[i] else float("nan")
 
-        plots.reliability_diagram([pooled("bin_confidence", i) for i in range(n_bins)],
-                                  [pooled("bin_accuracy", i) for i in range(n_bins)], count,
+        plots.reliability_diagram([pooled(confidences, i) for i in range(n_bins)],
+                                  [pooled(accuracies, i) for i in range(n_bins)], count,
                                   out / f"reliability_{slug(label)}.png", f"MCQ: {label}")
     if curves:
         plots.jaccard_plot(gammas_kept, curves, out / "jaccard_vs_gamma.png",
@@ -313,10 +336,10 @@ def main(argv: list[str] | None = None) -> int:
             for method in (m for m in all_methods if m.stage == stage):
                 for seed in seeds:
                     path = run_dir(out, method, seed)
-                    if (path / "eval.json").exists():
+                    if (path / EVAL_FILE).exists():
                         continue  # finished by an earlier invocation with this --out
                     overrides = [*size.model, *(getattr(size, stage)), *method.router, *size.eval,
-                                 f"seed={seed}", "logger=none", "eval.at_end=true"]
+                                 f"seed={seed}", "logger=none"]
                     if method.parent is not None:
                         parent = by_key[(parent_stage[stage], method.parent)]
                         overrides.append(f"train.init_from={run_dir(out, parent, seed)}")
@@ -336,8 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[tuple[str, str, int], dict[str, Any]] = {}
     for method in all_methods:
         for seed in seeds:
-            path = run_dir(out, method, seed) / "eval.json"
-            results[(method.stage, method.label, seed)] = json.loads(path.read_text())
+            path = run_dir(out, method, seed) / EVAL_FILE
+            evaluation = read_json(path)
+            if evaluation is None:
+                raise SystemExit(f"{path} is missing or unreadable; re-run with --out {out} to evaluate it again")
+            results[(method.stage, method.label, seed)] = evaluation
 
     easy_keys = [(m.stage, m.label) for m in all_methods if m.stage == "lm"]
     hard_keys = [(m.stage, m.label) for m in all_methods if m.stage != "lm"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vrmoe.cli import compose_config
+from vrmoe.compose import compose_config
 from vrmoe.config import AppConfig
 
 # Fast, deterministic CPU runs; one thread keeps two concurrent test runs from thrashing.

@@ -6,7 +6,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from vrmoe import cli
-from vrmoe.cli import check_overrides, interrupted_message, split_hydra_args
+from vrmoe.compose import check_overrides, split_hydra_args
+from vrmoe.jobs import interrupted_message
 from vrmoe.config import ConfigError
 
 from conftest import TINY, run_cli
@@ -73,7 +74,7 @@ def test_ctrl_c_in_a_subcommand_is_exit_130_without_a_traceback(monkeypatch, cap
     def interrupted(argv):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("vrmoe.report.compare_main", interrupted)
+    monkeypatch.setattr("vrmoe.report.compare.main", interrupted)
     with pytest.raises(SystemExit) as info:
         cli.main(["compare", "x"])
     assert info.value.code == 130 and "interrupted" in capsys.readouterr().err

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from vrmoe.config import ConfigError, DataConfig
-from vrmoe.data import (ByteTokenizer, eval_batches, hf_documents, load_corpus, looks_binary, split_documents,
-                        text_documents, train_batch)
+from vrmoe.data import ByteTokenizer, eval_batches, load_corpus, train_batch
+from vrmoe.data.corpora import hf_documents, looks_binary, split_documents, text_documents
 
 
 def test_tokenizer_round_trips_unicode():

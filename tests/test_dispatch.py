@@ -7,7 +7,7 @@ import torch
 import torch._inductor.config
 
 from vrmoe.bench import build_model, compose_config, graph_breaks, random_tokens
-from vrmoe.config import RouterConfig
+from vrmoe.model.routers import router_config
 from vrmoe.model.moe import Experts, build_moe, dispatch, expert_counts, reference_moe, sort_slots
 from vrmoe.model.routers import Routing
 
@@ -64,7 +64,7 @@ def test_loop_dispatch_with_frozen_experts_and_input_still_trains_the_gates():
 def test_moe_layer_matches_reference_through_its_router(router):
     """The router's own parameters get the same gradient through the fast dispatch (fp32)."""
     torch.manual_seed(0)
-    layer = build_moe(D_MODEL, N_EXPERTS, HIDDEN, RouterConfig(name=router, k=2), "auto")
+    layer = build_moe(D_MODEL, N_EXPERTS, HIDDEN, router_config(router, k=2), "auto")
     x = torch.randn(40, D_MODEL, requires_grad=True)
     torch.manual_seed(1)  # the same router noise for both
     routing = layer.router(x)
@@ -128,7 +128,7 @@ def test_sort_slots_makes_contiguous_expert_blocks_and_inverts():
 
 
 def test_experts_run_once_per_layer_call():
-    layer = build_moe(D_MODEL, N_EXPERTS, HIDDEN, RouterConfig(name="topk", k=2), "auto")
+    layer = build_moe(D_MODEL, N_EXPERTS, HIDDEN, router_config("topk", k=2), "auto")
     layer(torch.randn(2, 5, D_MODEL))
     layer(torch.randn(2, 5, D_MODEL))
     assert layer.experts.block_calls == 2

@@ -14,9 +14,14 @@ import torch
 
 from vrmoe.cli import main as cli_main
 from vrmoe.config import PAPER_GAMMAS, ConfigError
-from vrmoe.evaluate import EVAL_FILE, evaluate_run, routing_stability, score_windows, single_sample_copy
-from vrmoe.flops import cost_summary, flops_per_token
-from vrmoe.train import build_model, train
+from vrmoe.eval.run import evaluate_run
+from vrmoe.jobs import run_job
+from vrmoe.eval.context import score_windows, single_sample_copy
+from vrmoe.eval.probes.cost import cost_summary
+from vrmoe.eval.probes.stability import routing_stability
+from vrmoe.model import build_model
+from vrmoe.tracking import EVAL_FILE
+from vrmoe.train import train
 
 from conftest import TINY, make_config, run_cli
 
@@ -151,7 +156,7 @@ def test_flops_match_a_hand_count_for_the_tiny_model():
     attention = 2 * d * 3 * d + 2 * d * d + 2 * 2 * d * (ctx + 1) / 2
     experts = k * 3 * 2 * d * f + 2 * k * d
     router = 2 * d * e + 5 * e + 2 * k
-    flops = flops_per_token(model, samples=1)
+    flops = model.flops_per_token(samples=1)
     assert flops.attention == 2 * attention and flops.experts == 2 * experts and flops.router == 2 * router
     assert flops.other == 2 * d * v and flops.total == 2 * (attention + experts + router) + 2 * d * v
 
@@ -160,11 +165,11 @@ def test_flops_match_a_hand_count_for_the_tiny_model():
     var = build_model(make_config(*TINY, "router=variational", "S=4"))
     head = (2 * d * 8 + 8) + (2 * 8 * e + e)
     var_router = 2 * d * e + 2 * head + e + 4 * (2 * e + 5 * e + e) + 2 * k
-    assert flops_per_token(var, samples=4).router == 2 * var_router
+    assert var.flops_per_token(samples=4).router == 2 * var_router
     cost = cost_summary(var, samples=4)
     assert cost["router_overhead_vs_topk"] == pytest.approx(2 * (var_router - router) / flops.total)
     # S multiplies router work only.
-    assert flops_per_token(var, samples=8).experts == flops.experts
+    assert var.flops_per_token(samples=8).experts == flops.experts
 
 
 @pytest.mark.parametrize("router, own_score", [("variational", "logit_variance"), ("vtsr", "temperature")])
@@ -178,13 +183,13 @@ def test_router_uncertainty_becomes_a_named_ood_score(tmp_path, corpus_cache, ro
 
 
 def test_eval_at_end_of_training(tmp_path, corpus_cache):
-    train(make_config(*TINY, "train.max_steps=2", "eval.at_end=true", *SMALL_EVAL), tmp_path)
+    run_job(make_config(*TINY, "train.max_steps=2", "eval.at_end=true", *SMALL_EVAL), tmp_path)
     assert json.loads((tmp_path / EVAL_FILE).read_text())["step"] == 2
 
 
 def test_a_dense_model_evaluates_without_routing_scores(tmp_path, corpus_cache):
-    result = train(make_config(*TINY, "model.moe_every=0", "train.max_steps=2", "eval.at_end=true", *SMALL_EVAL),
-                   tmp_path) and json.loads((tmp_path / EVAL_FILE).read_text())
+    run_job(make_config(*TINY, "model.moe_every=0", "train.max_steps=2", "eval.at_end=true", *SMALL_EVAL), tmp_path)
+    result = json.loads((tmp_path / EVAL_FILE).read_text())
     assert "gate_entropy" not in result["ood"]["far"]["auroc"]
     assert result["stability"]["jaccard"]["mean"] == [None] * len(result["stability"]["gammas"])
     assert math.isfinite(result["calibration"]["next_token"]["ece_10"])
@@ -192,8 +197,8 @@ def test_a_dense_model_evaluates_without_routing_scores(tmp_path, corpus_cache):
 
 def test_eval_at_end_refuses_a_missing_ood_file_before_training(tmp_path, corpus_cache):
     with pytest.raises(ConfigError, match="eval.ood_text"):
-        train(make_config(*TINY, "train.max_steps=2", "eval.at_end=true", f"eval.ood_text=[{tmp_path}/nope.txt]"),
-              tmp_path / "run")
+        run_job(make_config(*TINY, "train.max_steps=2", "eval.at_end=true", f"eval.ood_text=[{tmp_path}/nope.txt]"),
+                tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 

@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from vrmoe.config import ConfigError
-from vrmoe.mcq import (BLANK, N_OPTIONS, WORD, MCQTask, build_items, encode_items, items_from_text, make_batch,
-                       option_scores, sentences, shuffle_words_within_sentences)
+from vrmoe.data.mcq import (BLANK, N_OPTIONS, WORD, build_items, encode_items, items_from_text, make_batch,
+                            option_scores, sentences, shuffle_words_within_sentences)
+from vrmoe.tasks.mcq import MCQTask
 from vrmoe.data import load_corpus
-from vrmoe.train import build_model, train
+from vrmoe.model import build_model
+from vrmoe.train import train
 
 from conftest import TINY, make_config
 

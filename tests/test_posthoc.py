@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from vrmoe.config import ConfigError
-from vrmoe.train import build_model, load_checkpoint, train
+from vrmoe.checkpoint import load_checkpoint
+from vrmoe.model import build_model
+from vrmoe.train import train
 
 from conftest import TINY, make_config
 

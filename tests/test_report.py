@@ -21,7 +21,8 @@ import pytest
 
 from vrmoe import plots
 from vrmoe.config import ConfigError
-from vrmoe.report import compare, render, write_dashboard
+from vrmoe.report.compare import compare, render
+from vrmoe.report.dashboard import write_dashboard
 
 from conftest import TINY, make_config, run_cli
 

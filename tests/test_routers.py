@@ -4,6 +4,8 @@ training end to end through the CLI."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 
@@ -11,10 +13,13 @@ import pytest
 import torch
 from torch.distributions import MultivariateNormal, Normal, kl_divergence
 
-import vrmoe.train as train_module
-from vrmoe.config import RouterConfig
-from vrmoe.model.routers import TopKRouter, VariationalRouter, build_router, renormalised_topk
-from vrmoe.train import build_model, load_checkpoint, train
+import vrmoe.checkpoint as checkpoint_module
+from vrmoe.model.routers import ROUTERS, build_router, renormalised_topk, router_config
+from vrmoe.model.routers.topk import TopKRouter
+from vrmoe.model.routers.variational import VariationalRouter
+from vrmoe.checkpoint import load_checkpoint
+from vrmoe.model import build_model
+from vrmoe.train import train
 
 from conftest import TINY, make_config, run_cli
 
@@ -22,8 +27,10 @@ D_MODEL, N_EXPERTS = 16, 6
 
 
 def make_router(name: str, **fields) -> torch.nn.Module:
+    """A router with the given keys, those it does not have left out (tests pass one set to all)."""
+    own = {f.name for f in dataclasses.fields(ROUTERS[name].Config)}
     torch.manual_seed(0)
-    return build_router(D_MODEL, N_EXPERTS, RouterConfig(name=name, **fields))
+    return build_router(D_MODEL, N_EXPERTS, router_config(name, **{k: v for k, v in fields.items() if k in own}))
 
 
 def tokens(n: int = 12) -> torch.Tensor:
@@ -251,16 +258,16 @@ def test_router_layers_gives_the_router_to_the_last_N_moe_layers(layers, expecte
 def test_variational_resume_replays_the_same_routing_noise(tmp_path, monkeypatch):
     args = (*TINY, "router=variational", "S=2", "train.max_steps=4", "train.ckpt_every=2")
     train(make_config(*args), tmp_path / "full")
-    original = train_module.save_checkpoint
+    original = checkpoint_module.save_checkpoint
 
     def save_then_die(path, state):
         original(path, state)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpoint_module, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train(make_config(*args), tmp_path / "part")
-    monkeypatch.setattr(train_module, "save_checkpoint", original)
+    monkeypatch.setattr(checkpoint_module, "save_checkpoint", original)
     assert load_checkpoint(tmp_path / "part", "train.resume")["step"] == 2
     train(make_config(*args, f"train.resume={tmp_path / 'part'}"), tmp_path / "part")
 
@@ -330,7 +337,7 @@ def test_bad_router_input_is_exit_code_2_and_one_line_naming_the_key(tmp_path, a
 @pytest.mark.parametrize("n_experts, k", [(1, 1), (4, 4)])
 @pytest.mark.parametrize("training", [True, False])
 def test_edge_shapes_one_expert_k_equals_e_one_token_and_bf16(name, fields, n_experts, k, training):
-    router = build_router(8, n_experts, RouterConfig(name=name, k=k, samples=3, z_loss_weight=1e-3, **fields))
+    router = build_router(8, n_experts, router_config(name, k=k, samples=3, z_loss_weight=1e-3, **fields))
     router.train(training)
     for n_tokens in (1, 5):
         u_TD = torch.randn(n_tokens, 8, requires_grad=True)

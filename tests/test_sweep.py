@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vrmoe.cli import _record_failed_job, sweep_group, sweep_run_name
+from vrmoe.jobs import record_failed_job, sweep_group, sweep_run_name
 
 from conftest import TINY, run_cli
 
@@ -118,12 +118,12 @@ def test_a_failed_job_keeps_what_training_recorded(tmp_path):
     run_dir = tmp_path / "job"
     run_dir.mkdir()
     (run_dir / "summary.json").write_text(json.dumps({"status": "failed", "step": 3, "overrides": ["K=1"]}))
-    _record_failed_job(run_dir, ["K=1"], "RuntimeError: boom", 0, traceback="Traceback ...\nRuntimeError: boom")
+    record_failed_job(run_dir, ["K=1"], "RuntimeError: boom", 0, traceback="Traceback ...\nRuntimeError: boom")
     s = summary(run_dir)
     assert s["status"] == "failed" and s["step"] == 3 and s["error"] == "RuntimeError: boom"
     assert s["traceback"].endswith("boom")
     # A job that failed before training started has only the failure to record.
-    _record_failed_job(tmp_path / "early", ["K=2"], "ValueError: early", 1)
+    record_failed_job(tmp_path / "early", ["K=2"], "ValueError: early", 1)
     assert summary(tmp_path / "early") == {"overrides": ["K=2"], "status": "failed", "error": "ValueError: early"}
 
 

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from vrmoe.train import build_model, load_checkpoint, lr_at, train
+from vrmoe.checkpoint import load_checkpoint
+from vrmoe.model import build_model
+from vrmoe.train import lr_at, train
 
 from conftest import TINY, make_config, only_run_dir, run_cli
 
@@ -71,7 +73,7 @@ def test_resume_continues_from_the_saved_step_and_optimizer_state(tmp_path):
     # Interrupted after step 3 (simulated: a 3-step run of the same schedule length is not the same
     # schedule, so train 6 steps but stop by raising once step 3's checkpoint exists).
     cfg = make_config(*TINY, "train.max_steps=6", "train.ckpt_every=3")
-    import vrmoe.train as train_module
+    import vrmoe.checkpoint as train_module
 
     original = train_module.save_checkpoint
     calls = []

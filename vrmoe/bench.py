@@ -40,18 +40,28 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .cli import compose_config
+from .compose import compose_config
 from .config import AppConfig, ConfigError
+from .device import resolve_device, synchronize
+from .model import build_model as build_backbone
+from .model.routers import ROUTERS as ROUTER_REGISTRY
+from .train.step import TrainStep, make_optimizer
 
 H100_BF16_DENSE_FLOPS = 989e12
 LAYER_TARGET = 1.10  # MoE layer step / dense floor
 ROUTER_TARGET = 1.05  # Bayesian router / Top-K training step; S = 32 / S = 1 evaluation
-# The routers whose overhead is measured, as (label, router overrides).
-ROUTERS = (("variational diag", ["router=variational", "router.covariance=diag"]),
-           ("variational full", ["router=variational", "router.covariance=full"]),
-           ("vtsr", ["router=vtsr"]),
-           ("mc_dropout", ["router=mc_dropout"]))
-SAMPLED_ROUTERS = ("variational diag", "variational full", "mc_dropout", "vtsr")
+
+
+def router_variants() -> list[tuple[str, list[str]]]:
+    """The routers whose overhead is measured, as (label, router overrides): every registered router
+    but Top-K (the baseline), in the configurations its class names (``Router.bench_variants``)."""
+    variants = []
+    for name, cls in ROUTER_REGISTRY.items():
+        if name != "topk":
+            for label, extra in (cls.bench_variants or {name: []}).items():
+                variants.append((label, [f"router={name}", *extra]))
+    return variants
+
 GPU_SHAPES = ((16384, 256, 512, 8, 2), (16384, 1024, 2048, 8, 2), (16384, 2048, 1408, 64, 6))
 
 
@@ -101,11 +111,6 @@ class Row:
 # ---------------------------------------------------------------------------
 # Measuring
 # ---------------------------------------------------------------------------
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def interleaved_times(contenders: dict[str, Callable[[], Any]], repeats: int, warmup: int,
                       device: torch.device) -> dict[str, list[float]]:
@@ -271,25 +276,16 @@ class _PeerInput(torch.nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
 
-def train_step(model, optimizer, idx: torch.Tensor, device: torch.device, forward=None) -> Callable[[], None]:
-    """One training step as ``vrmoe train`` takes it: forward, task + router loss, backward, AdamW."""
+def train_step(app: AppConfig, model, idx: torch.Tensor, device: torch.device, forward=None) -> Callable[[], None]:
+    """One training step exactly as ``vrmoe train`` takes it (the loop's :class:`TrainStep`):
+    forward, task + router loss, backward, clipping, AdamW."""
     forward = model if forward is None else forward
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast_for(device):
-            out = forward(idx, idx)
-        (out.loss + out.aux_loss).backward()
-        optimizer.step()
-
-    return step
+    step = TrainStep(model, make_optimizer(model, app.train.lr, app.train.weight_decay), app.train, device)
+    return lambda: step(0, lambda: forward(idx, idx))
 
 
-def build_model(app: AppConfig, device: torch.device, seed: int = 0):
-    from .model import MoETransformer
-
-    torch.manual_seed(seed)
-    return MoETransformer(app.model, app.router).to(device)
+def build_model(app: AppConfig, device: torch.device):
+    return build_backbone(app).to(device)
 
 
 def random_tokens(app: AppConfig, batch_size: int, device: torch.device) -> torch.Tensor:
@@ -305,7 +301,7 @@ def moe_layer_rows(tokens: int, d_model: int, hidden: int, n_experts: int, k: in
                    device: torch.device, title: str = "MoE layer fwd+bwd") -> list[Row]:
     """MoE layer forward + backward against the dense floor and the Mixtral peer."""
     from .model.moe import build_moe
-    from .model.transformer import SwiGLU
+    from .model.native import SwiGLU
 
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
     section = f"{title}: T={tokens} D={d_model} F={hidden} E={n_experts} K={k}, {precision}"
@@ -348,11 +344,11 @@ def router_layer_rows(sizes: Sizes, device: torch.device) -> list[Row]:
         return build_moe(sizes.d_model, sizes.n_experts, sizes.hidden, router_config(overrides, sizes.k),
                          "auto").to(device)
 
-    layers = {"topk": layer(["router=topk"]), **{label: layer(o) for label, o in ROUTERS}}
+    layers = {"topk": layer(["router=topk"]), **{label: layer(o) for label, o in router_variants()}}
     train = interleaved_times({name: layer_train_step(m, x_TD, device) for name, m in layers.items()},
                               sizes.repeats, sizes.warmup, device)
     evals = {}
-    for label in SAMPLED_ROUTERS:
+    for label, _ in router_variants():
         for samples in (1, sizes.samples):
             evals[f"{label} S={samples}"] = layer_eval_step(with_samples(layers[label], samples), x_TD, device)
     evaluation = interleaved_times(evals, sizes.repeats, sizes.warmup, device)
@@ -362,22 +358,21 @@ def router_layer_rows(sizes: Sizes, device: torch.device) -> list[Row]:
 def router_model_rows(sizes: Sizes, device: torch.device) -> list[Row]:
     """Each router's whole-model training step (and the step's throughput), and S-sample
     evaluation of the whole model."""
-    from .train import make_optimizer
-
-    base = compose_config([f"model={sizes.model}", f"K={sizes.k}"])
+    precision = ["train.precision=bf16"] if device.type == "cuda" else []
+    base = compose_config([f"model={sizes.model}", f"K={sizes.k}", *precision])
     section = (f"Router overhead, whole model: model={sizes.model}, batch {base.train.batch_size}x"
                f"{base.model.seq_len}, train step = fwd+bwd+AdamW")
     idx = random_tokens(base, base.train.batch_size, device)
-    models = {"topk": build_model(base, device)}
-    for label, overrides in ROUTERS:
-        models[label] = build_model(compose_config([f"model={sizes.model}", f"K={sizes.k}", *overrides]), device)
+    apps = {"topk": base, **{label: compose_config([f"model={sizes.model}", f"K={sizes.k}", *precision, *overrides])
+                             for label, overrides in router_variants()}}
+    models = {name: build_model(app, device) for name, app in apps.items()}
     steps = {}
     for name, model in models.items():
         model.train()
-        steps[name] = train_step(model, make_optimizer(model, base.train.lr, base.train.weight_decay), idx, device)
+        steps[name] = train_step(apps[name], model, idx, device)
     train = interleaved_times(steps, sizes.repeats, sizes.warmup, device)
     evals = {}
-    for label in SAMPLED_ROUTERS:
+    for label, _ in router_variants():
         for samples in (1, sizes.samples):
             evals[f"{label} S={samples}"] = layer_eval_step(with_samples(models[label], samples), idx, device)
     evaluation = interleaved_times(evals, sizes.repeats, sizes.warmup, device)
@@ -391,12 +386,13 @@ def router_model_rows(sizes: Sizes, device: torch.device) -> list[Row]:
 def _router_rows(section: str, train: dict[str, list[float]], evaluation: dict[str, list[float]],
                  samples: int) -> list[Row]:
     rows = [Row(section, "train step: topk", 1e3 * statistics.median(train["topk"]), 1.0, note="the baseline")]
-    for label, _ in ROUTERS:
+    for label, _ in router_variants():
         rows.append(Row(section, f"train step: {label} / topk", 1e3 * statistics.median(train[label]),
                         paired_ratio(train, label, "topk"), ROUTER_TARGET))
-    for label in SAMPLED_ROUTERS:
+    for label, overrides in router_variants():
         many, one = f"{label} S={samples}", f"{label} S=1"
-        note = "one deterministic pass at evaluation: S is unused" if label == "vtsr" else ""
+        router = overrides[0].split("=", 1)[1]
+        note = "" if ROUTER_REGISTRY[router].Config().samples_at_eval() else "S is unused at evaluation"
         rows.append(Row(section, f"eval: {label} S={samples} / S=1", 1e3 * statistics.median(evaluation[many]),
                         paired_ratio(evaluation, many, one), ROUTER_TARGET, note=note))
     return rows
@@ -432,16 +428,14 @@ def model_throughput(app: AppConfig, batch_size: int, steps: int, device: torch.
                      compiled: bool = True) -> dict[str, float]:
     """Tokens/s and model FLOP/s of ``steps`` training steps (bf16 autocast on CUDA, optionally
     compiled), timed after three warm-up steps (which include the compilation). Model FLOPs
-    per token are three forward passes' (forward + backward), counted by :mod:`vrmoe.flops`:
-    matmuls with K of E experts, causal attention at its mean context, the routers in full."""
-    from .flops import flops_per_token
-    from .train import make_optimizer
-
+    per token are three forward passes' (forward + backward), counted by the backbone
+    (``flops_per_token``): matmuls with K of E experts, causal attention at its mean context,
+    the routers in full."""
     model = build_model(app, device)
     model.train()
     idx = random_tokens(app, batch_size, device)
     forward = torch.compile(model) if compiled else model
-    step = train_step(model, make_optimizer(model, app.train.lr, app.train.weight_decay), idx, device, forward)
+    step = train_step(app, model, idx, device, forward)
     for _ in range(3):
         step()
     synchronize(device)
@@ -451,7 +445,7 @@ def model_throughput(app: AppConfig, batch_size: int, steps: int, device: torch.
     synchronize(device)
     elapsed = time.perf_counter() - start
     tokens_per_s = steps * idx.numel() / elapsed
-    train_flops_per_token = 3 * flops_per_token(model, samples=1).total
+    train_flops_per_token = 3 * model.flops_per_token(samples=1).total
     return {"tokens_per_s": tokens_per_s, "flops_per_s": tokens_per_s * train_flops_per_token,
             "step_ms": 1e3 * elapsed / steps}
 
@@ -593,7 +587,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     from .console import log_line
-    from .train import resolve_device
 
     if args.repeats is not None and args.repeats < 1:
         raise ConfigError(f"--repeats {args.repeats}: must be at least 1")

@@ -1,19 +1,19 @@
 """Typed configuration schemas and validation.
 
-Hydra composes plain YAML from ``vrmoe/conf``; :func:`load_config` then resolves
-the interpolations (``${K}``, ``${S}``, ...) and merges every section into the
-dataclass schemas below, so a value of the wrong type or an unknown key is
-refused. Range checks follow, each raising :class:`ConfigError` with one line
-that names the key, what was given and what is allowed.
+Hydra composes YAML from ``vrmoe/conf`` over these schemas; ``vrmoe.compose``
+resolves the interpolations (``${K}``, ``${S}``, ...) and merges every section
+into them (the router section into the chosen router's own dataclass), so a
+value of the wrong type or an unknown key is refused. Range checks follow, each
+raising :class:`ConfigError` with one line that names the key, what was given
+and what is allowed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 
 class ConfigError(ValueError):
@@ -23,6 +23,8 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name: str = "small"
+    # Which implementation builds the model (vrmoe.model.BACKBONES); the rest describes its shape.
+    backbone: str = "native"
     vocab_size: int = 256
     seq_len: int = 128
     d_model: int = 128
@@ -40,31 +42,39 @@ class ModelConfig:
 
 @dataclass
 class RouterConfig:
+    """The keys every router shares. Each router extends this with its own keys and checks
+    (``Router.Config`` in ``vrmoe/model/routers/``); the composed config holds the chosen
+    router's dataclass."""
+
     name: str = "topk"
     k: int = 2
     # S: Monte-Carlo routing samples averaged (before Top-K) at evaluation.
     samples: int = 1
-    # T: fixed sampling temperature (router=temperature).
-    temperature: float = 1.0
-    # beta: weight of the KL term (router=variational).
-    beta: float = 0.01
     load_balance_weight: float = 0.01
     z_loss_weight: float = 0.0
     # Which MoE layers get this router: "all", or N for the last N MoE layers
     # (the others keep deterministic Top-K).
     layers: str = "all"
-    # variational
-    covariance: str = "diag"
-    sigma_init: float = 0.1
-    head_hidden_ratio: float = 0.25
-    # temperature
-    eval_mode: str = "sample"
-    # vtsr
-    per_expert_temperature: bool = False
-    temperature_reg: float = 1e-3
-    min_temperature: float = 0.05
-    # mc_dropout
-    dropout: float = 0.05
+
+    def check(self, model: ModelConfig) -> None:
+        """Range checks of the shared keys; a router's own ``check`` extends this."""
+        _require(1 <= self.k <= model.n_experts,
+                 f"K={self.k} is out of range; it must be in [1, {model.n_experts}] (model.n_experts={model.n_experts})")
+        _require(self.samples >= 1, f"S={self.samples} is out of range; it must be a positive integer")
+        _require(self.load_balance_weight >= 0 and self.z_loss_weight >= 0,
+                 "router.load_balance_weight and router.z_loss_weight must be >= 0")
+        _require(self.layers == "all" or (self.layers.isdigit() and int(self.layers) >= 1),
+                 f"router.layers={self.layers!r} must be 'all' or a positive integer N (the last N MoE layers)")
+        if self.name != "topk":
+            _require(model.moe_every > 0, f"router={self.name} needs MoE layers, but model.moe_every=0 builds none")
+
+    def samples_at_eval(self) -> bool:
+        """Whether evaluation averages S routing samples, so that S changes its result and cost."""
+        return False
+
+    def shared(self) -> dict[str, Any]:
+        """The shared keys' values (what a Top-K router on the other layers takes)."""
+        return {f.name: getattr(self, f.name) for f in fields(RouterConfig) if f.name != "name"}
 
 
 @dataclass
@@ -103,6 +113,9 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "fp32"
     compile: bool = False
+    # What the job returns to a sweeper (the Optuna sweeper minimises or maximises it): val_loss, or a
+    # metric of `vrmoe eval` (ece, mcq_ece, auroc_far, ...: vrmoe.eval.schema.METRICS) with eval.at_end=true.
+    objective: str = "val_loss"
 
 
 @dataclass
@@ -167,41 +180,16 @@ class AppConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-ROUTERS = ("topk", "temperature", "vtsr", "mc_dropout", "variational")
-DATASETS = ("stdlib_docs", "python_source", "text", "hf")
-TASKS = ("lm", "mcq")
-MAX_FULL_COVARIANCE_EXPERTS = 64
-
-
-def _one_line(exc: OmegaConfBaseException) -> str:
-    msg = str(exc).strip().splitlines()[0]
-    key = getattr(exc, "full_key", None)
-    return f"{key}: {msg}" if key and key not in msg else msg
-
-
-def load_config(cfg: DictConfig | dict[str, Any]) -> AppConfig:
-    """Resolve a composed config and return the validated, typed :class:`AppConfig`."""
-    try:
-        raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-        raw = {k: v for k, v in raw.items() if k not in ("hydra", "experiment")}
-        typed = OmegaConf.merge(OmegaConf.structured(AppConfig), raw)
-        app: AppConfig = OmegaConf.to_object(typed)  # type: ignore[assignment]
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"invalid config: {_one_line(exc)}") from None
-    validate(app)
-    return app
-
-
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
 
 
 def validate(c: AppConfig) -> None:
-    """Range checks; each failure names the key and what is allowed."""
-    m, r, t, d = c.model, c.router, c.train, c.data
-    _require(r.name in ROUTERS, f"router={r.name!r} is unknown; choose one of {', '.join(ROUTERS)}")
-    _require(d.name in DATASETS, f"data={d.name!r} is unknown; choose one of {', '.join(DATASETS)}")
+    """Range checks; each failure names the key and what is allowed. The router checks its own
+    keys; the names of routers, corpora and tasks are checked against their registries where
+    the config is loaded (``vrmoe.compose``)."""
+    m, t, d = c.model, c.train, c.data
     for key, value in (("model.d_model", m.d_model), ("model.n_layers", m.n_layers),
                        ("model.n_heads", m.n_heads), ("model.seq_len", m.seq_len),
                        ("model.n_experts", m.n_experts), ("model.expert_hidden", m.expert_hidden)):
@@ -211,30 +199,9 @@ def validate(c: AppConfig) -> None:
     _require(m.moe_every >= 0, f"model.moe_every={m.moe_every} must be >= 0 (0 = no MoE layers)")
     _require(m.dispatch in ("auto", "loop", "grouped_mm"),
              f"model.dispatch={m.dispatch!r} must be one of auto, loop, grouped_mm")
-    _require(1 <= r.k <= m.n_experts,
-             f"K={r.k} is out of range; it must be in [1, {m.n_experts}] (model.n_experts={m.n_experts})")
-    _require(r.samples >= 1, f"S={r.samples} is out of range; it must be a positive integer")
-    _require(r.temperature > 0, f"T={r.temperature} is out of range; it must be > 0")
-    _require(r.beta >= 0, f"beta={r.beta} is out of range; it must be >= 0")
-    _require(r.load_balance_weight >= 0 and r.z_loss_weight >= 0,
-             "router.load_balance_weight and router.z_loss_weight must be >= 0")
-    _require(r.covariance in ("diag", "full"),
-             f"router.covariance={r.covariance!r} must be diag or full")
-    _require(not (r.name == "variational" and r.covariance == "full"
-                  and m.n_experts > MAX_FULL_COVARIANCE_EXPERTS),
-             f"router.covariance=full needs model.n_experts <= {MAX_FULL_COVARIANCE_EXPERTS} "
-             f"(got {m.n_experts}); use router.covariance=diag")
-    _require(r.sigma_init > 0, f"router.sigma_init={r.sigma_init} must be > 0")
-    _require(r.head_hidden_ratio > 0,
-             f"router.head_hidden_ratio={r.head_hidden_ratio} must be > 0 (heads are D -> D*ratio -> outputs)")
-    _require(r.eval_mode in ("sample", "topk"), f"router.eval_mode={r.eval_mode!r} must be sample or topk")
-    _require(0 <= r.dropout < 1, f"router.dropout={r.dropout} must be in [0, 1)")
-    _require(r.min_temperature > 0, f"router.min_temperature={r.min_temperature} must be > 0")
-    _require(r.temperature_reg >= 0, f"router.temperature_reg={r.temperature_reg} must be >= 0")
-    _require(r.layers == "all" or (r.layers.isdigit() and int(r.layers) >= 1),
-             f"router.layers={r.layers!r} must be 'all' or a positive integer N (the last N MoE layers)")
-    if r.name != "topk":
-        _require(m.moe_every > 0, f"router={r.name} needs MoE layers, but model.moe_every=0 builds none")
+    _require(c.T > 0, f"T={c.T} is out of range; it must be > 0")
+    _require(c.beta >= 0, f"beta={c.beta} is out of range; it must be >= 0")
+    c.router.check(m)
     _require(t.max_steps >= 1, f"train.max_steps={t.max_steps} must be a positive integer")
     _require(t.batch_size >= 1, f"train.batch_size={t.batch_size} must be a positive integer")
     _require(t.lr > 0, f"train.lr={t.lr} must be > 0")
@@ -254,7 +221,6 @@ def validate(c: AppConfig) -> None:
     _require(d.name != "text" or bool(d.path), "data=text needs data.path=<file or directory>")
     _require(d.name != "hf" or bool(d.hf_name),
              "data=hf needs data.hf_name=<dataset name or save_to_disk directory>")
-    _require(c.task.name in TASKS, f"task={c.task.name!r} is unknown; choose one of {', '.join(TASKS)}")
     for key, value in (("task.train_items", c.task.train_items), ("task.val_items", c.task.val_items),
                        ("eval.windows", c.eval.windows), ("eval.mcq_items", c.eval.mcq_items),
                        ("eval.batch_size", c.eval.batch_size), ("eval.stability_windows", c.eval.stability_windows)):
@@ -271,7 +237,3 @@ def validate(c: AppConfig) -> None:
 def to_dict(app: AppConfig) -> dict[str, Any]:
     """Plain-dict form for records (summary.json, checkpoints, W&B)."""
     return OmegaConf.to_container(OmegaConf.structured(app))  # type: ignore[return-value]
-
-
-def from_dict(raw: dict[str, Any]) -> AppConfig:
-    return load_config(raw)

@@ -54,13 +54,18 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def read_summary(run_dir: Path) -> dict[str, Any] | None:
-    """A run's summary.json, or None when it is missing or unreadable (a run killed mid-write)."""
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from ``path``, or None when it is missing or unreadable (a run killed mid-write)."""
     try:
-        data = json.loads((Path(run_dir) / SUMMARY_FILE).read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """A run's summary.json, or None when it is missing or unreadable."""
+    return read_json(Path(run_dir) / SUMMARY_FILE)
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], bool]:

@@ -1,4 +1,4 @@
-"""A decoder-only transformer whose feed-forward blocks are MoE layers.
+"""The native backbone: a decoder-only transformer whose feed-forward blocks are MoE layers.
 
 Read top to bottom: rotary attention, a dense SwiGLU for non-MoE blocks, the
 block, the language model. The model returns every MoE layer's routing and
@@ -7,25 +7,15 @@ diagnostics explicitly (:class:`ModelOutput`); nothing is collected globally.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig, RouterConfig
+from .backbone import ModelOutput, PerturbEmbeddings
+from .flops import FlopsBreakdown, attention_flops, swiglu_flops
 from .moe import MoELayer, build_moe
-from .routers import Routing
-
-
-@dataclass
-class ModelOutput:
-    logits_BLV: torch.Tensor
-    loss: torch.Tensor | None  # the task loss (next-token cross-entropy), when targets are given
-    aux_loss: torch.Tensor  # sum over MoE layers of the routers' weighted terms
-    routings: list[Routing]  # one per MoE layer, in depth order
-    layer_stats: list[dict[str, torch.Tensor]]  # one per MoE layer, detached
+from .routers import router_class
 
 
 def rotary_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +87,7 @@ def router_layer_plan(n_moe_layers: int, router_cfg: RouterConfig) -> list[Route
     """The router config of each MoE layer: ``router.layers=N`` gives the configured
     router to the last N MoE layers and deterministic Top-K to the rest."""
     n_chosen = n_moe_layers if router_cfg.layers == "all" else min(int(router_cfg.layers), n_moe_layers)
-    topk = dataclasses.replace(router_cfg, name="topk")
+    topk = router_class("topk").Config(**router_cfg.shared())
     return [router_cfg if i >= n_moe_layers - n_chosen else topk for i in range(n_moe_layers)]
 
 
@@ -126,11 +116,18 @@ class MoETransformer(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [b.moe for b in self.blocks if b.moe is not None]
 
+    @property
+    def moe_layer_names(self) -> list[str]:
+        return [f"layer{i}" for i in moe_layer_indices(self.cfg)]
+
+    def embeddings(self, idx_BL: torch.Tensor) -> torch.Tensor:
+        return self.embed(idx_BL)
+
     def forward(self, idx_BL: torch.Tensor, targets_BL: torch.Tensor | None = None,
-                embed_noise_std: float = 0.0) -> ModelOutput:
+                perturb_embeddings: PerturbEmbeddings | None = None) -> ModelOutput:
         x = self.embed(idx_BL)
-        if embed_noise_std > 0:  # routing-stability probes perturb the embedding output
-            x = x + embed_noise_std * torch.randn_like(x)
+        if perturb_embeddings is not None:  # the routing-stability probe's noise
+            x = perturb_embeddings(x)
         routings, stats = [], []
         aux = x.new_zeros((), dtype=torch.float32)
         for block in self.blocks:
@@ -152,3 +149,21 @@ class MoETransformer(nn.Module):
         k = self.moe_layers[0].router.k if self.moe_layers else 0
         inactive = expert * (1 - k / self.cfg.n_experts) if self.moe_layers else 0
         return {"total": total, "active": int(total - inactive), "experts": expert}
+
+    def flops_per_token(self, samples: int, context: int | None = None) -> FlopsBreakdown:
+        """FLOPs per token at evaluation over windows of ``context`` tokens (default seq_len), each
+        router counting itself with ``samples`` routing samples (rules in ``vrmoe.model.flops``)."""
+        cfg = self.cfg
+        context = cfg.seq_len if context is None else context
+        routers = iter(layer.router for layer in self.moe_layers)
+        attention = experts = router = other = 0.0
+        for block in self.blocks:
+            attention += attention_flops(cfg.d_model, context)
+            if block.moe is not None:
+                layer_router = next(routers)
+                experts += layer_router.k * swiglu_flops(cfg.d_model, cfg.expert_hidden) + 2 * layer_router.k * cfg.d_model
+                router += layer_router.flops_per_token(samples)
+            else:
+                other += swiglu_flops(cfg.d_model, cfg.dense_hidden)
+        other += 2 * cfg.d_model * cfg.vocab_size  # output head (tied to the embedding)
+        return FlopsBreakdown(attention, experts, router, other)

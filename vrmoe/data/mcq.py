@@ -10,7 +10,7 @@ four sentences, so only the candidate and what follows it are summed: the
 softmax over the full-sentence log-likelihoods is exactly the same.
 
 Items are deterministic: the same text, count, length and seed always give the
-same list. ``MCQTask`` is the fine-tuning task for the training loop
+same list. ``vrmoe.tasks.mcq.MCQTask`` is the fine-tuning task for the training loop
 (``vrmoe train task=mcq``): a cross-entropy over the four option scores.
 """
 
@@ -21,19 +21,16 @@ import math
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
-from .config import ConfigError
-from .data import bytes_to_text, derived_seed
+from ..config import ConfigError
+from .tokenizers import ByteTokenizer, Tokenizer
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .config import AppConfig
-    from .data import Corpus
-    from .model.transformer import ModelOutput
+    from ..config import AppConfig
 
 N_OPTIONS = 4
 BLANK = "____"
@@ -222,16 +219,17 @@ class MCQBatch:
         return self.answers_B.shape[0]
 
 
-def encode_items(items: list[MCQItem]) -> MCQTensors:
-    encoded = [[item.filled(o).encode("utf-8") for o in range(N_OPTIONS)] for item in items]
-    longest = max((len(b) for row in encoded for b in row), default=1)
+def encode_items(items: list[MCQItem], tokenizer: Tokenizer | None = None) -> MCQTensors:
+    tokenizer = tokenizer or ByteTokenizer()
+    encoded = [[tokenizer.encode(item.filled(o)) for o in range(N_OPTIONS)] for item in items]
+    longest = max((len(ids) for row in encoded for ids in row), default=1)
     tokens = torch.zeros(len(items), N_OPTIONS, longest, dtype=torch.long)
     lengths = torch.zeros(len(items), N_OPTIONS, dtype=torch.long)
     for n, row in enumerate(encoded):
-        for o, data in enumerate(row):
-            tokens[n, o, :len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
-            lengths[n, o] = len(data)
-    starts = torch.tensor([len(item.prefix.encode("utf-8")) for item in items], dtype=torch.long)
+        for o, ids in enumerate(row):
+            tokens[n, o, :len(ids)] = ids
+            lengths[n, o] = len(ids)
+    starts = torch.tensor([len(tokenizer.encode(item.prefix)) for item in items], dtype=torch.long)
     answers = torch.tensor([item.answer for item in items], dtype=torch.long)
     return MCQTensors(tokens, lengths, starts, answers)
 
@@ -262,66 +260,16 @@ def item_len(app: "AppConfig") -> int:
     return min(app.task.item_len, app.model.seq_len)
 
 
-def items_from_text(text: str, n_items: int, max_len: int, key: str, seed: int = 0) -> MCQTensors:
+def items_from_text(text: str, n_items: int, max_len: int, key: str, seed: int = 0,
+                    tokenizer: Tokenizer | None = None) -> MCQTensors:
     """Items as tensors, or a ConfigError naming ``key`` when the text yields none."""
     items = build_items(text, n_items, max_len, seed)
     if not items:
         raise ConfigError(f"{key}: the text yields no multiple-choice item (it needs sentences of at least "
                           f"{_MIN_WORDS} words and a vocabulary with words of similar length); give more text")
-    return encode_items(items)
+    return encode_items(items, tokenizer)
 
 
-# ---------------------------------------------------------------------------
-# The fine-tuning task for the training loop
-# ---------------------------------------------------------------------------
-
-class MCQTask:
-    """Cross-entropy over the four option scores of items built from the training split.
-
-    Batches walk the items epoch by epoch, in an order drawn from (seed, epoch), so a
-    resumed run sees the same batches as an uninterrupted one."""
-
-    def __init__(self, app: "AppConfig", corpus: "Corpus"):
-        max_len = item_len(app)
-        self.train_set = items_from_text(bytes_to_text(corpus.train), app.task.train_items, max_len, "task=mcq")
-        self.val_set = items_from_text(bytes_to_text(corpus.val), app.task.val_items, max_len, "task=mcq")
-        self.batch_size = app.train.batch_size
-        self.seed = app.seed
-        self.eval_batch_size = app.train.batch_size
-        self.tokens_per_step = self.batch_size * N_OPTIONS * max_len
-        self._orders: dict[int, torch.Tensor] = {}
-
-    def _order(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._orders:
-            gen = torch.Generator().manual_seed(derived_seed(self.seed, epoch))
-            self._orders = {epoch: torch.randperm(len(self.train_set), generator=gen)}
-        return self._orders[epoch]
-
-    def train_batch(self, step: int, device: torch.device) -> MCQBatch:
-        n = len(self.train_set)
-        positions = step * self.batch_size + torch.arange(self.batch_size)
-        index = torch.stack([self._order(int(p) // n)[int(p) % n] for p in positions])
-        return make_batch(self.train_set, index, device)
-
-    def forward(self, model, batch: MCQBatch) -> "ModelOutput":
-        out = model(batch.inputs_NL)
-        loss = F.cross_entropy(option_scores(out.logits_BLV, batch), batch.answers_B)
-        return replace(out, loss=loss)
-
-    @torch.no_grad()
-    def validate(self, model, device: torch.device) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        loss_sum, correct = 0.0, 0
-        for index in torch.arange(len(self.val_set)).split(self.eval_batch_size):
-            batch = make_batch(self.val_set, index, device)
-            scores = option_scores(model(batch.inputs_NL).logits_BLV, batch)
-            loss_sum += float(F.cross_entropy(scores, batch.answers_B, reduction="sum"))
-            correct += int((scores.argmax(-1) == batch.answers_B).sum())
-        model.train(was_training)
-        return {"val/loss": loss_sum / len(self.val_set), "val/accuracy": correct / len(self.val_set)}
-
-
-__all__ = ["MCQItem", "MCQTensors", "MCQBatch", "MCQTask", "N_OPTIONS", "BLANK", "sentences",
+__all__ = ["MCQItem", "MCQTensors", "MCQBatch", "N_OPTIONS", "BLANK", "sentences",
            "shuffle_words_within_sentences", "build_items", "encode_items", "make_batch", "option_scores",
            "item_len", "items_from_text"]

@@ -1,4 +1,4 @@
-"""Corpora, the byte tokenizer and batches.
+"""Corpora: the built-in ones, text files and Hugging Face datasets, split and cached.
 
 Nothing here downloads anything. The built-in corpora come from the running
 Python's own standard library:
@@ -19,14 +19,15 @@ import hashlib
 import os
 import sys
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .config import ConfigError, DataConfig
-from .tracking import atomic_write
+from ..config import ConfigError, DataConfig
+from ..tracking import atomic_write
+from .tokenizers import ByteTokenizer, Tokenizer
 
 DOC_SEPARATOR = "\n\n"
 # Part of the cache key: bump it whenever the way a built-in corpus is made changes.
@@ -34,45 +35,19 @@ CORPUS_VERSION = 1
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".json", ".csv", ".html", ".tex", ".jsonl", ""}
 
 
-def text_to_bytes(text: str) -> torch.Tensor:
-    """UTF-8 bytes of ``text`` as a uint8 tensor (how every corpus is stored)."""
-    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)
-
-
-def bytes_to_text(data: torch.Tensor) -> str:
-    """The inverse of :func:`text_to_bytes`; a window cut mid-character decodes with U+FFFD."""
-    return data.to(torch.uint8).numpy().tobytes().decode("utf-8", errors="replace")
-
-
-def derived_seed(seed: int, index: int) -> int:
-    """A seed for the ``index``-th stream (step, epoch, window) of a run seeded ``seed``:
-    deterministic, so a resumed or re-evaluated run draws exactly the same numbers."""
-    return seed * 1_000_003 + index
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens: a vocabulary of 256, nothing to download or train."""
-
-    vocab_size = 256
-
-    def encode(self, text: str) -> torch.Tensor:
-        return text_to_bytes(text).long()
-
-    def decode(self, ids: torch.Tensor | list[int]) -> str:
-        return bytes_to_text(torch.as_tensor(ids))
-
-
 @dataclass
 class Corpus:
-    """A corpus as two byte arrays, split by document so no text leaks between them."""
+    """A corpus as two arrays of token ids, split by document so no text leaks between them,
+    and the tokenizer that made them (every consumer encodes and decodes through it)."""
 
     name: str
-    train: torch.Tensor  # uint8, (N_train,)
-    val: torch.Tensor  # uint8, (N_val,)
+    train: torch.Tensor  # (N_train,) token ids (uint8 for bytes)
+    val: torch.Tensor  # (N_val,)
+    tokenizer: Tokenizer = field(default_factory=ByteTokenizer)
 
     def unigram_entropy(self) -> float:
-        """Entropy (nats) of the training bytes' frequencies: the loss of a model with no context."""
-        counts = torch.bincount(self.train.long(), minlength=256).double()
+        """Entropy (nats) of the training tokens' frequencies: the loss of a model with no context."""
+        counts = torch.bincount(self.train.long(), minlength=self.tokenizer.vocab_size).double()
         p = counts[counts > 0] / counts.sum()
         return float(-(p * p.log()).sum())
 
@@ -156,6 +131,8 @@ def python_source_documents() -> list[tuple[str, str]]:
 
 
 BUILTIN_CORPORA = {"stdlib_docs": stdlib_docs_documents, "python_source": python_source_documents}
+# Every corpus `data=<name>` can name: the built-in ones and the user's text or dataset.
+CORPORA = (*BUILTIN_CORPORA, "text", "hf")
 
 
 # ---------------------------------------------------------------------------
@@ -287,7 +264,7 @@ def load_corpus(cfg: DataConfig, min_tokens: int = 0) -> Corpus:
     elif cfg.name == "hf":
         docs = hf_documents(cfg.hf_name or "", cfg.hf_split, cfg.hf_text_field)
     else:
-        raise ConfigError(f"data={cfg.name!r} is unknown; choose one of stdlib_docs, python_source, text, hf")
+        raise ConfigError(f"data={cfg.name!r} is unknown; choose one of {', '.join(CORPORA)}")
     train_b, val_b = split_documents(docs, cfg.val_fraction)
     return _corpus(cfg.name, np.frombuffer(train_b, np.uint8), np.frombuffer(val_b, np.uint8), min_tokens)
 
@@ -298,28 +275,3 @@ def _corpus(name: str, train: np.ndarray, val: np.ndarray, min_tokens: int) -> C
             raise ConfigError(f"data={name}: the {split} split has {len(arr)} bytes, fewer than one sequence "
                               f"({min_tokens}); give more text or lower model.seq_len")
     return Corpus(name, torch.from_numpy(train.copy()), torch.from_numpy(val.copy()))
-
-
-def train_batch(data: torch.Tensor, batch_size: int, seq_len: int, seed: int, step: int,
-                device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows for one step. The generator is derived from (seed, step), so a
-    resumed run sees exactly the batches the uninterrupted run would have seen."""
-    gen = torch.Generator().manual_seed(derived_seed(seed, step))
-    starts = torch.randint(0, len(data) - seq_len - 1 + 1, (batch_size,), generator=gen)
-    return _windows(data, starts, seq_len, device)
-
-
-def eval_batches(data: torch.Tensor, batch_size: int, seq_len: int, n_batches: int,
-                 device: torch.device | str = "cpu"):
-    """Fixed, evenly spaced windows over the whole split: the same every evaluation."""
-    n_windows = max(1, min(n_batches * batch_size, (len(data) - 1) // seq_len))
-    span = len(data) - seq_len - 1
-    starts = torch.linspace(0, max(span, 0), n_windows).long()
-    for chunk in starts.split(batch_size):
-        yield _windows(data, chunk, seq_len, device)
-
-
-def _windows(data: torch.Tensor, starts: torch.Tensor, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    idx = starts[:, None] + torch.arange(seq_len + 1)[None, :]
-    chunk = data[idx].long()
-    return chunk[:, :-1].to(device, non_blocking=True), chunk[:, 1:].to(device, non_blocking=True)

@@ -1,0 +1,166 @@
+"""Checkpoints: save and load, shape checks, weights from another run (``init_from``), freezing.
+
+A checkpoint is one ``checkpoint.pt`` in the run dir, written atomically, holding the
+model and optimiser state, the step, the RNG state, the resolved config, the names of
+frozen parameters and the wall time so far. Every problem a user can cause (a missing,
+corrupt or foreign file, another model shape or router) is a one-line ConfigError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import AppConfig, ConfigError, ModelConfig, to_dict
+from .model.routers import ROUTERS
+from .tracking import CHECKPOINT_FILE, atomic_write
+
+# 2: each router keeps only its own keys; the model section names its backbone.
+CHECKPOINT_VERSION = 2
+# Model fields that change no parameter shape: a checkpoint loads across them.
+_SHAPE_FREE_FIELDS = {"name", "dropout", "dispatch", "seq_len"}
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Atomic: a run killed mid-save keeps its previous checkpoint intact."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(run_dir: str | Path, key: str) -> dict[str, Any]:
+    """Read ``<run_dir>/checkpoint.pt``; ``key`` is the config key that named the run
+    (for the error message)."""
+    path = Path(run_dir).expanduser()
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    if not path.exists():
+        raise ConfigError(f"{key}={run_dir}: no {CHECKPOINT_FILE} there; point it at a run dir that finished "
+                          "at least one checkpoint")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # pickle, zip and torch errors all mean the same to a user
+        raise ConfigError(f"{key}={run_dir}: {path.name} is corrupt or unreadable "
+                          f"({type(exc).__name__}); re-run the training that wrote it") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ConfigError(f"{key}={run_dir}: {path.name} is not a vrmoe checkpoint")
+    if int(state.get("version", 1)) < 2:
+        state["config"] = _config_from_v1(state["config"])
+    return state
+
+
+def _config_from_v1(config: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 kept every router's keys in every router section (keep the router's own) and
+    knew one backbone (the native one)."""
+    router = dict(config.get("router", {}))
+    cls = ROUTERS.get(str(router.get("name", "topk")))
+    if cls is not None:
+        own = {f.name for f in dataclasses.fields(cls.Config)}
+        router = {k: v for k, v in router.items() if k in own}
+    return {**config, "router": router, "model": {"backbone": "native", **config.get("model", {})}}
+
+
+def shape_mismatch(saved: dict[str, Any], current: ModelConfig) -> list[str]:
+    """Model fields that differ in a way that changes parameter shapes."""
+    now = to_dict(AppConfig(model=current))["model"]
+    return [f"model.{k}: {saved.get(k)} there, {now[k]} here" for k in now
+            if k not in _SHAPE_FREE_FIELDS and saved.get(k) != now[k]]
+
+
+def load_weights_from_run(model: torch.nn.Module, model_cfg: ModelConfig, run_dir: str, key: str) -> set[str]:
+    """Load another run's weights into ``model`` (``train.init_from``); return the names loaded.
+
+    Parameters the checkpoint lacks (a new router's heads) keep their fresh
+    initialisation; those the model lacks are ignored."""
+    state = load_checkpoint(run_dir, key)
+    diff = shape_mismatch(state["config"]["model"], model_cfg)
+    if diff:
+        raise ConfigError(f"{key}={run_dir} holds another model shape ({'; '.join(diff)}); "
+                          "use the same model=... as that run")
+    own = model.state_dict()
+    loadable = {k: v for k, v in state["model"].items() if k in own and own[k].shape == v.shape}
+    bad = [k for k, v in state["model"].items() if k in own and own[k].shape != v.shape]
+    if bad:
+        raise ConfigError(f"{key}={run_dir}: parameter {bad[0]} has shape {tuple(state['model'][bad[0]].shape)} "
+                          f"there, {tuple(own[bad[0]].shape)} here")
+    model.load_state_dict(loadable, strict=False)
+    return set(loadable)
+
+
+def load_weights_strict(model: torch.nn.Module, state: dict[str, Any], app: AppConfig, run: str | Path) -> None:
+    """A checkpoint's weights into a model built from ``app``: every parameter must fit."""
+    diff = shape_mismatch(state["config"]["model"], app.model)
+    if diff:
+        raise ConfigError(f"run={run}: the checkpoint holds another model shape ({'; '.join(diff)}); "
+                          "evaluate it with its own model=...")
+    try:
+        result = model.load_state_dict(state["model"], strict=False)
+    except RuntimeError as exc:
+        first = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), str(exc).splitlines()[0])
+        raise ConfigError(f"run={run}: checkpoint.pt does not fit its config ({first}); re-run the training") from None
+    if result.missing_keys or result.unexpected_keys:
+        name = (result.missing_keys or result.unexpected_keys)[0]
+        raise ConfigError(f"run={run}: checkpoint.pt does not fit router={app.router.name} "
+                          f"(parameter {name} {'missing' if result.missing_keys else 'unexpected'}); "
+                          "evaluate the run with the router it was trained with")
+
+
+def check_resumable(state: dict[str, Any], app: AppConfig) -> None:
+    """``train.resume`` continues the same run: the same model and router, and steps left to take."""
+    saved = state["config"]
+    diff = shape_mismatch(saved["model"], app.model)
+    saved_router = saved.get("router", {}).get("name")
+    if diff or saved_router != app.router.name:
+        raise ConfigError(f"train.resume={app.train.resume}: the run was made with another model or router "
+                          f"({'; '.join(diff) or f'router={saved_router}'}); resume with its own config")
+    if int(state["step"]) >= app.train.max_steps:
+        raise ConfigError(f"train.resume={app.train.resume}: the run already reached step {state['step']} "
+                          f"of train.max_steps={app.train.max_steps}; raise train.max_steps to train it further")
+
+
+def freeze_loaded(model: torch.nn.Module, loaded: set[str]) -> None:
+    """train.freeze=backbone: everything that came from the base run is frozen,
+    the base router's logit layer included (it is the variational prior's mean)."""
+    for name, p in model.named_parameters():
+        if name in loaded:
+            p.requires_grad_(False)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError("train.freeze=backbone leaves nothing to train: the router adds no new parameters "
+                          "(choose router=variational, vtsr, or another router with heads)")
+
+
+def restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["rng"]["cpu"])
+    if device.type == "cuda" and state["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(state["rng"]["cuda"])
+
+
+class Checkpointer:
+    """Writes the run's checkpoint: everything a resume needs to continue bit for bit."""
+
+    def __init__(self, run_dir: Path, app: AppConfig, frozen: set[str], wall_before: float, device: torch.device):
+        self.path = Path(run_dir) / CHECKPOINT_FILE
+        self.config = to_dict(app)
+        self.frozen = sorted(frozen)
+        self.wall_before = wall_before
+        self.device = device
+        self.started = time.perf_counter()
+
+    def wall_time(self) -> float:
+        return self.wall_before + time.perf_counter() - self.started
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        save_checkpoint(self.path, {
+            "version": CHECKPOINT_VERSION, "step": step, "config": self.config,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "rng": {"cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None},
+            "frozen": self.frozen,
+            "wall_time_s": self.wall_time(),
+        })
+
+
+__all__ = ["CHECKPOINT_VERSION", "save_checkpoint", "load_checkpoint", "shape_mismatch", "load_weights_from_run",
+           "load_weights_strict", "check_resumable", "freeze_loaded", "restore_rng", "Checkpointer"]

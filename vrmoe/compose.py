@@ -1,0 +1,277 @@
+"""Config composition and its one-line errors, for every command and for ``experiments/``.
+
+``vrmoe train`` composes ``conf/config.yaml`` with Hydra; ``vrmoe eval`` applies its
+overrides to a run's saved config; benchmarks and studies compose in code. All of
+them go through :func:`load_config`, which merges the composed values into the
+typed schemas (the router section into the chosen router's own ``Config``),
+checks the names of routers, corpora and tasks against their registries and runs
+the range checks. Malformed overrides, unknown keys and unknown group options are
+refused by :func:`check_overrides` before Hydra creates a run dir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .config import AppConfig, ConfigError, RouterConfig, to_dict, validate
+from .data.corpora import CORPORA
+from .model.routers import ROUTERS, router_class
+from .tasks import TASKS
+from .tracking import CHECKPOINT_FILE
+
+CONFIG_GROUPS = ("model", "router", "data", "train", "logger", "task", "eval", "experiment", "hparams_search")
+# Where each router's typed schema is stored for Hydra; a router's YAML extends it with
+# `defaults: [/router_schema/<name>@_here_, _self_]`.
+ROUTER_SCHEMA_GROUP = "router_schema"
+
+
+def config_dir() -> Path:
+    return Path(str(resources.files("vrmoe") / "conf"))
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a config group: its YAML files, and for ``router`` every registered router."""
+    folder = config_dir() / group
+    options = {p.stem for p in folder.glob("*.yaml")} if folder.is_dir() else set()
+    if group == "router":
+        options |= set(ROUTERS)
+    return sorted(options)
+
+
+# ---------------------------------------------------------------------------
+# Loading: composed values -> the typed, validated AppConfig
+# ---------------------------------------------------------------------------
+
+def _one_line(exc: OmegaConfBaseException) -> str:
+    msg = str(exc).strip().splitlines()[0]
+    key = getattr(exc, "full_key", None)
+    return f"{key}: {msg}" if key and key not in msg else msg
+
+
+def load_config(cfg: DictConfig | dict[str, Any]) -> AppConfig:
+    """Resolve a composed config (or a saved one) and return the validated, typed :class:`AppConfig`."""
+    try:
+        raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        raw = {k: v for k, v in raw.items() if k not in ("hydra", "experiment", "hparams_search")}
+        router_name = str((raw.get("router") or {}).get("name", RouterConfig.name))
+        schema = OmegaConf.structured(AppConfig)
+        schema.router = OmegaConf.structured(router_class(router_name).Config)
+        app: AppConfig = OmegaConf.to_object(OmegaConf.merge(schema, raw))  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"invalid config: {_one_line(exc)}") from None
+    if app.data.name not in CORPORA:
+        raise ConfigError(f"data={app.data.name!r} is unknown; choose one of {', '.join(CORPORA)}")
+    if app.task.name not in TASKS:
+        raise ConfigError(f"task={app.task.name!r} is unknown; choose one of {', '.join(TASKS)}")
+    validate(app)
+    return app
+
+
+def from_dict(raw: dict[str, Any]) -> AppConfig:
+    """A config saved in a checkpoint or summary.json, typed and validated again."""
+    return load_config(raw)
+
+
+# ---------------------------------------------------------------------------
+# Checking a command line before Hydra sees it
+# ---------------------------------------------------------------------------
+
+# Hydra's mutually exclusive modes, as its own parser names them.
+_HYDRA_MODES = {"run": "--run", "multirun": "-m/--multirun", "cfg": "--cfg", "info": "--info",
+                "shell_completion": "--shell-completion"}
+
+
+def split_hydra_args(argv: list[str]) -> list[str]:
+    """Check ``vrmoe train``'s command line the way Hydra will read it and return its overrides.
+
+    Hydra reports a bad flag combination with a traceback and a malformed override with a
+    multi-line message and exit code 1; here each is one ConfigError line instead."""
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+
+    def refuse(message: str) -> None:
+        raise ConfigError(f"vrmoe train: {message} (see vrmoe train --help)")
+
+    parser.error = refuse  # type: ignore[method-assign]  # argparse would print its usage and exit
+    args = parser.parse_args(argv)
+    modes = [flag for name, flag in _HYDRA_MODES.items() if getattr(args, name)]
+    if len(modes) > 1:
+        raise ConfigError(f"vrmoe train: {' and '.join(modes)} cannot be combined; use one of them "
+                          "(e.g. vrmoe train -m K=1,2, or vrmoe train K=1 --cfg job)")
+    return list(args.overrides)
+
+
+def _fields_of(cls: type, prefix: str) -> dict[str, type]:
+    """Dotted key -> the dataclass that declares it, for ``cls`` and its nested dataclasses."""
+    keys: dict[str, type] = {}
+    for f in dataclasses.fields(cls):
+        keys[prefix + f.name] = cls
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default):
+            keys.update(_fields_of(type(default), f"{prefix}{f.name}."))
+    return keys
+
+
+def schema_keys() -> dict[str, type]:
+    """Every dotted key of the typed config (``K``, ``router.k``, ``eval.gammas``, ...), with the
+    dataclass that declares it; ``router.<key>`` covers every registered router's own keys."""
+    keys = _fields_of(AppConfig, "")
+    for cls in ROUTERS.values():
+        keys.update({f"router.{f.name}": cls.Config for f in dataclasses.fields(cls.Config)
+                     if f"router.{f.name}" not in keys})
+    return keys
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Refuse, before Hydra makes a run dir: malformed overrides, keys the config does not have,
+    unknown config-group choices (``router=foo``), a router key the chosen router does not have,
+    and a ``train.resume`` with nothing to resume."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    schema = schema_keys()
+    parsed_items = []
+    for item in overrides:
+        try:
+            parsed_items.append((item, parser.parse_overrides([item])[0]))
+        except OverrideParseException as exc:
+            detail = next((line for line in str(exc).splitlines() if not line.startswith(("Error parsing", "See "))),
+                          "not an override")
+            raise ConfigError(f"{item!r}: {detail}; overrides are key=value, e.g. K=2 or router=variational") from None
+    chosen_routers = [RouterConfig.name]
+    for item, parsed in parsed_items:
+        if parsed.key_or_group == "router" and "=" in item:
+            chosen_routers = [c for c in item.split("=", 1)[1].split(",") if c]
+    for item, parsed in parsed_items:
+        key = parsed.key_or_group
+        if key.startswith("hydra") or parsed.is_delete() or "=" not in item:
+            continue
+        value = item.split("=", 1)[1]
+        if key in CONFIG_GROUPS:
+            options = group_options(key)
+            for choice in value.split(","):  # a multirun sweep lists several
+                if choice and choice != "null" and choice not in options:
+                    raise ConfigError(f"{key}={choice!r} is unknown; choose one of {', '.join(options)}")
+            continue
+        if key not in schema:
+            close = difflib.get_close_matches(key, sorted(schema), n=1)
+            hint = f"did you mean {close[0]}?" if close else "vrmoe train --cfg job lists every key"
+            raise ConfigError(f"{key}={value}: {key} is not a config key; {hint}")
+        if key.startswith("router."):
+            _check_router_key(key, value, chosen_routers)
+        _check_type(parsed, key, schema[key])
+        if key == "train.resume" and value not in ("", "null"):
+            if not (Path(value).expanduser() / CHECKPOINT_FILE).exists():
+                raise ConfigError(f"train.resume={value}: no {CHECKPOINT_FILE} there; "
+                                  "point it at the run dir of an interrupted run")
+
+
+def _check_router_key(key: str, value: str, chosen: list[str]) -> None:
+    field_name = key.split(".", 1)[1]
+    known = [name for name in chosen if name in ROUTERS]
+    owners = [name for name in known if field_name in {f.name for f in dataclasses.fields(ROUTERS[name].Config)}]
+    if known and not owners:
+        having = [name for name, cls in ROUTERS.items() if field_name in {f.name for f in dataclasses.fields(cls.Config)}]
+        raise ConfigError(f"{key}={value}: router={','.join(known)} has no key {field_name} "
+                          f"(it belongs to router={'/'.join(having)})")
+
+
+def _check_type(parsed, key: str, declared_in: type) -> None:
+    """A value of the wrong type (``train.max_steps=abc``), each value of a sweep checked."""
+    values = list(parsed.sweep_string_iterator()) if parsed.is_sweep_override() \
+        else [parsed.get_value_element_as_str()]
+    for value in values:
+        if "${" in value:  # an interpolation is checked once resolved
+            continue
+        try:
+            if key.startswith("router."):
+                OmegaConf.merge(OmegaConf.structured(declared_in),
+                                OmegaConf.from_dotlist([f"{key.split('.', 1)[1]}={value}"]))
+            else:
+                OmegaConf.merge(OmegaConf.structured(AppConfig), OmegaConf.from_dotlist([f"{key}={value}"]))
+        except OmegaConfBaseException as exc:
+            reason = str(exc).strip().splitlines()[0]
+            raise ConfigError(f"{key}={value}: {reason}") from None
+
+
+# ---------------------------------------------------------------------------
+# Hydra
+# ---------------------------------------------------------------------------
+
+def prepare_hydra() -> None:
+    """Register what the configs need before Hydra composes them (in every process that composes)."""
+    if not OmegaConf.has_resolver("vrmoe_run_dir"):
+        # A resumed run continues in its own directory instead of a new one.
+        OmegaConf.register_new_resolver("vrmoe_run_dir", lambda resume, default: resume or default)
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    # The typed schema is the base of config.yaml; each router's YAML extends its own schema.
+    store.store(name="vrmoe_schema", node=AppConfig)
+    yaml_routers = {p.stem for p in (config_dir() / "router").glob("*.yaml")}
+    for name, cls in ROUTERS.items():
+        store.store(group=ROUTER_SCHEMA_GROUP, name=name, node=cls.Config)
+        if name not in yaml_routers:  # a router registered in code needs no YAML file
+            store.store(group="router", name=name, node=cls.Config)
+
+
+def compose_config(overrides: Iterable[str]) -> AppConfig:
+    """The validated config that ``vrmoe train`` would build from these overrides."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = list(overrides)
+    check_overrides(overrides)
+    prepare_hydra()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="vrmoe.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    return load_config(cfg)
+
+
+# ---------------------------------------------------------------------------
+# A saved run's config with new settings (vrmoe eval)
+# ---------------------------------------------------------------------------
+
+# The top-level knobs interpolated into the router section at training time: a saved config
+# holds the resolved values, so a knob given later sets the router key it feeds.
+KNOB_KEYS = {"K": "router.k", "S": "router.samples", "T": "router.temperature", "beta": "router.beta"}
+
+
+def compose_over_saved(saved: dict[str, Any] | AppConfig, overrides: Iterable[str],
+                       allowed: tuple[str, ...] = (), what: str = "a setting here") -> AppConfig:
+    """``saved`` (a run's config) with ``overrides`` applied and validated, with the same checks and
+    one-line errors as ``vrmoe train``. Group options (``model=tiny``) replace their section with
+    the option's YAML; ``allowed`` (keys, and prefixes ending in ".") limits what may change."""
+    overrides = list(overrides)
+    base = to_dict(saved) if isinstance(saved, AppConfig) else saved
+    router_name = str(base.get("router", {}).get("name", RouterConfig.name))
+    check_overrides([*overrides, f"router={router_name}"] if not any(o.startswith("router=") for o in overrides)
+                    else overrides)
+    cfg = OmegaConf.create(base)
+    for item in overrides:
+        key, value = item.split("=", 1)
+        if allowed and not any(key == a or (a.endswith(".") and key.startswith(a)) for a in allowed):
+            raise ConfigError(f"{key}={value}: not {what}; allowed: {', '.join(allowed)}")
+        if key in CONFIG_GROUPS:
+            node = OmegaConf.load(config_dir() / key / f"{value}.yaml")
+            cfg[key] = {k: v for k, v in OmegaConf.to_container(node).items() if k != "defaults"}
+            continue
+        parsed = OmegaConf.from_dotlist([item])
+        if key in KNOB_KEYS and KNOB_KEYS[key].split(".")[1] in cfg.router:  # a knob the router has no key for
+            OmegaConf.update(cfg, KNOB_KEYS[key], parsed[key])               # changes nothing, as in training
+        cfg = OmegaConf.merge(cfg, parsed)
+    return load_config(OmegaConf.to_container(cfg))
+
+
+__all__ = ["CONFIG_GROUPS", "config_dir", "group_options", "load_config", "from_dict", "split_hydra_args",
+           "check_overrides", "schema_keys", "prepare_hydra", "compose_config", "compose_over_saved", "KNOB_KEYS"]

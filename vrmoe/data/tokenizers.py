@@ -1,0 +1,42 @@
+"""Tokenizers: how text becomes token ids. Bytes are the native model's tokenizer.
+
+A tokenizer has ``vocab_size``, ``encode(text) -> LongTensor`` and
+``decode(ids) -> str``; a :class:`~vrmoe.data.corpora.Corpus` carries the one
+that made its tokens, and every consumer (batches, multiple-choice items, OOD
+sets) encodes through it.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+
+    def encode(self, text: str) -> torch.Tensor: ...
+    def decode(self, ids: torch.Tensor | list[int]) -> str: ...
+
+
+def text_to_bytes(text: str) -> torch.Tensor:
+    """UTF-8 bytes of ``text`` as a uint8 tensor (how every corpus is stored)."""
+    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)
+
+
+def bytes_to_text(data: torch.Tensor) -> str:
+    """The inverse of :func:`text_to_bytes`; a window cut mid-character decodes with U+FFFD."""
+    return data.to(torch.uint8).numpy().tobytes().decode("utf-8", errors="replace")
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: a vocabulary of 256, nothing to download or train."""
+
+    vocab_size = 256
+
+    def encode(self, text: str) -> torch.Tensor:
+        return text_to_bytes(text).long()
+
+    def decode(self, ids: torch.Tensor | list[int]) -> str:
+        return bytes_to_text(torch.as_tensor(ids))

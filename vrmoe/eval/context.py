@@ -1,0 +1,256 @@
+"""What every probe of one evaluation shares: the model, its text sets and their scored predictions.
+
+Everything that can refuse the input (a missing OOD file, a text too short for a
+window, a text that yields no multiple-choice item) is built in
+:meth:`EvalContext.build`, before any probe runs and before anything is written.
+Scoring a set is cached, so calibration and OOD detection share one pass, and
+each set's sampling noise is drawn from the evaluation seed afresh, so the numbers
+do not depend on which probe asked first.
+
+Choices worth knowing:
+
+* **Mutual information.** BALD needs S *predictive* distributions, one per
+  routing sample, while a router's ``sample_probs_STE`` are routing
+  distributions that the model never turns into S predictions (the experts run
+  once on the averaged selection). So the model is run S more times with a
+  copy whose routers draw a single sample (``router.samples=1``), giving
+  ``p_1 .. p_S``; ``MI = H[mean_s p_s] - mean_s H[p_s]``. A deterministic
+  router gives S identical passes, hence exactly 0. With S = 1 the score is
+  left out (one sample has no disagreement to measure).
+* **Per-sequence scores.** ``eval.ood_task=lm``: a sequence is a window of
+  text and each score is averaged over its tokens (next-token predictive
+  entropy and MI). ``mcq``: a sequence is a multiple-choice item and the
+  predictive distribution is over its four options; router scores (gate
+  entropy, logit variance, temperature) are averaged over the tokens of its
+  four filled-in sentences and over MoE layers. ``auto`` follows the run's task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import metrics
+from ..checkpoint import load_weights_strict
+from ..config import AppConfig, ConfigError, DataConfig
+from ..data.batches import eval_batches
+from ..data.corpora import Corpus, load_corpus
+from ..data.mcq import MCQTensors, item_len, items_from_text, make_batch, option_scores, shuffle_words_within_sentences
+from ..device import synchronize
+from ..model import build_model
+from ..model.backbone import Backbone
+from ..model.routers import Routing, router_class
+
+Windows = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class ScoredSet:
+    """Predictive distributions for calibration and per-sequence OOD scores of one text set."""
+
+    probs_NC: torch.Tensor
+    labels_N: torch.Tensor
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (n_sequences,)
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+def check_eval_inputs(app: AppConfig) -> None:
+    """Refuse missing or empty OOD files before any work (and before training, with eval.at_end)."""
+    for path_str in app.eval.ood_text:
+        path = Path(path_str).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"eval.ood_text: {path_str} is not a file; give text files, "
+                              "e.g. eval.ood_text=[notes.txt]")
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            raise ConfigError(f"eval.ood_text: cannot read {path_str}: {exc.strerror}") from None
+        if not text.strip():
+            raise ConfigError(f"eval.ood_text: {path_str} is empty; give a file with text in it")
+
+
+def load_model(state: dict[str, Any], app: AppConfig, run: str | Path, device: torch.device) -> Backbone:
+    """The checkpoint's weights in a model built from ``app``, in evaluation mode."""
+    model = build_model(app)
+    load_weights_strict(model, state, app, run)
+    return model.to(device).eval()
+
+
+def single_sample_copy(model: Backbone, app: AppConfig) -> Backbone:
+    """The same weights with routers that draw one routing sample per pass (for MI)."""
+    copy = build_model(dataclasses.replace(app, router=dataclasses.replace(app.router, samples=1)))
+    copy.load_state_dict(model.state_dict())
+    return copy.to(next(model.parameters()).device).eval()
+
+
+@dataclass
+class EvalContext:
+    app: AppConfig
+    run_dir: Path
+    state: dict[str, Any]
+    device: torch.device
+    model: Backbone
+    sampler: Backbone | None  # the single-sample copy for mutual information (None when S = 1)
+    corpus: Corpus
+    unit: str  # "lm" or "mcq": what a sequence is for the OOD scores
+    lm_sets: dict[str, Windows]
+    mcq_sets: dict[str, MCQTensors]
+    _scored: dict[tuple[str, str], ScoredSet] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, run_dir: Path, app: AppConfig, state: dict[str, Any], device: torch.device) -> "EvalContext":
+        check_eval_inputs(app)
+        model = load_model(state, app, run_dir, device)
+        sampler = single_sample_copy(model, app) if app.router.samples > 1 else None
+        unit = app.task.name if app.eval.ood_task == "auto" else app.eval.ood_task
+        corpus = load_corpus(app.data, min_tokens=app.model.seq_len + 2)
+        tokenizer = corpus.tokenizer
+        val_text = tokenizer.decode(corpus.val)
+        max_len = item_len(app)
+        lm_sets = {"in": windows(corpus.val, app, app.eval.windows, "the validation split", device)}
+        mcq_sets = {"in": items_from_text(val_text, app.eval.mcq_items, max_len, "the validation split",
+                                          tokenizer=tokenizer)}
+        for name, (key, text) in ood_texts(app, val_text).items():
+            if unit == "lm":
+                lm_sets[name] = windows(tokenizer.encode(text), app, app.eval.windows, key, device)
+            else:
+                mcq_sets[name] = items_from_text(text, app.eval.mcq_items, max_len, key, tokenizer=tokenizer)
+        return cls(app, Path(run_dir), state, device, model, sampler, corpus, unit, lm_sets, mcq_sets)
+
+    @property
+    def samples(self) -> int:
+        return self.app.router.samples
+
+    @property
+    def uncertainty_name(self) -> str:
+        """The OOD-score name of the configured router's own uncertainty signal."""
+        return router_class(self.app.router.name).uncertainty_signal or "router_uncertainty"
+
+    def set_names(self) -> list[str]:
+        return list(self.lm_sets if self.unit == "lm" else self.mcq_sets)
+
+    def scored(self, name: str, kind: str) -> ScoredSet:
+        """Set ``name`` scored as ``kind`` ("lm" windows or "mcq" items), computed once. Mutual
+        information is computed for the OOD unit's sets only (it costs S more passes)."""
+        if (name, kind) not in self._scored:
+            torch.manual_seed(self.app.seed)  # each set's sampling noise is independent of the order of sets
+            with_mi = self.sampler if kind == self.unit else None
+            if kind == "lm":
+                result = score_windows(self.model, with_mi, self.lm_sets[name], self.samples, self.uncertainty_name)
+            else:
+                result = score_items(self.model, with_mi, self.mcq_sets[name], self.app.eval.batch_size, self.samples,
+                                     self.uncertainty_name, self.device)
+            self._scored[(name, kind)] = result
+        return self._scored[(name, kind)]
+
+
+def ood_texts(app: AppConfig, val_text: str) -> dict[str, tuple[str, str]]:
+    """name -> (config key for errors, text): near, far and the user's files."""
+    far_name = "python_source" if app.data.name != "python_source" else "stdlib_docs"
+    far = load_corpus(DataConfig(name=far_name, val_fraction=app.data.val_fraction, cache_dir=app.data.cache_dir))
+    sets = {"near": ("near (word-shuffled validation text)", shuffle_words_within_sentences(val_text)),
+            "far": (f"far ({far_name})", far.tokenizer.decode(far.val))}
+    for path_str in app.eval.ood_text:
+        name = base = Path(path_str).stem or "ood"
+        n = 2
+        while name in sets or name in ("in", "scores"):
+            name, n = f"{base}_{n}", n + 1
+        sets[name] = (f"eval.ood_text: {path_str}",
+                      Path(path_str).expanduser().read_text(encoding="utf-8", errors="replace"))
+    return sets
+
+
+def windows(data: torch.Tensor, app: AppConfig, n_windows: int, key: str, device: torch.device) -> Windows:
+    """Evenly spaced windows of ``model.seq_len`` tokens over ``data``, in batches of ``eval.batch_size``."""
+    seq_len = app.model.seq_len
+    if len(data) < seq_len + 1:
+        raise ConfigError(f"{key} has {len(data)} tokens, fewer than one window of model.seq_len + 1 = "
+                          f"{seq_len + 1}; give more text")
+    x, y = next(eval_batches(data, n_windows, seq_len, 1, device))
+    return list(zip(x.split(app.eval.batch_size), y.split(app.eval.batch_size)))
+
+
+# ---------------------------------------------------------------------------
+# Scoring sequences
+# ---------------------------------------------------------------------------
+
+def router_token_scores(routings: list[Routing], uncertainty_name: str) -> dict[str, torch.Tensor]:
+    """Per-token router scores averaged over MoE layers: gate entropy, and the router's own
+    uncertainty over the layers that report one (none for a dense model)."""
+    if not routings:
+        return {}
+    out = {"gate_entropy": torch.stack([metrics.entropy(r.probs_TE) for r in routings]).mean(0)}
+    own = [r.uncertainty_T.double() for r in routings if r.uncertainty_T is not None]
+    if own:
+        out[uncertainty_name] = torch.stack(own).mean(0)
+    return out
+
+
+def _timed(model: Backbone, x: torch.Tensor):
+    synchronize(x.device)
+    start = time.perf_counter()
+    out = model(x)
+    synchronize(x.device)
+    return out, time.perf_counter() - start
+
+
+def _append(store: dict[str, list[torch.Tensor]], values: dict[str, torch.Tensor]) -> None:
+    for name, value in values.items():
+        store.setdefault(name, []).append(value.detach().double().cpu())
+
+
+@torch.no_grad()
+def score_windows(model: Backbone, sampler: Backbone | None, windows: Windows, samples: int,
+                  uncertainty_name: str) -> ScoredSet:
+    """Next-token predictions on text windows; a sequence is a window (scores are token means)."""
+    probs, labels, scores = [], [], {}
+    tokens, seconds = 0, 0.0
+    for x, y in windows:
+        out, dt = _timed(model, x)
+        seconds += dt
+        tokens += x.numel()
+        p_BLV = out.logits_BLV.float().softmax(-1)
+        probs.append(p_BLV.reshape(-1, p_BLV.shape[-1]).cpu())
+        labels.append(y.reshape(-1).cpu())
+        per_token = {"predictive_entropy": metrics.entropy(p_BLV)}
+        per_token.update({k: v.reshape(x.shape) for k, v in router_token_scores(out.routings, uncertainty_name).items()})
+        if sampler is not None:
+            p_SBLV = torch.stack([sampler(x).logits_BLV.float().softmax(-1) for _ in range(samples)])
+            per_token["mutual_information"] = metrics.mutual_information(p_SBLV)
+        _append(scores, {k: v.mean(-1) for k, v in per_token.items()})
+    return ScoredSet(torch.cat(probs), torch.cat(labels), {k: torch.cat(v) for k, v in scores.items()},
+                     tokens, seconds)
+
+
+@torch.no_grad()
+def score_items(model: Backbone, sampler: Backbone | None, items: MCQTensors, batch_size: int,
+                samples: int, uncertainty_name: str, device: torch.device) -> ScoredSet:
+    """4-way multiple-choice predictions; a sequence is an item (router scores are averaged over
+    the real tokens of its four filled-in sentences)."""
+    probs, labels, scores = [], [], {}
+    tokens, seconds = 0, 0.0
+    for index in torch.arange(len(items)).split(batch_size):
+        batch = make_batch(items, index, device)
+        out, dt = _timed(model, batch.inputs_NL)
+        seconds += dt
+        mask = batch.token_mask_NL.reshape(batch.n_items, -1).double()
+        tokens += int(mask.sum())
+        p_BO = option_scores(out.logits_BLV, batch).softmax(-1)
+        probs.append(p_BO.cpu())
+        labels.append(batch.answers_B.cpu())
+        per_item = {"predictive_entropy": metrics.entropy(p_BO)}
+        for name, value_T in router_token_scores(out.routings, uncertainty_name).items():
+            per_item[name] = (value_T.reshape(batch.n_items, -1) * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+        if sampler is not None:
+            p_SBO = torch.stack([option_scores(sampler(batch.inputs_NL).logits_BLV, batch).softmax(-1)
+                                 for _ in range(samples)])
+            per_item["mutual_information"] = metrics.mutual_information(p_SBO)
+        _append(scores, per_item)
+    return ScoredSet(torch.cat(probs), torch.cat(labels), {k: torch.cat(v) for k, v in scores.items()},
+                     tokens, seconds)

@@ -1,0 +1,128 @@
+"""``vrmoe eval run=<dir>``: every probe on a run's checkpoint, written to ``<run>/eval.json``.
+
+The probes (calibration, OOD detection, routing stability, cost; ``vrmoe.eval.probes``)
+share one :class:`~vrmoe.eval.context.EvalContext`; each returns its block of
+``eval.json`` (schema in ``vrmoe.eval.schema``), its headline numbers and its
+figures. Every number comes from the run's checkpoint with the router in evaluation
+mode: routers that sample average their S routing distributions before Top-K
+(``S=8`` sets S), so the predictions scored are the model's own. The numbers are
+written before any figure is drawn, and a figure that fails is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import load_checkpoint
+from ..compose import compose_over_saved
+from ..config import AppConfig, ConfigError, to_dict
+from ..console import log_line
+from ..device import resolve_device
+from ..tracking import EVAL_FILE, make_logger, write_json
+from .context import EvalContext
+from .probes import ordered_probes
+
+USAGE = """\
+usage: vrmoe eval run=<run dir> [key=value ...]
+
+Calibration (next token and 4-way multiple choice), OOD detection (near: the validation
+prose with words shuffled in each sentence; far: Python source; plus eval.ood_text files),
+routing stability under embedding noise and FLOPs of a trained run. Writes <run>/eval.json
+and PNG plots there.
+
+keys:
+  S=8                    routing samples at evaluation (averaged before Top-K; MI uses S passes)
+  T=0.7                  sampling temperature (router=temperature)
+  router.eval_mode=topk  sample | topk (router=temperature)
+  seed=0                 evaluation randomness
+  model=tiny             must match the checkpoint's model shape
+  logger=none            skip the W&B mirror
+  train.device=cpu
+  eval.<key>=value       windows, mcq_items, batch_size, ood_task (auto|lm|mcq),
+                         ood_text=[a.txt,b.txt], gammas=[0.001,0.01], stability_windows,
+                         stability_unmatched
+"""
+
+# What `vrmoe eval` may change in a run's saved config (keys, and prefixes ending in ".").
+EVAL_SETTINGS = ("S", "T", "seed", "router.eval_mode", "router.samples", "router.temperature", "model",
+                 "model.dispatch", "logger", "logger.mode", "train.device", "eval.")
+
+
+def main(argv: list[str]) -> None:
+    if not argv or any(a in ("-h", "--help", "help") for a in argv):
+        print(USAGE, end="")
+        return
+    run, overrides = parse_args(argv)
+    state = load_checkpoint(run, "run")
+    app = compose_over_saved(state["config"], overrides, allowed=EVAL_SETTINGS, what="an evaluation setting")
+    evaluate_run(Path(run), app, state=state)
+
+
+def parse_args(argv: list[str]) -> tuple[str, list[str]]:
+    run, overrides = None, []
+    for item in argv:
+        if "=" not in item:
+            raise ConfigError(f"{item!r}: arguments are key=value; e.g. vrmoe eval run=outputs/<date>/<time>_topk S=8")
+        key, value = item.split("=", 1)
+        if key == "run":
+            run = value
+        else:
+            overrides.append(item)
+    if not run:
+        raise ConfigError("run=<dir> is required: the run dir to evaluate, e.g. vrmoe eval run=outputs/<date>/<time>_topk")
+    return run, overrides
+
+
+def evaluate_run(run_dir: Path, app: AppConfig, state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate ``run_dir``'s checkpoint under ``app``; write eval.json and plots there; return the results."""
+    run_dir = Path(run_dir)
+    state = state if state is not None else load_checkpoint(run_dir, "run")
+    t_start = time.perf_counter()
+    ctx = EvalContext.build(run_dir, app, state, resolve_device(app.train.device))
+    probes = ordered_probes()
+    result: dict[str, Any] = {
+        "run": str(run_dir), "router": app.router.name, "router_config": to_dict(app)["router"],
+        "S": app.router.samples, "K": app.router.k, "task": app.task.name, "ood_task": ctx.unit,
+        "step": int(state.get("step", 0)), "seed": app.seed,
+    }
+    for probe in probes:
+        result[probe.name] = probe.measure(ctx)
+    result["wall_time_s"] = time.perf_counter() - t_start
+    write_json(run_dir / EVAL_FILE, result)
+    images = draw_figures(probes, result, run_dir)
+    headline = {"S": result["S"]}
+    for probe in probes:
+        headline.update(probe.headline(result[probe.name]))
+    mirror_to_wandb(run_dir, app, headline, images, result["step"])
+    log_line(f"[bold]{result['router']}[/] router, S={result['S']}, step {result['step']}: {result['run']}")
+    for probe in probes:
+        probe.show(result[probe.name], result)
+    return result
+
+
+def draw_figures(probes, result: dict[str, Any], run_dir: Path) -> dict[str, Path]:
+    """Every probe's figures; one that fails is reported and skipped (eval.json is already written)."""
+    images: dict[str, Path] = {}
+    for probe in probes:
+        for name, draw in probe.figures(result[probe.name], run_dir).items():
+            try:
+                images[name] = draw()
+            except Exception as exc:  # a plotting problem must not lose the numbers
+                log_line(f"[yellow]warning:[/] plot {name} not drawn ({type(exc).__name__}: {exc})")
+    return images
+
+
+def mirror_to_wandb(run_dir: Path, app: AppConfig, headline: dict[str, Any], images: dict[str, Path],
+                    step: int) -> None:
+    if app.logger.name != "wandb" or app.logger.mode == "disabled":
+        return
+    logger = make_logger(app.logger.name, run_dir, to_dict(app), app.logger.project, app.logger.mode,
+                         app.logger.entity, app.logger.group, f"eval {run_dir.name}", [*app.logger.tags, "eval"])
+    try:
+        logger.summary({"eval": headline})
+        if images:
+            logger.log_images({f"eval/{k}": v for k, v in images.items()}, step=step)
+    finally:
+        logger.finish()

@@ -1,0 +1,133 @@
+"""The ``eval.json`` schema, defined once: its blocks, and how every reader takes numbers out.
+
+``vrmoe eval`` writes one JSON object per run::
+
+    {"run", "router", "router_config", "S", "K", "task", "ood_task", "step", "seed",
+     "calibration": {"next_token": REPORT, "mcq": REPORT},       # metrics.calibration_report
+     "ood": {SET: {"auroc": {SCORE: x}, "auprc": {SCORE: x}}, ..., "scores": {SET: {SCORE: [...]}}},
+     "stability": {"gammas": [...], "embedding_norm": x, "jaccard": {LAYER: [...], "mean": [...]},
+                   "jaccard_unmatched": {...}},
+     "cost": {"flops_per_token": {...}, "router_share": x, "router_overhead_vs_topk": x, "tokens_per_s": x},
+     "wall_time_s": x}
+
+Each block is written by the probe of the same name (``vrmoe.eval.probes``). ``vrmoe
+compare``, the dashboard, the W&B mirror, the sweep objective and ``experiments/`` read
+the file through the functions below, never by spelling the keys themselves.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+# The noise scale the paper quotes routing stability at.
+JACCARD_GAMMA = 0.01
+CALIBRATION_TASKS = ("next_token", "mcq")
+BUILTIN_OOD_SETS = ("near", "far")
+SCORES_KEY = "scores"  # inside the ood block: per-sequence scores of every set
+
+
+def dig(data: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
+def number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def calibration(result: dict[str, Any] | None, task: str) -> dict[str, Any] | None:
+    """One calibration report (accuracy, nll, brier, ece_10, ece_15, mce, reliability)."""
+    return dig(result, "calibration", task)
+
+
+def calibration_number(result: dict[str, Any] | None, task: str, key: str) -> float | None:
+    """One number of a calibration report: accuracy, nll, brier, ece_10, ece_15 or mce."""
+    return number(dig(calibration(result, task), key))
+
+
+RELIABILITY_KEYS = ("bin_confidence", "bin_accuracy", "bin_count")
+
+
+def reliability_bins(result: dict[str, Any] | None, task: str) -> tuple[list, list, list] | None:
+    """(confidence, accuracy, count) per bin of one calibration report (``ReliabilityBins.as_dict``);
+    an empty bin's confidence and accuracy are None. None when the report has no bins."""
+    bins = dig(calibration(result, task), "reliability")
+    if not isinstance(bins, dict) or not all(isinstance(bins.get(k), list) for k in RELIABILITY_KEYS):
+        return None
+    return tuple([number(v) for v in bins[k]] for k in RELIABILITY_KEYS)  # type: ignore[return-value]
+
+
+def ood_sets(result: dict[str, Any] | None) -> list[str]:
+    block = dig(result, "ood")
+    return [name for name in block if name != SCORES_KEY] if isinstance(block, dict) else []
+
+
+def ood_scores(result: dict[str, Any] | None) -> dict[str, dict[str, list[float]]]:
+    """Per-sequence OOD scores: set -> score name -> values (the in-distribution set is "in")."""
+    block = dig(result, "ood", SCORES_KEY)
+    return block if isinstance(block, dict) else {}
+
+
+def auroc(result: dict[str, Any] | None, ood_set: str, score: str) -> float | None:
+    return number(dig(result, "ood", ood_set, "auroc", score))
+
+
+def best_auroc(result: dict[str, Any] | None, ood_set: str) -> tuple[float | None, str | None]:
+    """The highest AUROC among the OOD scores a run has on one set, and that score's name.
+
+    Routers offer different scores (a deterministic router has no mutual
+    information), so each is credited with its best one and the name says which."""
+    scores = dig(result, "ood", ood_set, "auroc")
+    if not isinstance(scores, dict):
+        return None, None
+    valid = {name: float(v) for name, v in scores.items() if number(v) is not None and math.isfinite(v)}
+    if not valid:
+        return None, None
+    name = max(valid, key=valid.get)
+    return valid[name], name
+
+
+def jaccard_curve(result: dict[str, Any] | None, key: str = "jaccard") -> tuple[list[float], dict[str, list[float]]]:
+    """(gammas, layer -> Jaccard per gamma, "mean" included); empty when the run has none."""
+    gammas = dig(result, "stability", "gammas")
+    curves = dig(result, "stability", key)
+    if not isinstance(gammas, list) or not isinstance(curves, dict):
+        return [], {}
+    return gammas, curves
+
+
+def jaccard_at(result: dict[str, Any] | None, gamma: float = JACCARD_GAMMA, key: str = "jaccard") -> float | None:
+    """Mean-over-layers Jaccard of the Top-K sets at one noise scale gamma."""
+    gammas, curves = jaccard_curve(result, key)
+    for g, value in zip(gammas, curves.get("mean", [])):
+        if number(g) is not None and math.isclose(g, gamma, rel_tol=1e-6):
+            return number(value)
+    return None
+
+
+def cost_number(result: dict[str, Any] | None, key: str) -> float | None:
+    """One number of the cost block: router_share, router_overhead_vs_topk, tokens_per_s."""
+    return number(dig(result, "cost", key))
+
+
+# The headline numbers of a run, by the name compare shows and a sweep can optimise.
+METRICS: dict[str, Callable[[dict[str, Any] | None], Any]] = {
+    "ece": lambda r: number(dig(calibration(r, "next_token"), "ece_10")),
+    "nll": lambda r: number(dig(calibration(r, "next_token"), "nll")),
+    "mcq_ece": lambda r: number(dig(calibration(r, "mcq"), "ece_10")),
+    "mcq_nll": lambda r: number(dig(calibration(r, "mcq"), "nll")),
+    "mcq_accuracy": lambda r: number(dig(calibration(r, "mcq"), "accuracy")),
+    "auroc_near": lambda r: best_auroc(r, "near")[0],
+    "auroc_near_score": lambda r: best_auroc(r, "near")[1],
+    "auroc_far": lambda r: best_auroc(r, "far")[0],
+    "auroc_far_score": lambda r: best_auroc(r, "far")[1],
+    f"jaccard@{JACCARD_GAMMA:g}": lambda r: jaccard_at(r),
+    "router_overhead": lambda r: number(dig(r, "cost", "router_overhead_vs_topk")),
+}
+# Metrics a sweep may minimise (the *_score entries name a score, they are not numbers).
+OBJECTIVES = tuple(name for name in METRICS if not name.endswith("_score"))
+

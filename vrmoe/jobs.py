@@ -1,0 +1,171 @@
+"""The Hydra task function of ``vrmoe train``: validate, train, evaluate when asked, return the objective.
+
+One job is one run. It is the job, not the training loop, that starts the evaluation
+at the end (``eval.at_end=true``) and returns the run's objective to a sweeper
+(``train.objective``: the final validation loss, or a metric of ``eval.json``), so the
+Optuna sweeper can drive it. In a multirun sweep a failed job is recorded in its
+``summary.json`` and the sweep goes on; :class:`SweepReport` counts the jobs at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import sys
+import traceback
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from .compose import load_config, prepare_hydra
+from .config import AppConfig, ConfigError
+from .console import fail, log_line
+from .tracking import CHECKPOINT_FILE, EVAL_FILE, SUMMARY_FILE, read_json, read_summary, write_json
+
+
+def train_job(cfg: DictConfig) -> float:
+    """Train (and with eval.at_end, evaluate) one run in Hydra's output dir; return its objective."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    prepare_hydra()  # joblib and submitit workers import this module afresh
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    overrides = list(hc.overrides.task)
+    multirun = hc.mode == RunMode.MULTIRUN
+    group = run_name = None
+    if multirun:
+        # The job's own output dir locates the sweep: re-resolving hydra.sweep.dir (${now:...})
+        # in a worker process could name another time.
+        sweep_dir = run_dir.parents[len(Path(hc.sweep.subdir).parts) - 1]
+        group, run_name = sweep_group(sweep_dir), sweep_run_name(sweep_dir, overrides)
+    try:
+        return run_job(load_config(cfg), run_dir, overrides, group=group, run_name=run_name)
+    except ConfigError as exc:
+        if multirun:  # record it and let the rest of the sweep run
+            record_failed_job(run_dir, overrides, str(exc), hc.job.num)
+            return math.nan
+        _drop_empty_run_dir(run_dir, cfg)
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail(interrupted_message(run_dir, cfg), code=130)
+    except Exception as exc:
+        if not multirun:
+            raise
+        record_failed_job(run_dir, overrides, f"{type(exc).__name__}: {exc}", hc.job.num,
+                          traceback=traceback.format_exc())
+        return math.nan
+
+
+def run_job(app: AppConfig, run_dir: Path, overrides: list[str] | None = None, group: str | None = None,
+            run_name: str | None = None) -> float:
+    """One run: train it, evaluate it when ``eval.at_end`` asks, and return its objective. Every
+    input the evaluation needs is checked before the training starts."""
+    from .eval.context import check_eval_inputs
+    from .eval.run import evaluate_run
+    from .train import train
+
+    check_objective(app)
+    if app.eval.at_end:
+        check_eval_inputs(app)  # a missing OOD file fails now, not after the training
+    summary = train(app, run_dir, overrides, group=group, run_name=run_name)
+    evaluation = evaluate_run(run_dir, app) if app.eval.at_end else None
+    return objective(app.train.objective, summary, evaluation)
+
+
+def check_objective(app: AppConfig) -> None:
+    from .eval.schema import OBJECTIVES
+
+    name = app.train.objective
+    if name == "val_loss":
+        return
+    if name not in OBJECTIVES:
+        raise ConfigError(f"train.objective={name!r} is unknown; choose val_loss or one of {', '.join(OBJECTIVES)}")
+    if not app.eval.at_end:
+        raise ConfigError(f"train.objective={name} is a metric of vrmoe eval; "
+                          "add eval.at_end=true so the job evaluates the run")
+
+
+def objective(name: str, summary: dict, evaluation: dict | None) -> float:
+    """The number a sweeper optimises: ``val_loss`` or an eval.json metric; NaN when absent."""
+    from .eval.schema import METRICS, number
+
+    value = summary.get("final_val_loss") if name == "val_loss" else METRICS[name](evaluation)
+    value = number(value)
+    return math.nan if value is None else value
+
+
+def run_objective(run_dir: Path, name: str) -> float:
+    """A finished run's objective, read back from its records."""
+    return objective(name, read_summary(run_dir) or {}, read_json(Path(run_dir) / EVAL_FILE))
+
+
+def record_failed_job(run_dir: Path, overrides: list[str], error: str, job_num: int,
+                      traceback: str | None = None) -> None:
+    """Mark a sweep job failed in its summary.json (keeping what train() already recorded there)."""
+    summary = read_summary(run_dir) or {"overrides": overrides}
+    summary.update({"status": "failed", "error": error})
+    if traceback:
+        summary["traceback"] = traceback
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / SUMMARY_FILE, summary)
+    log_line(f"[red]job {job_num} failed:[/] {error}")
+
+
+def sweep_group(sweep_dir: Path) -> str:
+    """The W&B group of a sweep: its directory name, with the date when the name is only a time
+    (the default outputs/multirun/<date>/<time>), so that sweeps on different days stay apart."""
+    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", sweep_dir.parent.name):
+        return f"{sweep_dir.parent.name}_{sweep_dir.name}"
+    return sweep_dir.name
+
+
+def sweep_run_name(sweep_dir: Path, overrides: list[str]) -> str | None:
+    """A sweep job's run name: only the overrides the sweep varies (K=1,seed=0), read against the
+    sweep's command line that Hydra saves in multirun.yaml before it launches any job."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from .train import run_name_from
+
+    try:
+        sweep_args = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides.task
+        parser = OverridesParser.create()
+        swept = {o.get_key_element() for o in parser.parse_overrides(list(sweep_args)) if o.is_sweep_override()}
+        varied = [text for text, o in zip(overrides, parser.parse_overrides(overrides))
+                  if o.get_key_element() in swept]
+    except Exception:  # no or unreadable multirun.yaml (a custom sweeper): name the run by all overrides
+        varied = []
+    return run_name_from(varied or overrides)
+
+
+class SweepReport(Callback):
+    """At the end of a sweep: one line counting the jobs by status, and exit code 1 when any
+    failed (the other jobs still ran), so scripts notice a partial sweep."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        statuses = [(read_summary(p.parent) or {}).get("status", "unknown") for p in sweep_dir.rglob(SUMMARY_FILE)]
+        counts = {s: statuses.count(s) for s in sorted(set(statuses))}
+        log_line(f"sweep: {', '.join(f'{n} {s}' for s, n in counts.items()) or 'no jobs'} -> {sweep_dir} "
+                 f"(vrmoe compare {sweep_dir})")
+        if counts.get("failed"):
+            sys.exit(1)
+
+
+def interrupted_message(run_dir: Path, cfg: DictConfig) -> str:
+    """What Ctrl-C leaves: a checkpoint to resume from, or (stopped before the first one) nothing,
+    in which case the empty run dir goes too."""
+    if (run_dir / CHECKPOINT_FILE).exists():
+        return f"interrupted; resume with: vrmoe train train.resume={run_dir}"
+    _drop_empty_run_dir(run_dir, cfg)
+    return "interrupted before the first checkpoint; nothing to resume"
+
+
+def _drop_empty_run_dir(run_dir: Path, cfg: DictConfig) -> None:
+    """A run refused at validation leaves no directory behind (only a fresh one, never a resumed one)."""
+    if OmegaConf.select(cfg, "train.resume"):
+        return
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra"}:
+        shutil.rmtree(run_dir, ignore_errors=True)

@@ -1,0 +1,95 @@
+"""Variational temperature sampling router (VTSR): a learned per-token temperature."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ...config import ConfigError, ModelConfig, RouterConfig
+from ..flops import SOFTMAX_FLOPS_PER_CLASS, linear_flops
+from .base import (Router, Routing, check_head_ratio, gumbel_perturbed, inverse_softplus, register_router,
+                   topk_overlap, zero_init_head)
+
+
+@dataclass
+class VTSRConfig(RouterConfig):
+    name: str = "vtsr"
+    # One temperature per token, or one per token and expert.
+    per_expert_temperature: bool = False
+    # Weight of mean(-log T(u)), against temperature collapse.
+    temperature_reg: float = 1e-3
+    # T(u) = softplus(head(u)) + min_temperature.
+    min_temperature: float = 0.05
+    head_hidden_ratio: float = 0.25
+
+    def check(self, model: ModelConfig) -> None:
+        super().check(model)
+        if not self.min_temperature > 0:
+            raise ConfigError(f"router.min_temperature={self.min_temperature} must be > 0")
+        if self.temperature_reg < 0:
+            raise ConfigError(f"router.temperature_reg={self.temperature_reg} must be >= 0")
+        check_head_ratio(self.head_hidden_ratio)
+
+
+@register_router
+class VTSRRouter(Router):
+    """Variational temperature sampling: a head predicts ``T_phi(u) = softplus(.) + min_temperature``
+    (one per token, or one per expert with ``router.per_expert_temperature=true``), starting at 1.
+
+    Training samples K experts by Gumbel-top-K on ``l / T_phi``. The gates the experts see are the
+    softmax over the selected scaled logits; their gradient is taken straight through from the
+    relaxed sample ``softmax(l / T_phi + g)`` at the selected experts, which depends on T_phi
+    through the selection probabilities too (so the head learns even with K = 1, where the hard
+    gate is the constant 1). ``temperature_reg * mean(-log T_phi)`` keeps T from collapsing, and
+    ``min_temperature`` is a hard floor.
+
+    Evaluation is a single deterministic pass: Top-K on ``l / T_phi``, gates as in training. With
+    one temperature per token this selects the same experts as Top-K on ``l`` and T_phi only
+    reshapes the gates and the routing distribution; per-expert temperatures can change the
+    selection. The learned temperature itself is the uncertainty signal (``uncertainty_T``).
+    """
+
+    name = "vtsr"
+    Config = VTSRConfig
+    uncertainty_signal = "temperature"
+
+    def __init__(self, d_model: int, n_experts: int, cfg: VTSRConfig):
+        super().__init__(d_model, n_experts, cfg)
+        n_temperatures = n_experts if cfg.per_expert_temperature else 1
+        # softplus(bias) + min_temperature = 1 at initialisation (or just above the floor if it is >= 1).
+        bias = inverse_softplus(max(1.0 - cfg.min_temperature, 1e-2))
+        self.temperature_head = zero_init_head(d_model, cfg.head_hidden_ratio, n_temperatures, bias)
+
+    def temperature(self, u_TD: torch.Tensor) -> torch.Tensor:
+        """``T_phi(u)``: shape (T, 1), or (T, E) with per-expert temperatures."""
+        return F.softplus(self.temperature_head(u_TD).float()) + self.cfg.min_temperature
+
+    def forward(self, u_TD: torch.Tensor) -> Routing:
+        logits_TE = self.gate(u_TD).float()
+        temperature_TX = self.temperature(u_TD)
+        scaled_TE = logits_TE / temperature_TX
+        probs_TE = scaled_TE.softmax(-1)
+        if self.training:
+            perturbed_TE = gumbel_perturbed(scaled_TE)
+            ids_TK = perturbed_TE.topk(self.k, dim=-1).indices
+            hard_TK = scaled_TE.gather(-1, ids_TK).softmax(-1)
+            relaxed_TK = perturbed_TE.softmax(-1).gather(-1, ids_TK)
+            gates_TK = hard_TK.detach() + (relaxed_TK - relaxed_TK.detach())  # value hard, gradient relaxed
+        else:
+            ids_TK = scaled_TE.topk(self.k, dim=-1).indices
+            gates_TK = scaled_TE.gather(-1, ids_TK).softmax(-1)
+        aux = (self.balance_terms(logits_TE, probs_TE, ids_TK)
+               + self.cfg.temperature_reg * (-temperature_TX.log()).mean())
+        temperature = temperature_TX.detach()
+        stats = {"temperature_mean": temperature.mean(), "temperature_std": temperature.std(unbiased=False),
+                 "temperature_min": temperature.min(), "topk_overlap": topk_overlap(ids_TK, logits_TE)}
+        return Routing(ids_TK, gates_TK.to(u_TD.dtype), probs_TE, aux, stats,
+                       uncertainty_T=temperature.mean(-1))
+
+    def flops_per_token(self, samples: int) -> float:
+        # Evaluation is one deterministic pass: the temperature head, softplus, and l / T.
+        e = self.n_experts
+        return linear_flops(self.gate) + self.head_flops_per_token() + 2 * e + SOFTMAX_FLOPS_PER_CLASS * e \
+            + 2 * self.k

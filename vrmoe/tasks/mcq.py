@@ -1,0 +1,71 @@
+"""4-way multiple choice made from the text (``task=mcq``): the paper's over-confident regime."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from ..data.batches import derived_seed
+from ..data.mcq import N_OPTIONS, MCQBatch, item_len, items_from_text, make_batch, option_scores
+from .base import register_task
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import AppConfig
+    from ..data.corpora import Corpus
+    from ..model.backbone import ModelOutput
+
+
+@register_task
+class MCQTask:
+    """Cross-entropy over the four option scores of items built from the training split.
+
+    Batches walk the items epoch by epoch, in an order drawn from (seed, epoch), so a
+    resumed run sees the same batches as an uninterrupted one."""
+
+    name = "mcq"
+
+    def __init__(self, app: "AppConfig", corpus: "Corpus"):
+        max_len = item_len(app)
+        tokenizer = corpus.tokenizer
+        self.train_set = items_from_text(tokenizer.decode(corpus.train), app.task.train_items, max_len, "task=mcq",
+                                         tokenizer=tokenizer)
+        self.val_set = items_from_text(tokenizer.decode(corpus.val), app.task.val_items, max_len, "task=mcq",
+                                       tokenizer=tokenizer)
+        self.batch_size = app.train.batch_size
+        self.seed = app.seed
+        self.eval_batch_size = app.train.batch_size
+        self.tokens_per_step = self.batch_size * N_OPTIONS * max_len
+        self._orders: dict[int, torch.Tensor] = {}
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._orders:
+            gen = torch.Generator().manual_seed(derived_seed(self.seed, epoch))
+            self._orders = {epoch: torch.randperm(len(self.train_set), generator=gen)}
+        return self._orders[epoch]
+
+    def train_batch(self, step: int, device: torch.device) -> MCQBatch:
+        n = len(self.train_set)
+        positions = step * self.batch_size + torch.arange(self.batch_size)
+        index = torch.stack([self._order(int(p) // n)[int(p) % n] for p in positions])
+        return make_batch(self.train_set, index, device)
+
+    def forward(self, model, batch: MCQBatch) -> "ModelOutput":
+        out = model(batch.inputs_NL)
+        loss = F.cross_entropy(option_scores(out.logits_BLV, batch), batch.answers_B)
+        return replace(out, loss=loss)
+
+    @torch.no_grad()
+    def validate(self, model, device: torch.device) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        loss_sum, correct = 0.0, 0
+        for index in torch.arange(len(self.val_set)).split(self.eval_batch_size):
+            batch = make_batch(self.val_set, index, device)
+            scores = option_scores(model(batch.inputs_NL).logits_BLV, batch)
+            loss_sum += float(F.cross_entropy(scores, batch.answers_B, reduction="sum"))
+            correct += int((scores.argmax(-1) == batch.answers_B).sum())
+        model.train(was_training)
+        return {"val/loss": loss_sum / len(self.val_set), "val/accuracy": correct / len(self.val_set)}

@@ -1,0 +1,187 @@
+"""The training loop: set up a run, then step, meter, validate and checkpoint until done.
+
+The loop knows no router, task or backbone: the task gives batches and its loss, the
+model's output carries the routers' weighted auxiliary loss and per-layer diagnostics,
+and the loop adds, logs and records them. Diagnostics are summed on device and read
+back only every ``train.log_every`` steps, so a step has no host sync (beyond the CPU
+expert loop's counts; see ``model/moe.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import (Checkpointer, check_resumable, freeze_loaded, load_checkpoint, load_weights_from_run,
+                          restore_rng)
+from ..config import AppConfig, ConfigError, to_dict
+from ..console import console, log_line
+from ..data.corpora import Corpus, load_corpus
+from ..device import resolve_device
+from ..model import build_model
+from ..model.backbone import Backbone
+from ..plots import log_utilisation_image, write_run_plots
+from ..tasks import Task, build_task
+from ..tracking import RunRecorder, make_logger
+from .meter import IntervalMeter
+from .step import TrainStep, make_optimizer
+
+
+def train(app: AppConfig, run_dir: Path, overrides: list[str] | None = None,
+          group: str | None = None, run_name: str | None = None) -> dict[str, Any]:
+    """Train one run into ``run_dir``; return its summary (also written to summary.json).
+
+    ``group`` and ``run_name`` name the W&B run (a sweep passes its group and the overrides it
+    varies); by default the run is named by all its overrides."""
+    run = TrainingRun.start(app, Path(run_dir), overrides or [], group, run_name)
+    train_step = TrainStep(run.model, run.optimizer, app.train, run.device)
+    forward_model = torch.compile(run.model) if app.train.compile else run.model
+    meter = IntervalMeter(run.device, run.model.moe_layer_names, run.task.tokens_per_step)
+    step, max_steps, status = run.start_step, app.train.max_steps, "failed"
+    try:
+        with run.progress:
+            while step < max_steps:
+                batch = run.task.train_batch(step, run.device)
+                out = train_step(step, lambda: run.task.forward(forward_model, batch))
+                step += 1
+                meter.add(out)
+                validate = step % app.train.eval_every == 0 or step == max_steps
+                if step % app.train.log_every == 0 or validate:
+                    row = {**meter.pop(step), "lr": train_step.lr}
+                    if validate:
+                        row.update(run.task.validate(run.model, run.device))
+                    run.record(row, validated=validate)
+                if step % app.train.ckpt_every == 0 or step == max_steps:
+                    run.checkpointer.save(step, run.model, run.optimizer)
+        status = "completed"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        run.checkpointer.save(step, run.model, run.optimizer)
+        raise
+    finally:
+        run.finish(status, step)
+    return run.summary
+
+
+@dataclass
+class TrainingRun:
+    """Everything one run holds while it trains, and what it records."""
+
+    app: AppConfig
+    run_dir: Path
+    device: torch.device
+    corpus: Corpus
+    task: Task
+    model: Backbone
+    optimizer: torch.optim.Optimizer
+    start_step: int
+    checkpointer: Checkpointer
+    recorder: RunRecorder
+    summary: dict[str, Any]
+    progress: Any
+    last_train: float | None = None
+    last_val: float | None = None
+
+    @classmethod
+    def start(cls, app: AppConfig, run_dir: Path, overrides: list[str], group: str | None,
+              run_name: str | None) -> "TrainingRun":
+        """Resume checks, corpus and task, model (fresh, resumed or from another run, frozen as
+        asked), optimiser, logger and the first summary: everything that can refuse the run is
+        decided before anything is written."""
+        device = resolve_device(app.train.device)
+        resume = load_checkpoint(app.train.resume, "train.resume") if app.train.resume else None
+        if resume is not None:
+            check_resumable(resume, app)
+        corpus = load_corpus(app.data, min_tokens=app.model.seq_len + 2)
+        if corpus.tokenizer.vocab_size > app.model.vocab_size:
+            raise ConfigError(f"model.vocab_size={app.model.vocab_size} is smaller than the tokenizer's "
+                              f"{corpus.tokenizer.vocab_size} tokens; set model.vocab_size={corpus.tokenizer.vocab_size}")
+        task = build_task(app, corpus)
+        model = build_model(app)
+        frozen: set[str] = set()  # parameter names that came from another run: frozen under freeze=backbone
+        if resume is not None:
+            model.load_state_dict(resume["model"])
+            frozen = set(resume.get("frozen", []))
+        elif app.train.init_from:
+            frozen = load_weights_from_run(model, app.model, app.train.init_from, "train.init_from")
+        if app.train.freeze == "backbone":
+            freeze_loaded(model, frozen)
+        model.to(device).train()
+        optimizer = make_optimizer(model, app.train.lr, app.train.weight_decay)
+        start_step = 0
+        if resume is not None:
+            optimizer.load_state_dict(resume["optimizer"])
+            start_step = int(resume["step"])
+            restore_rng(resume, device)
+
+        config = to_dict(app)
+        logger = make_logger(app.logger.name, run_dir, config, app.logger.project, app.logger.mode,
+                             app.logger.entity, app.logger.group or group, run_name or run_name_from(overrides),
+                             app.logger.tags)
+        recorder = RunRecorder(run_dir, logger, resume_after_step=start_step if resume else None)
+        counts = model.parameter_counts()
+        summary: dict[str, Any] = {
+            "status": "running", "step": start_step, "max_steps": app.train.max_steps,
+            "router": app.router.name, "overrides": overrides,
+            "params_total": counts["total"], "params_active": counts["active"],
+            "params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "unigram_entropy": corpus.unigram_entropy(), "device": str(device),
+            "train_tokens": len(corpus.train), "val_tokens": len(corpus.val), "config": config,
+        }
+        recorder.write_summary(summary)
+        log_line(f"[bold]{app.router.name}[/] router, {counts['total'] / 1e6:.2f}M params "
+                 f"({counts['active'] / 1e6:.2f}M active), {app.data.name}: {len(corpus.train) / 1e6:.2f}M train "
+                 f"tokens, unigram entropy {summary['unigram_entropy']:.3f} nats, device {device}, run dir {run_dir}")
+        wall_before = float(resume.get("wall_time_s", 0.0)) if resume else 0.0
+        checkpointer = Checkpointer(run_dir, app, frozen, wall_before, device)
+        return cls(app, run_dir, device, corpus, task, model, optimizer, start_step, checkpointer, recorder, summary,
+                   make_progress(app.train.max_steps, start_step))
+
+    def record(self, row: dict[str, Any], validated: bool) -> None:
+        """One metrics.jsonl row, mirrored to the logger and shown as progress."""
+        self.last_train = row["train/loss"]
+        if validated:
+            self.last_val = row["val/loss"]
+        self.recorder.log(row)
+        if validated:
+            log_utilisation_image(self.recorder.logger, self.run_dir, row["moe"], row["step"])
+        self.progress.update(self.progress.task_ids[0], completed=row["step"], loss=self.last_train,
+                             tps=row["tokens_per_s"])
+        if self.progress.disable:
+            val_part = f" val/loss {self.last_val:.4f}" if validated else ""
+            log_line(f"step {row['step']}/{self.app.train.max_steps} loss {self.last_train:.4f}{val_part} "
+                     f"lr {row['lr']:.2e} {row['tokens_per_s']:.0f} tok/s")
+
+    def finish(self, status: str, step: int) -> None:
+        """The final summary, the run's figures, and the logger closed, whatever ended the run."""
+        seconds = time.perf_counter() - self.checkpointer.started
+        self.summary.update({
+            "status": status, "step": step, "wall_time_s": self.checkpointer.wall_time(),
+            "final_train_loss": self.last_train, "final_val_loss": self.last_val,
+            "tokens_per_s": (step - self.start_step) * self.task.tokens_per_step / max(seconds, 1e-9)})
+        self.recorder.write_summary(self.summary)
+        write_run_plots(self.run_dir, n_experts=self.app.model.n_experts, logger=self.recorder.logger, step=step)
+        self.recorder.close(failed=status == "failed")
+        if status == "completed":
+            log_line(f"done: val/loss {self.last_val:.4f} nats (unigram entropy {self.summary['unigram_entropy']:.4f}) "
+                     f"in {self.summary['wall_time_s']:.0f}s -> {self.run_dir}")
+
+
+def run_name_from(overrides: list[str] | None) -> str | None:
+    keep = [o for o in (overrides or []) if not o.startswith(("hydra", "logger", "train.resume"))]
+    return ",".join(keep) or None
+
+
+def make_progress(total: int, start: int):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("[bold blue]step {task.completed}/{task.total}"), BarColumn(),
+                        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
+                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                        console=console, disable=not console.is_terminal, transient=False)
+    progress.add_task("train", total=total, completed=start, loss=float("nan"), tps=0.0)
+    return progress

@@ -1,0 +1,49 @@
+"""What happened since the last log line: losses, throughput and per-layer routing statistics.
+
+Everything is summed on device and read back once per interval, so a step has no host sync.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from ..model.backbone import ModelOutput
+
+
+class IntervalMeter:
+    def __init__(self, device: torch.device, layer_names: list[str], tokens_per_step: int):
+        self.layer_names, self.tokens_per_step = layer_names, tokens_per_step
+        self.loss_sum = torch.zeros((), device=device)
+        self.aux_sum = torch.zeros((), device=device)
+        self.stat_sums: list[dict[str, torch.Tensor]] | None = None
+        self.steps = 0
+        self.started = time.perf_counter()
+
+    def add(self, out: ModelOutput) -> None:
+        self.loss_sum += out.loss.detach()
+        self.aux_sum += out.aux_loss.detach()
+        if self.stat_sums is None:
+            self.stat_sums = [{k: v.detach().float().clone() for k, v in s.items()} for s in out.layer_stats]
+        else:
+            for acc, s in zip(self.stat_sums, out.layer_stats):
+                for k, v in s.items():
+                    acc[k] += v.detach().float()
+        self.steps += 1
+
+    def pop(self, step: int) -> dict[str, Any]:
+        """The interval's row (means over its steps) for metrics.jsonl; the meter starts afresh."""
+        elapsed = time.perf_counter() - self.started
+        n = max(self.steps, 1)
+        row: dict[str, Any] = {
+            "step": step, "train/loss": float(self.loss_sum / n), "train/aux_loss": float(self.aux_sum / n),
+            "tokens_per_s": self.steps * self.tokens_per_step / max(elapsed, 1e-9),
+            "moe": {name: {k: (v / n).cpu().tolist() for k, v in s.items()}
+                    for name, s in zip(self.layer_names, self.stat_sums or [])},
+        }
+        self.loss_sum.zero_(), self.aux_sum.zero_()
+        self.stat_sums, self.steps = None, 0
+        self.started = time.perf_counter()
+        return row
