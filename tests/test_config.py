@@ -10,7 +10,7 @@ from vrmoe.config import ConfigError
 from conftest import make_config
 
 
-@pytest.mark.parametrize("group", [g for g in CONFIG_GROUPS if g != "experiment"])
+@pytest.mark.parametrize("group", [g for g in CONFIG_GROUPS if g not in ("experiment", "hparams_search")])
 def test_every_option_of_every_group_composes(group, tmp_path):
     for option in group_options(group):
         extra = {"text": [f"data.path={tmp_path}"], "hf": [f"data.hf_name={tmp_path}"]}.get(option, [])
@@ -23,6 +23,12 @@ def test_experiment_presets_compose():
     for option in group_options("experiment"):
         cfg = make_config(f"experiment={option}")
         assert cfg.train.max_steps >= 1
+
+
+def test_the_optuna_preset_sets_its_router_objective_and_evaluation():
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    cfg = make_config("hparams_search=variational_ece")
+    assert (cfg.router.name, cfg.train.objective, cfg.eval.at_end) == ("variational", "mcq_ece", True)
 
 
 def test_top_level_knobs_reach_the_router():

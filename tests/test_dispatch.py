@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch._inductor.config
 
-from vrmoe.bench import build_model, compose_config, graph_breaks, random_tokens
+from vrmoe.bench import compose_config, graph_breaks, model_on, random_tokens
 from vrmoe.model.routers import router_config
 from vrmoe.model.moe import Experts, build_moe, dispatch, expert_counts, reference_moe, sort_slots
 from vrmoe.model.routers import Routing
@@ -138,7 +138,7 @@ def test_experts_run_once_per_layer_call():
 def test_grouped_mm_path_compiles_without_graph_breaks(router):
     """The GPU path (grouped_mm, bf16 autocast) has no host sync: one graph per model."""
     app = compose_config(["model=tiny", "model.dispatch=grouped_mm", *router])
-    model = build_model(app, torch.device("cpu"))
+    model = model_on(app, torch.device("cpu"))
     count, reasons = graph_breaks(model, random_tokens(app, 2, torch.device("cpu")))
     assert count == 0, reasons
 
@@ -146,7 +146,7 @@ def test_grouped_mm_path_compiles_without_graph_breaks(router):
 @pytest.mark.slow
 def test_compiled_tiny_model_gives_the_eager_loss_and_gradients():
     app = compose_config(["model=tiny", "router=variational"])
-    model = build_model(app, torch.device("cpu"))
+    model = model_on(app, torch.device("cpu"))
     idx = random_tokens(app, 4, torch.device("cpu"))
 
     def loss_and_grads(forward):

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from vrmoe.jobs import record_failed_job, sweep_group, sweep_run_name
+from omegaconf import OmegaConf
+
+from vrmoe.jobs import record_failed_job, run_objective, sweep_group, sweep_run_name
 
 from conftest import TINY, run_cli
 
@@ -139,3 +141,19 @@ def test_sweep_groups_and_run_names(tmp_path):
     assert sweep_run_name(sweep_dir, job) == "router=temperature,seed=2"
     # Without the sweep's record, all the job's overrides name it.
     assert sweep_run_name(tmp_path, job) == "model=tiny,router=temperature,seed=2,T=0.5"
+
+
+@pytest.mark.slow
+def test_the_optuna_preset_minimises_the_runs_own_objective(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    proc = run_cli("train", "-m", "hparams_search=variational_ece", *TINY, "train.max_steps=3",
+                   "hydra.sweeper.n_trials=2", "eval.windows=4", "eval.mcq_items=8", "eval.stability_windows=1",
+                   "eval.gammas=[0.01]", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert "Traceback" not in proc.stderr
+    runs = sorted(p.parent for p in (tmp_path / "sweep").rglob("summary.json"))
+    assert len(runs) == 2
+    objectives = [run_objective(run, "mcq_ece") for run in runs]
+    assert all(0 <= value <= 1 for value in objectives)
+    best = OmegaConf.load(tmp_path / "sweep" / "optimization_results.yaml")
+    assert best.best_value == pytest.approx(min(objectives))
+    assert set(best.best_params) == {"beta", "router.sigma_init"}

@@ -43,7 +43,7 @@ import torch
 from .compose import compose_config
 from .config import AppConfig, ConfigError
 from .device import resolve_device, synchronize
-from .model import build_model as build_backbone
+from .model import build_model
 from .model.routers import ROUTERS as ROUTER_REGISTRY
 from .train.step import TrainStep, make_optimizer
 
@@ -284,8 +284,8 @@ def train_step(app: AppConfig, model, idx: torch.Tensor, device: torch.device, f
     return lambda: step(0, lambda: forward(idx, idx))
 
 
-def build_model(app: AppConfig, device: torch.device):
-    return build_backbone(app).to(device)
+def model_on(app: AppConfig, device: torch.device):
+    return build_model(app).to(device)
 
 
 def random_tokens(app: AppConfig, batch_size: int, device: torch.device) -> torch.Tensor:
@@ -365,7 +365,7 @@ def router_model_rows(sizes: Sizes, device: torch.device) -> list[Row]:
     idx = random_tokens(base, base.train.batch_size, device)
     apps = {"topk": base, **{label: compose_config([f"model={sizes.model}", f"K={sizes.k}", *precision, *overrides])
                              for label, overrides in router_variants()}}
-    models = {name: build_model(app, device) for name, app in apps.items()}
+    models = {name: model_on(app, device) for name, app in apps.items()}
     steps = {}
     for name, model in models.items():
         model.train()
@@ -431,7 +431,7 @@ def model_throughput(app: AppConfig, batch_size: int, steps: int, device: torch.
     per token are three forward passes' (forward + backward), counted by the backbone
     (``flops_per_token``): matmuls with K of E experts, causal attention at its mean context,
     the routers in full."""
-    model = build_model(app, device)
+    model = model_on(app, device)
     model.train()
     idx = random_tokens(app, batch_size, device)
     forward = torch.compile(model) if compiled else model
@@ -464,7 +464,7 @@ def gpu_rows(sizes: Sizes, device: torch.device) -> list[Row]:
                     note=f"{result['tokens_per_s']:,.0f} tokens/s, {result['flops_per_s'] / 1e12:.1f} TFLOP/s: "
                          f"MFU {result['flops_per_s'] / H100_BF16_DENSE_FLOPS:.1%} of 989 TFLOP/s (H100 dense "
                          f"bf16), {result['flops_per_s'] / matmul:.1%} of the measured matmul"))
-    model = build_model(app, device)
+    model = model_on(app, device)
     count, reasons = graph_breaks(model, random_tokens(app, 1, device))
     rows.append(Row(section, "graph breaks (torch._dynamo.explain)", note=f"{count}" + (f": {reasons[0]}" if reasons else "")))
     return rows
@@ -501,14 +501,14 @@ def shared_cpu_warning(device: torch.device) -> str | None:
             "spinning OpenMP barriers; rerun with OMP_WAIT_POLICY=PASSIVE or --threads 1")
 
 
-def _fmt(value: float | None, spec: str) -> str:
+def _cell(value: float | None, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
 def table_cells(row: Row) -> list[str]:
     target = f"<= {row.target:.2f}" if row.target is not None else ""
-    return [row.name, _fmt(row.time_ms, ".1f"), _fmt(row.ratio, ".3f") and _fmt(row.ratio, ".3f") + "x",
-            target, row.verdict, _fmt(row.memory_mb, ".1f"), row.note]
+    return [row.name, _cell(row.time_ms, ".1f"), _cell(row.ratio, ".3f") and _cell(row.ratio, ".3f") + "x",
+            target, row.verdict, _cell(row.memory_mb, ".1f"), row.note]
 
 
 HEADERS = ["measurement", "ms", "ratio", "target", "met", "peak MB", "note"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
@@ -212,6 +213,8 @@ def prepare_hydra() -> None:
     if not OmegaConf.has_resolver("vrmoe_run_dir"):
         # A resumed run continues in its own directory instead of a new one.
         OmegaConf.register_new_resolver("vrmoe_run_dir", lambda resume, default: resume or default)
+    if not OmegaConf.has_resolver("vrmoe_job_dirname"):
+        OmegaConf.register_new_resolver("vrmoe_job_dirname", job_dirname)
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
@@ -222,6 +225,19 @@ def prepare_hydra() -> None:
         store.store(group=ROUTER_SCHEMA_GROUP, name=name, node=cls.Config)
         if name not in yaml_routers:  # a router registered in code needs no YAML file
             store.store(group="router", name=name, node=cls.Config)
+
+
+MAX_JOB_DIRNAME = 120
+
+
+def job_dirname(job_num: Any, overrides: Any) -> str:
+    """A sweep job's directory name, ``<job number>_<its overrides>``; a long one (an Optuna trial's
+    float values, many swept keys) is cut and keeps a hash of the whole, as file names have a limit."""
+    name = f"{job_num}_{overrides}" if overrides not in (None, "") else str(job_num)
+    if len(name) <= MAX_JOB_DIRNAME:
+        return name
+    digest = hashlib.sha1(str(overrides).encode("utf-8")).hexdigest()[:8]
+    return f"{name[:MAX_JOB_DIRNAME - 9]}_{digest}"
 
 
 def compose_config(overrides: Iterable[str]) -> AppConfig:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 
-from ...config import RouterConfig
+from ...config import ConfigError, RouterConfig
 from .base import ROUTERS
 
 
@@ -30,9 +30,10 @@ def main(argv: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    fmt = argv[0] if argv else "table"
+    if argv and argv[0] not in ("--markdown",):
+        raise ConfigError(f"vrmoe routers: unknown argument {argv[0]!r}; use --markdown or nothing")
     rows = router_rows()
-    if fmt == "--markdown":
+    if argv:
         headers = list(rows[0])
         print("| " + " | ".join(headers) + " |\n|" + "---|" * len(headers))
         for row in rows:
@@ -43,4 +44,5 @@ def main(argv: list[str]) -> None:
         table.add_column(header)
     for row in rows:
         table.add_row(*row.values())
-    Console().print(table)
+    console = Console()
+    Console(width=console.width if console.is_terminal else 200).print(table)

@@ -17,7 +17,7 @@ class TopKConfig(RouterConfig):
 
 @register_router
 class TopKRouter(Router):
-    """Gates are the softmax over the K selected logits."""
+    """Deterministic Top-K, the paper's MAP baseline: gates are the softmax over the K selected logits."""
 
     name = "topk"
     Config = TopKConfig
