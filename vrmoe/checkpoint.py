@@ -89,22 +89,29 @@ def load_weights_from_run(model: torch.nn.Module, model_cfg: ModelConfig, run_di
     return set(loadable)
 
 
-def load_weights_strict(model: torch.nn.Module, state: dict[str, Any], app: AppConfig, run: str | Path) -> None:
-    """A checkpoint's weights into a model built from ``app``: every parameter must fit."""
-    diff = shape_mismatch(state["config"]["model"], app.model)
-    if diff:
-        raise ConfigError(f"run={run}: the checkpoint holds another model shape ({'; '.join(diff)}); "
-                          "evaluate it with its own model=...")
+def load_run_weights(model: torch.nn.Module, state: dict[str, Any], key: str, run: str | Path,
+                     app: AppConfig | None = None) -> None:
+    """A run's checkpoint into a model built from its config (``app``: the config it is loaded
+    under, checked for shape). Every parameter must fit; those a checkpoint leaves out must be
+    ones the model reloads from its pretrained source (``pretrained_parameters``)."""
+    if app is not None:
+        diff = shape_mismatch(state["config"]["model"], app.model)
+        if diff:
+            raise ConfigError(f"{key}={run}: the checkpoint holds another model shape ({'; '.join(diff)}); "
+                              "use it with its own model=...")
     try:
         result = model.load_state_dict(state["model"], strict=False)
     except RuntimeError as exc:
         first = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), str(exc).splitlines()[0])
-        raise ConfigError(f"run={run}: checkpoint.pt does not fit its config ({first}); re-run the training") from None
-    if result.missing_keys or result.unexpected_keys:
-        name = (result.missing_keys or result.unexpected_keys)[0]
-        raise ConfigError(f"run={run}: checkpoint.pt does not fit router={app.router.name} "
-                          f"(parameter {name} {'missing' if result.missing_keys else 'unexpected'}); "
-                          "evaluate the run with the router it was trained with")
+        raise ConfigError(f"{key}={run}: checkpoint.pt does not fit its config ({first}); re-run the training") from None
+    reloadable = set(getattr(model, "pretrained_parameters", ()))
+    missing = [name for name in result.missing_keys if name not in reloadable]
+    if missing or result.unexpected_keys:
+        name = (missing or result.unexpected_keys)[0]
+        router = app.router.name if app is not None else state["config"]["router"].get("name")
+        raise ConfigError(f"{key}={run}: checkpoint.pt does not fit router={router} "
+                          f"(parameter {name} {'missing' if missing else 'unexpected'}); "
+                          "use the run with the router it was trained with")
 
 
 def check_resumable(state: dict[str, Any], app: AppConfig) -> None:
@@ -140,8 +147,11 @@ def restore_rng(state: dict[str, Any], device: torch.device) -> None:
 class Checkpointer:
     """Writes the run's checkpoint: everything a resume needs to continue bit for bit."""
 
-    def __init__(self, run_dir: Path, app: AppConfig, frozen: set[str], wall_before: float, device: torch.device):
+    def __init__(self, run_dir: Path, app: AppConfig, frozen: set[str], wall_before: float, device: torch.device,
+                 reloadable: set[str] = frozenset()):
         self.path = Path(run_dir) / CHECKPOINT_FILE
+        # Frozen pretrained weights are not copied: the model reloads them from model.hf_name.
+        self.reloadable = set(reloadable)
         self.config = to_dict(app)
         self.frozen = sorted(frozen)
         self.wall_before = wall_before
@@ -154,7 +164,8 @@ class Checkpointer:
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         save_checkpoint(self.path, {
             "version": CHECKPOINT_VERSION, "step": step, "config": self.config,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "model": {k: v for k, v in model.state_dict().items() if k not in self.reloadable},
+            "optimizer": optimizer.state_dict(),
             "rng": {"cpu": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None},
             "frozen": self.frozen,
@@ -163,4 +174,4 @@ class Checkpointer:
 
 
 __all__ = ["CHECKPOINT_VERSION", "save_checkpoint", "load_checkpoint", "shape_mismatch", "load_weights_from_run",
-           "load_weights_strict", "check_resumable", "freeze_loaded", "restore_rng", "Checkpointer"]
+           "load_run_weights", "check_resumable", "freeze_loaded", "restore_rng", "Checkpointer"]

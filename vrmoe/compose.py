@@ -58,6 +58,7 @@ def _one_line(exc: OmegaConfBaseException) -> str:
 
 def load_config(cfg: DictConfig | dict[str, Any]) -> AppConfig:
     """Resolve a composed config (or a saved one) and return the validated, typed :class:`AppConfig`."""
+    register_resolvers()
     try:
         raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
         raw = {k: v for k, v in raw.items() if k not in ("hydra", "experiment", "hparams_search")}
@@ -66,6 +67,9 @@ def load_config(cfg: DictConfig | dict[str, Any]) -> AppConfig:
         schema.router = OmegaConf.structured(router_class(router_name).Config)
         app: AppConfig = OmegaConf.to_object(OmegaConf.merge(schema, raw))  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, ConfigError):  # raised by a resolver (a model=hf checkpoint that cannot be read)
+            raise cause from None
         raise ConfigError(f"invalid config: {_one_line(exc)}") from None
     if app.data.name not in CORPORA:
         raise ConfigError(f"data={app.data.name!r} is unknown; choose one of {', '.join(CORPORA)}")
@@ -208,13 +212,27 @@ def _check_type(parsed, key: str, declared_in: type) -> None:
 # Hydra
 # ---------------------------------------------------------------------------
 
-def prepare_hydra() -> None:
-    """Register what the configs need before Hydra composes them (in every process that composes)."""
+def _hf_config_value(name: str, key: str):
+    from .model.hf import config_value
+
+    return config_value(str(name), str(key))
+
+
+def register_resolvers() -> None:
+    """The resolvers the YAML files use (registered once per process)."""
+    if not OmegaConf.has_resolver("vrmoe_hf"):
+        # model=hf: shape values read off the checkpoint's own config.
+        OmegaConf.register_new_resolver("vrmoe_hf", _hf_config_value)
     if not OmegaConf.has_resolver("vrmoe_run_dir"):
         # A resumed run continues in its own directory instead of a new one.
         OmegaConf.register_new_resolver("vrmoe_run_dir", lambda resume, default: resume or default)
     if not OmegaConf.has_resolver("vrmoe_job_dirname"):
         OmegaConf.register_new_resolver("vrmoe_job_dirname", job_dirname)
+
+
+def prepare_hydra() -> None:
+    """Register what the configs need before Hydra composes them (in every process that composes)."""
+    register_resolvers()
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()

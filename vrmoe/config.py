@@ -38,6 +38,10 @@ class ModelConfig:
     dropout: float = 0.0
     # Expert dispatch kernel: "auto" picks grouped_mm on CUDA in bf16, a loop over experts otherwise.
     dispatch: str = "auto"
+    # Experts per token the model is made with; the knob K follows it unless set.
+    top_k: int = 2
+    # model=hf: a Hugging Face hub id or a local directory written by save_pretrained.
+    hf_name: Optional[str] = None
 
 
 @dataclass
@@ -194,8 +198,10 @@ def validate(c: AppConfig) -> None:
                        ("model.n_heads", m.n_heads), ("model.seq_len", m.seq_len),
                        ("model.n_experts", m.n_experts), ("model.expert_hidden", m.expert_hidden)):
         _require(value >= 1, f"{key}={value} must be a positive integer")
-    _require(m.d_model % m.n_heads == 0 and (m.d_model // m.n_heads) % 2 == 0,
-             f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads} into an even head size")
+    if m.backbone == "native":  # a pretrained backbone keeps its checkpoint's attention
+        _require(m.d_model % m.n_heads == 0 and (m.d_model // m.n_heads) % 2 == 0,
+                 f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads} into an even head size")
+    _require(m.backbone != "hf" or bool(m.hf_name), "model=hf needs model.hf_name=<hub id or local directory>")
     _require(m.moe_every >= 0, f"model.moe_every={m.moe_every} must be >= 0 (0 = no MoE layers)")
     _require(m.dispatch in ("auto", "loop", "grouped_mm"),
              f"model.dispatch={m.dispatch!r} must be one of auto, loop, grouped_mm")
@@ -212,7 +218,7 @@ def validate(c: AppConfig) -> None:
                        ("train.eval_batches", t.eval_batches), ("train.ckpt_every", t.ckpt_every)):
         _require(value >= 1, f"{key}={value} must be a positive integer")
     _require(t.freeze in ("none", "backbone"), f"train.freeze={t.freeze!r} must be none or backbone")
-    _require(t.freeze == "none" or t.init_from is not None,
+    _require(t.freeze == "none" or t.init_from is not None or m.backbone == "hf",
              "train.freeze=backbone needs train.init_from=<run dir> (a trained model to freeze)")
     _require(t.precision in ("fp32", "bf16"), f"train.precision={t.precision!r} must be fp32 or bf16")
     _require(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),

@@ -236,8 +236,10 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(f, array)
 
 
-def load_corpus(cfg: DataConfig, min_tokens: int = 0) -> Corpus:
-    """Build (or read from cache) the corpus that ``cfg`` names."""
+def load_corpus(cfg: DataConfig, min_tokens: int = 0, tokenizer: Tokenizer | None = None) -> Corpus:
+    """Build (or read from cache) the corpus that ``cfg`` names, as the tokens of ``tokenizer``
+    (bytes when None). Documents are split before tokenisation, so every tokenizer sees the
+    same split; the built-in corpora are cached as text bytes."""
     if cfg.name in BUILTIN_CORPORA:
         tag = (f"{cfg.name}-c{CORPUS_VERSION}-py{sys.version_info.major}.{sys.version_info.minor}"
                f"-v{cfg.val_fraction}")
@@ -249,7 +251,7 @@ def load_corpus(cfg: DataConfig, min_tokens: int = 0) -> Corpus:
             except (OSError, ValueError):  # a damaged cache is rebuilt, not fatal
                 train_np = val_np = None
             if train_np is not None:
-                return _corpus(cfg.name, train_np, val_np, min_tokens)
+                return _corpus(cfg.name, train_np, val_np, min_tokens, tokenizer)
         train_b, val_b = split_documents(BUILTIN_CORPORA[cfg.name](), cfg.val_fraction)
         train_np, val_np = np.frombuffer(train_b, np.uint8), np.frombuffer(val_b, np.uint8)
         try:
@@ -258,7 +260,7 @@ def load_corpus(cfg: DataConfig, min_tokens: int = 0) -> Corpus:
                 atomic_write(path, lambda tmp, a=array: _save_npy(tmp, a))
         except OSError:  # a read-only home still trains, only without the cache
             pass
-        return _corpus(cfg.name, train_np, val_np, min_tokens)
+        return _corpus(cfg.name, train_np, val_np, min_tokens, tokenizer)
     if cfg.name == "text":
         docs = text_documents(cfg.path or "")
     elif cfg.name == "hf":
@@ -266,12 +268,20 @@ def load_corpus(cfg: DataConfig, min_tokens: int = 0) -> Corpus:
     else:
         raise ConfigError(f"data={cfg.name!r} is unknown; choose one of {', '.join(CORPORA)}")
     train_b, val_b = split_documents(docs, cfg.val_fraction)
-    return _corpus(cfg.name, np.frombuffer(train_b, np.uint8), np.frombuffer(val_b, np.uint8), min_tokens)
+    return _corpus(cfg.name, np.frombuffer(train_b, np.uint8), np.frombuffer(val_b, np.uint8), min_tokens, tokenizer)
 
 
-def _corpus(name: str, train: np.ndarray, val: np.ndarray, min_tokens: int) -> Corpus:
-    for split, arr in (("training", train), ("validation", val)):
-        if len(arr) < min_tokens:
-            raise ConfigError(f"data={name}: the {split} split has {len(arr)} bytes, fewer than one sequence "
+def _corpus(name: str, train: np.ndarray, val: np.ndarray, min_tokens: int,
+            tokenizer: Tokenizer | None = None) -> Corpus:
+    """UTF-8 bytes of the two splits as the tokens of ``tokenizer`` (the bytes themselves when None)."""
+    if tokenizer is None or isinstance(tokenizer, ByteTokenizer):
+        tokenizer = ByteTokenizer()
+        splits = [torch.from_numpy(train.copy()), torch.from_numpy(val.copy())]
+    else:
+        splits = [tokenizer.encode(arr.tobytes().decode("utf-8", errors="replace")).to(torch.int32)
+                  for arr in (train, val)]
+    for split, tokens in zip(("training", "validation"), splits):
+        if len(tokens) < min_tokens:
+            raise ConfigError(f"data={name}: the {split} split has {len(tokens)} tokens, fewer than one sequence "
                               f"({min_tokens}); give more text or lower model.seq_len")
-    return Corpus(name, torch.from_numpy(train.copy()), torch.from_numpy(val.copy()))
+    return Corpus(name, splits[0], splits[1], tokenizer)

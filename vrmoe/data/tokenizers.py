@@ -40,3 +40,38 @@ class ByteTokenizer:
 
     def decode(self, ids: torch.Tensor | list[int]) -> str:
         return bytes_to_text(torch.as_tensor(ids))
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer (``AutoTokenizer``) from a hub id or a local directory: the
+    tokenizer of a pretrained backbone (``model=hf``). Text is encoded without special tokens."""
+
+    def __init__(self, name: str):
+        from pathlib import Path
+
+        from ..config import ConfigError
+
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise ConfigError("model=hf needs the transformers package: pip install 'vrmoe[hf]'") from None
+        local = Path(name).expanduser()
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(local) if local.exists() else name)
+        except Exception as exc:  # no tokenizer files, offline, unknown id
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ConfigError(f"model.hf_name={name}: cannot load its tokenizer ({first}); the model's "
+                              "directory must hold the tokenizer files save_pretrained writes") from None
+        self.name = name
+        self.vocab_size = len(self.tokenizer)
+
+    def encode(self, text: str) -> torch.Tensor:
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:  # a fast tokenizer: no warning about texts longer than the context
+            ids = backend.encode(text, add_special_tokens=False).ids
+        else:
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return torch.tensor(ids, dtype=torch.long)
+
+    def decode(self, ids: torch.Tensor | list[int]) -> str:
+        return self.tokenizer.decode(torch.as_tensor(ids).tolist())

@@ -36,13 +36,13 @@ from typing import Any
 import torch
 
 from .. import metrics
-from ..checkpoint import load_weights_strict
+from ..checkpoint import load_run_weights
 from ..config import AppConfig, ConfigError, DataConfig
 from ..data.batches import eval_batches
 from ..data.corpora import Corpus, load_corpus
 from ..data.mcq import MCQTensors, item_len, items_from_text, make_batch, option_scores, shuffle_words_within_sentences
 from ..device import synchronize
-from ..model import build_model
+from ..model import build_model, build_tokenizer
 from ..model.backbone import Backbone
 from ..model.routers import Routing, router_class
 
@@ -78,7 +78,7 @@ def check_eval_inputs(app: AppConfig) -> None:
 def load_model(state: dict[str, Any], app: AppConfig, run: str | Path, device: torch.device) -> Backbone:
     """The checkpoint's weights in a model built from ``app``, in evaluation mode."""
     model = build_model(app)
-    load_weights_strict(model, state, app, run)
+    load_run_weights(model, state, "run", run, app)
     return model.to(device).eval()
 
 
@@ -109,7 +109,7 @@ class EvalContext:
         model = load_model(state, app, run_dir, device)
         sampler = single_sample_copy(model, app) if app.router.samples > 1 else None
         unit = app.task.name if app.eval.ood_task == "auto" else app.eval.ood_task
-        corpus = load_corpus(app.data, min_tokens=app.model.seq_len + 2)
+        corpus = load_corpus(app.data, min_tokens=app.model.seq_len + 2, tokenizer=build_tokenizer(app))
         tokenizer = corpus.tokenizer
         val_text = tokenizer.decode(corpus.val)
         max_len = item_len(app)

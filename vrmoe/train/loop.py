@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import (Checkpointer, check_resumable, freeze_loaded, load_checkpoint, load_weights_from_run,
-                          restore_rng)
+from ..checkpoint import (Checkpointer, check_resumable, freeze_loaded, load_checkpoint, load_run_weights,
+                          load_weights_from_run, restore_rng)
 from ..config import AppConfig, ConfigError, to_dict
 from ..console import console, log_line
 from ..data.corpora import Corpus, load_corpus
 from ..device import resolve_device
-from ..model import build_model
+from ..model import build_model, build_tokenizer
 from ..model.backbone import Backbone
 from ..plots import log_utilisation_image, write_run_plots
 from ..tasks import Task, build_task
@@ -96,18 +96,20 @@ class TrainingRun:
         resume = load_checkpoint(app.train.resume, "train.resume") if app.train.resume else None
         if resume is not None:
             check_resumable(resume, app)
-        corpus = load_corpus(app.data, min_tokens=app.model.seq_len + 2)
+        corpus = load_corpus(app.data, min_tokens=app.model.seq_len + 2, tokenizer=build_tokenizer(app))
         if corpus.tokenizer.vocab_size > app.model.vocab_size:
             raise ConfigError(f"model.vocab_size={app.model.vocab_size} is smaller than the tokenizer's "
                               f"{corpus.tokenizer.vocab_size} tokens; set model.vocab_size={corpus.tokenizer.vocab_size}")
         task = build_task(app, corpus)
         model = build_model(app)
-        frozen: set[str] = set()  # parameter names that came from another run: frozen under freeze=backbone
+        # Parameter names that came from elsewhere (a pretrained checkpoint, another run): what
+        # train.freeze=backbone freezes.
+        frozen: set[str] = set(getattr(model, "pretrained_parameters", ()))
         if resume is not None:
-            model.load_state_dict(resume["model"])
+            load_run_weights(model, resume, "train.resume", app.train.resume)
             frozen = set(resume.get("frozen", []))
         elif app.train.init_from:
-            frozen = load_weights_from_run(model, app.model, app.train.init_from, "train.init_from")
+            frozen |= load_weights_from_run(model, app.model, app.train.init_from, "train.init_from")
         if app.train.freeze == "backbone":
             freeze_loaded(model, frozen)
         model.to(device).train()
@@ -137,7 +139,8 @@ class TrainingRun:
                  f"({counts['active'] / 1e6:.2f}M active), {app.data.name}: {len(corpus.train) / 1e6:.2f}M train "
                  f"tokens, unigram entropy {summary['unigram_entropy']:.3f} nats, device {device}, run dir {run_dir}")
         wall_before = float(resume.get("wall_time_s", 0.0)) if resume else 0.0
-        checkpointer = Checkpointer(run_dir, app, frozen, wall_before, device)
+        checkpointer = Checkpointer(run_dir, app, frozen, wall_before, device,
+                                    reloadable=frozen & set(getattr(model, "pretrained_parameters", ())))
         return cls(app, run_dir, device, corpus, task, model, optimizer, start_step, checkpointer, recorder, summary,
                    make_progress(app.train.max_steps, start_step))
 
