@@ -13,7 +13,8 @@ from conftest import make_config
 @pytest.mark.parametrize("group", [g for g in CONFIG_GROUPS if g not in ("experiment", "hparams_search")])
 def test_every_option_of_every_group_composes(group, tmp_path):
     for option in group_options(group):
-        extra = {"text": [f"data.path={tmp_path}"], "hf": [f"{group}.hf_name={tmp_path}"]}.get(option, [])
+        extra = {"text": [f"data.path={tmp_path}"], "hf": [f"{group}.hf_name={tmp_path}"],
+                 "mcq": [f"data.mcq_name={tmp_path}"]}.get(option, [])
         if group == "model" and option == "hf":  # a pretrained checkpoint: tested in test_hf.py
             continue
         section = getattr(make_config(f"{group}={option}", *extra), group)

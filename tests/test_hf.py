@@ -146,3 +146,18 @@ def save_family(path: Path, config_class) -> Path:
                           num_attention_heads=2, vocab_size=64, n_routed_experts=4, num_experts_per_tok=2)
     config.save_pretrained(path)
     return path
+
+
+def test_post_hoc_on_a_multiple_choice_dataset_with_ood_datasets(tiny_models, tmp_path):
+    from test_mcq_datasets import make_dataset
+
+    data, other = make_dataset(tmp_path / "arith", 16), make_dataset(tmp_path / "other", 8, offset=40)
+    app = make_config("model=hf", f"model.hf_name={tiny_models['olmoe']}", "router=variational",
+                      "train.freeze=backbone", "data=mcq", f"data.mcq_name={data}", "task=mcq", *RUN,
+                      "model.seq_len=64", "S=2", "eval.mcq_items=8", "eval.windows=2", "eval.stability_windows=1",
+                      "eval.gammas=[0.01]", f"eval.ood_mcq=[{other}]")
+    train(app, tmp_path / "run")
+    result = evaluate_run(tmp_path / "run", app)
+    assert result["ood_task"] == "mcq" and set(result["ood"]) == {"other", "scores"}
+    assert {"logit_variance", "mutual_information"} <= set(result["ood"]["other"]["auroc"])
+    assert sum(result["calibration"]["mcq"]["reliability"]["bin_count"]) == 8

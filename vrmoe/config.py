@@ -91,6 +91,11 @@ class DataConfig:
     hf_split: str = "train"
     hf_text_field: str = "text"
     val_fraction: float = 0.05
+    # data=mcq: a multiple-choice dataset (openbookqa, arc_easy, arc_challenge, sciq, medmcqa, mmlu, a hub
+    # id, a save_to_disk directory, a .jsonl/.parquet file or a directory of <split>.jsonl files).
+    mcq_name: Optional[str] = None
+    mcq_train_split: str = "train"
+    mcq_eval_split: str = "validation"
     # Where prepared corpora are cached; null means ~/.cache/vrmoe (or $VRMOE_CACHE).
     cache_dir: Optional[str] = None
 
@@ -161,6 +166,8 @@ class EvalConfig:
     ood_task: str = "auto"
     # Extra OOD sets: text files, each scored against the validation split under its file name.
     ood_text: list[str] = field(default_factory=list)
+    # With data=mcq: other multiple-choice datasets as OOD sets (e.g. [arc_easy,medmcqa]), their eval split.
+    ood_mcq: list[str] = field(default_factory=list)
     # Routing stability: embedding noise sigma = gamma * mean token-embedding norm.
     gammas: list[float] = field(default_factory=lambda: list(PAPER_GAMMAS))
     stability_windows: int = 16
@@ -227,6 +234,10 @@ def validate(c: AppConfig) -> None:
     _require(d.name != "text" or bool(d.path), "data=text needs data.path=<file or directory>")
     _require(d.name != "hf" or bool(d.hf_name),
              "data=hf needs data.hf_name=<dataset name or save_to_disk directory>")
+    _require(d.name != "mcq" or bool(d.mcq_name),
+             "data=mcq needs data.mcq_name=<openbookqa, arc_easy, ..., a hub id, a directory or a .jsonl file>")
+    _require(not c.eval.ood_mcq or d.name == "mcq",
+             "eval.ood_mcq compares multiple-choice datasets; it needs data=mcq data.mcq_name=...")
     for key, value in (("task.train_items", c.task.train_items), ("task.val_items", c.task.val_items),
                        ("eval.windows", c.eval.windows), ("eval.mcq_items", c.eval.mcq_items),
                        ("eval.batch_size", c.eval.batch_size), ("eval.stability_windows", c.eval.stability_windows)):

@@ -27,6 +27,7 @@ import torch
 
 from ..config import ConfigError, DataConfig
 from ..tracking import atomic_write
+from .mcq_datasets import MCQQuestion, load_questions, questions_text
 from .tokenizers import ByteTokenizer, Tokenizer
 
 DOC_SEPARATOR = "\n\n"
@@ -44,6 +45,8 @@ class Corpus:
     train: torch.Tensor  # (N_train,) token ids (uint8 for bytes)
     val: torch.Tensor  # (N_val,)
     tokenizer: Tokenizer = field(default_factory=ByteTokenizer)
+    # data=mcq: the dataset's questions by use ("train", "eval"); None for plain text.
+    questions: dict[str, list[MCQQuestion]] | None = None
 
     def unigram_entropy(self) -> float:
         """Entropy (nats) of the training tokens' frequencies: the loss of a model with no context."""
@@ -131,8 +134,9 @@ def python_source_documents() -> list[tuple[str, str]]:
 
 
 BUILTIN_CORPORA = {"stdlib_docs": stdlib_docs_documents, "python_source": python_source_documents}
-# Every corpus `data=<name>` can name: the built-in ones and the user's text or dataset.
-CORPORA = (*BUILTIN_CORPORA, "text", "hf")
+# Every corpus `data=<name>` can name: the built-in ones, the user's text or dataset, and a
+# multiple-choice dataset (its questions, and their text for the next-token view).
+CORPORA = (*BUILTIN_CORPORA, "text", "hf", "mcq")
 
 
 # ---------------------------------------------------------------------------
@@ -261,6 +265,14 @@ def load_corpus(cfg: DataConfig, min_tokens: int = 0, tokenizer: Tokenizer | Non
         except OSError:  # a read-only home still trains, only without the cache
             pass
         return _corpus(cfg.name, train_np, val_np, min_tokens, tokenizer)
+    if cfg.name == "mcq":
+        questions = {"train": load_questions(cfg.mcq_name or "", cfg.mcq_train_split),
+                     "eval": load_questions(cfg.mcq_name or "", cfg.mcq_eval_split)}
+        train_b, val_b = (questions_text(questions[use]).encode("utf-8") for use in ("train", "eval"))
+        corpus = _corpus(cfg.name, np.frombuffer(train_b, np.uint8), np.frombuffer(val_b, np.uint8), min_tokens,
+                         tokenizer)
+        corpus.questions = questions
+        return corpus
     if cfg.name == "text":
         docs = text_documents(cfg.path or "")
     elif cfg.name == "hf":

@@ -203,6 +203,9 @@ class MCQTensors:
     def __len__(self) -> int:
         return self.answers_N.shape[0]
 
+    def batch(self, index: torch.Tensor, device: torch.device | str = "cpu") -> "MCQBatch":
+        return make_batch(self, index, device)
+
 
 @dataclass
 class MCQBatch:
@@ -217,6 +220,10 @@ class MCQBatch:
     @property
     def n_items(self) -> int:
         return self.answers_B.shape[0]
+
+    def option_scores(self, logits_NLV: torch.Tensor) -> torch.Tensor:
+        """(B, O) scores whose softmax is the predictive distribution over the options."""
+        return option_scores(logits_NLV, self)
 
 
 def encode_items(items: list[MCQItem], tokenizer: Tokenizer | None = None) -> MCQTensors:

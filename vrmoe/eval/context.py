@@ -40,7 +40,8 @@ from ..checkpoint import load_run_weights
 from ..config import AppConfig, ConfigError, DataConfig
 from ..data.batches import eval_batches
 from ..data.corpora import Corpus, load_corpus
-from ..data.mcq import MCQTensors, item_len, items_from_text, make_batch, option_scores, shuffle_words_within_sentences
+from ..data.mcq_datasets import encode_questions, load_questions
+from ..data.mcq import MCQTensors, item_len, items_from_text, shuffle_words_within_sentences
 from ..device import synchronize
 from ..model import build_model, build_tokenizer
 from ..model.backbone import Backbone
@@ -114,13 +115,23 @@ class EvalContext:
         val_text = tokenizer.decode(corpus.val)
         max_len = item_len(app)
         lm_sets = {"in": windows(corpus.val, app, app.eval.windows, "the validation split", device)}
-        mcq_sets = {"in": items_from_text(val_text, app.eval.mcq_items, max_len, "the validation split",
-                                          tokenizer=tokenizer)}
-        for name, (key, text) in ood_texts(app, val_text).items():
-            if unit == "lm":
-                lm_sets[name] = windows(tokenizer.encode(text), app, app.eval.windows, key, device)
-            else:
-                mcq_sets[name] = items_from_text(text, app.eval.mcq_items, max_len, key, tokenizer=tokenizer)
+        if corpus.questions is not None:  # data=mcq: the dataset's own questions, answer-letter form
+            mcq_sets = {"in": encode_questions(corpus.questions["eval"][:app.eval.mcq_items], tokenizer,
+                                               app.model.seq_len, f"data.mcq_name={app.data.mcq_name}")}
+        else:
+            mcq_sets = {"in": items_from_text(val_text, app.eval.mcq_items, max_len, "the validation split",
+                                              tokenizer=tokenizer)}
+        if unit == "mcq" and corpus.questions is not None:  # OOD sets: other multiple-choice datasets
+            for name in app.eval.ood_mcq:
+                questions = load_questions(name, app.data.mcq_eval_split)[:app.eval.mcq_items]
+                mcq_sets[Path(name).stem] = encode_questions(questions, tokenizer, app.model.seq_len,
+                                                             f"eval.ood_mcq: {name}")
+        else:
+            for name, (key, text) in ood_texts(app, val_text).items():
+                if unit == "lm":
+                    lm_sets[name] = windows(tokenizer.encode(text), app, app.eval.windows, key, device)
+                else:
+                    mcq_sets[name] = items_from_text(text, app.eval.mcq_items, max_len, key, tokenizer=tokenizer)
         return cls(app, Path(run_dir), state, device, model, sampler, corpus, unit, lm_sets, mcq_sets)
 
     @property
@@ -236,19 +247,19 @@ def score_items(model: Backbone, sampler: Backbone | None, items: MCQTensors, ba
     probs, labels, scores = [], [], {}
     tokens, seconds = 0, 0.0
     for index in torch.arange(len(items)).split(batch_size):
-        batch = make_batch(items, index, device)
+        batch = items.batch(index, device)
         out, dt = _timed(model, batch.inputs_NL)
         seconds += dt
         mask = batch.token_mask_NL.reshape(batch.n_items, -1).double()
         tokens += int(mask.sum())
-        p_BO = option_scores(out.logits_BLV, batch).softmax(-1)
+        p_BO = batch.option_scores(out.logits_BLV).softmax(-1)
         probs.append(p_BO.cpu())
         labels.append(batch.answers_B.cpu())
         per_item = {"predictive_entropy": metrics.entropy(p_BO)}
         for name, value_T in router_token_scores(out.routings, uncertainty_name).items():
             per_item[name] = (value_T.reshape(batch.n_items, -1) * mask).sum(-1) / mask.sum(-1).clamp_min(1)
         if sampler is not None:
-            p_SBO = torch.stack([option_scores(sampler(batch.inputs_NL).logits_BLV, batch).softmax(-1)
+            p_SBO = torch.stack([batch.option_scores(sampler(batch.inputs_NL).logits_BLV).softmax(-1)
                                  for _ in range(samples)])
             per_item["mutual_information"] = metrics.mutual_information(p_SBO)
         _append(scores, per_item)

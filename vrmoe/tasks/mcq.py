@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from ..data.batches import derived_seed
-from ..data.mcq import N_OPTIONS, MCQBatch, item_len, items_from_text, make_batch, option_scores
+from ..data.mcq import N_OPTIONS, MCQBatch, item_len, items_from_text
+from ..data.mcq_datasets import encode_questions
 from .base import register_task
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -20,7 +21,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @register_task
 class MCQTask:
-    """Cross-entropy over the four option scores of items built from the training split.
+    """Cross-entropy over the four option scores: cloze items built from the training split, or with
+    data=mcq the dataset's questions in the answer-letter form (softmax over the letters' logits).
 
     Batches walk the items epoch by epoch, in an order drawn from (seed, epoch), so a
     resumed run sees the same batches as an uninterrupted one."""
@@ -30,10 +32,16 @@ class MCQTask:
     def __init__(self, app: "AppConfig", corpus: "Corpus"):
         max_len = item_len(app)
         tokenizer = corpus.tokenizer
-        self.train_set = items_from_text(tokenizer.decode(corpus.train), app.task.train_items, max_len, "task=mcq",
-                                         tokenizer=tokenizer)
-        self.val_set = items_from_text(tokenizer.decode(corpus.val), app.task.val_items, max_len, "task=mcq",
-                                       tokenizer=tokenizer)
+        if corpus.questions is not None:  # data=mcq: the dataset's questions, in the answer-letter form
+            self.train_set = encode_questions(corpus.questions["train"][:app.task.train_items], tokenizer,
+                                              app.model.seq_len, "task=mcq")
+            self.val_set = encode_questions(corpus.questions["eval"][:app.task.val_items], tokenizer,
+                                            app.model.seq_len, "task=mcq")
+        else:  # cloze items made from the text
+            self.train_set = items_from_text(tokenizer.decode(corpus.train), app.task.train_items, max_len,
+                                             "task=mcq", tokenizer=tokenizer)
+            self.val_set = items_from_text(tokenizer.decode(corpus.val), app.task.val_items, max_len, "task=mcq",
+                                           tokenizer=tokenizer)
         self.batch_size = app.train.batch_size
         self.seed = app.seed
         self.eval_batch_size = app.train.batch_size
@@ -50,11 +58,11 @@ class MCQTask:
         n = len(self.train_set)
         positions = step * self.batch_size + torch.arange(self.batch_size)
         index = torch.stack([self._order(int(p) // n)[int(p) % n] for p in positions])
-        return make_batch(self.train_set, index, device)
+        return self.train_set.batch(index, device)
 
     def forward(self, model, batch: MCQBatch) -> "ModelOutput":
         out = model(batch.inputs_NL)
-        loss = F.cross_entropy(option_scores(out.logits_BLV, batch), batch.answers_B)
+        loss = F.cross_entropy(batch.option_scores(out.logits_BLV), batch.answers_B)
         return replace(out, loss=loss)
 
     @torch.no_grad()
@@ -63,8 +71,8 @@ class MCQTask:
         model.eval()
         loss_sum, correct = 0.0, 0
         for index in torch.arange(len(self.val_set)).split(self.eval_batch_size):
-            batch = make_batch(self.val_set, index, device)
-            scores = option_scores(model(batch.inputs_NL).logits_BLV, batch)
+            batch = self.val_set.batch(index, device)
+            scores = batch.option_scores(model(batch.inputs_NL).logits_BLV)
             loss_sum += float(F.cross_entropy(scores, batch.answers_B, reduction="sum"))
             correct += int((scores.argmax(-1) == batch.answers_B).sum())
         model.train(was_training)

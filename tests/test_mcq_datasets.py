@@ -1,0 +1,131 @@
+"""Multiple-choice datasets (data=mcq): the standard formats from local files, the answer-letter
+prompt and its scoring, and a fine-tuning and evaluation run on them (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vrmoe.config import ConfigError
+from vrmoe.data.mcq_datasets import (LETTERS, MCQQuestion, encode_questions, letter_tokens, load_questions,
+                                     questions_text)
+from vrmoe.data.tokenizers import ByteTokenizer
+
+from conftest import TINY, make_config
+
+# A few hand-written items per format, as the datasets publish them.
+FORMATS = {
+    "openbookqa": {"id": "7-980", "question_stem": "The sun is responsible for",
+                   "choices": {"text": ["puppies learning new tricks", "children growing up and getting old",
+                                        "flowers wilting in a vase", "plants sprouting, blooming and wilting"],
+                               "label": ["A", "B", "C", "D"]}, "answerKey": "D"},
+    "arc": {"id": "Mercury_7175875", "question": "An astronomer observes that a planet rotates faster after a "
+            "meteorite impact. Which is the most likely effect of this increase in rotation?",
+            "choices": {"text": ["Planetary density will decrease.", "Planetary years will become longer.",
+                                 "Planetary days will become shorter.", "Planetary gravity will become stronger."],
+                        "label": ["A", "B", "C", "D"]}, "answerKey": "C"},
+    "sciq": {"question": "What type of organism is commonly used in preparation of foods such as cheese and "
+             "yogurt?", "distractor1": "viruses", "distractor2": "protozoa", "distractor3": "gymnosperms",
+             "correct_answer": "mesophilic organisms", "support": ""},
+    "medmcqa": {"question": "Which vitamin is supplied from only animal source:", "opa": "Vitamin C",
+                "opb": "Vitamin B7", "opc": "Vitamin B12", "opd": "Vitamin D", "cop": 2},
+    "mmlu": {"question": "Which of the following is a legal contract?", "subject": "professional_law",
+             "choices": ["a promise to give a gift", "a sale of goods for a price", "an offer never accepted",
+                         "an agreement to commit a crime"], "answer": 1},
+}
+ANSWERS = {"openbookqa": "plants sprouting, blooming and wilting", "arc": "Planetary days will become shorter.",
+           "sciq": "mesophilic organisms", "medmcqa": "Vitamin B12", "mmlu": "a sale of goods for a price"}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_each_format_reads_to_the_right_answer(tmp_path, fmt):
+    [question] = load_questions(str(write_jsonl(tmp_path / "x.jsonl", [FORMATS[fmt]])), "train")
+    assert len(question.options) == 4 and question.options[question.answer] == ANSWERS[fmt]
+    prompt = question.prompt()
+    assert prompt.startswith("Question: ") and prompt.endswith("\nAnswer:")
+    assert all(f"\n{letter}. " in prompt for letter in LETTERS)
+
+
+def test_parquet_save_to_disk_and_split_files(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = [FORMATS["mmlu"]] * 3
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_parquet(str(tmp_path / "q.parquet"))
+    datasets.DatasetDict({"test": ds}).save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "splits").mkdir()
+    write_jsonl(tmp_path / "splits" / "validation.jsonl", rows)
+    for source, split in ((tmp_path / "q.parquet", "train"), (tmp_path / "saved", "test"),
+                          (tmp_path / "splits", "validation")):
+        assert len(load_questions(str(source), split)) == 3
+
+
+@pytest.mark.parametrize("rows, words", [
+    ([{"question": "q", "text": "no options"}], ["columns", "match no multiple-choice format"]),
+    ([{**FORMATS["mmlu"], "choices": ["a", "b", "c"]}], ["exactly 4 options"]),
+])
+def test_a_dataset_without_the_expected_columns_is_one_line(tmp_path, rows, words):
+    with pytest.raises(ConfigError) as info:
+        load_questions(str(write_jsonl(tmp_path / "bad.jsonl", rows)), "train")
+    assert all(w in str(info.value) for w in words) and "\n" not in str(info.value)
+
+
+def test_a_missing_split_file_or_directory_is_one_line(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [FORMATS["mmlu"]])
+    with pytest.raises(ConfigError, match="no validation.jsonl or validation.parquet"):
+        load_questions(str(tmp_path), "validation")
+    with pytest.raises(ConfigError, match="no such file or directory"):
+        load_questions(str(tmp_path / "nope"), "train")
+
+
+def test_letter_scores_are_the_letter_logits_at_the_answer_position():
+    tokenizer = ByteTokenizer()
+    prefix, letters = letter_tokens(tokenizer)
+    assert prefix.tolist() == [ord(" ")] and letters.tolist() == [ord(c) for c in LETTERS]
+    questions = [MCQQuestion("Two plus two?", ("1", "4", "3", "5"), 1), MCQQuestion("Sky?", ("red", "g", "b", "blue"), 3)]
+    items = encode_questions(questions, tokenizer, 256, "test")
+    batch = items.batch(torch.arange(2))
+    assert batch.inputs_NL[0, batch.lengths_B[0] - 1] == ord(" ")  # the answer position follows "Answer:"
+    logits = torch.randn(2, batch.inputs_NL.shape[1], 256)
+    scores = batch.option_scores(logits)
+    for n in range(2):
+        torch.testing.assert_close(scores[n], logits[n, batch.lengths_B[n] - 1, letters])
+
+
+def make_dataset(root: Path, n: int, offset: int = 0) -> Path:
+    """A small arithmetic dataset in MMLU's format, split into train and validation files."""
+    root.mkdir(parents=True, exist_ok=True)
+    for split, start in (("train", 0), ("validation", n)):
+        rows = []
+        for i in range(start, start + n):
+            a, b = i % 7 + offset, i % 5 + 1
+            options = [str(a + b + d) for d in (0, 1, 2, 3)]
+            rows.append({"question": f"What is {a} plus {b}?", "choices": options, "answer": 0})
+        write_jsonl(root / f"{split}.jsonl", rows)
+    return root
+
+
+def test_native_model_fine_tunes_and_evaluates_on_a_dataset_with_ood_datasets(tmp_path):
+    from vrmoe.eval.run import evaluate_run
+    from vrmoe.train import train
+
+    data = make_dataset(tmp_path / "arith", 24)
+    other = make_dataset(tmp_path / "other", 8, offset=40)
+    app = make_config(*TINY, "model.seq_len=96", "data=mcq", f"data.mcq_name={data}", "task=mcq",
+                      "train.max_steps=3", "S=2", "router=variational", "eval.mcq_items=8", "eval.windows=2",
+                      "eval.stability_windows=1", "eval.gammas=[0.01]", f"eval.ood_mcq=[{other}]")
+    summary = train(app, tmp_path / "run")
+    assert summary["status"] == "completed" and 0 <= summary["final_val_loss"]
+    result = evaluate_run(tmp_path / "run", app)
+    assert result["calibration"]["mcq"]["accuracy"] >= 0 and sum(result["calibration"]["mcq"]["reliability"]["bin_count"]) == 8
+    assert set(result["ood"]) == {"other", "scores"}
+    assert {"predictive_entropy", "mutual_information", "gate_entropy", "logit_variance"} <= \
+        set(result["ood"]["other"]["auroc"])
+    assert "What is" in questions_text(load_questions(str(data), "train"))
