@@ -102,6 +102,15 @@ def test_post_hoc_training_trains_only_the_heads_and_stores_only_them(tiny_model
     assert result["cost"]["router_overhead_vs_topk"] > 0 and result["stability"]["jaccard"]["mean"][0] > 0
 
 
+def test_bf16_weights_with_fp32_router_heads(tiny_models, tmp_path):
+    app = make_config("model=hf", f"model.hf_name={tiny_models['mixtral']}", "router=variational",
+                      "train.freeze=backbone", "train.precision=bf16", *RUN)
+    model = build_model(app)
+    assert model.hf.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert {p.dtype for n, p in model.named_parameters() if n not in model.pretrained_parameters} == {torch.float32}
+    assert train(app, tmp_path)["status"] == "completed"
+
+
 def test_the_corpus_uses_the_checkpoints_tokenizer(tiny_models):
     app = make_config("model=hf", f"model.hf_name={tiny_models['mixtral']}", *RUN)
     corpus = load_corpus(app.data, tokenizer=build_tokenizer(app))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vrmoe.config import ConfigError
-from vrmoe.checkpoint import load_checkpoint
+from vrmoe.checkpoint import load_checkpoint, load_run_weights
 from vrmoe.model import build_model
 from vrmoe.train import train
 
@@ -35,12 +35,17 @@ def test_posthoc_trains_only_the_new_heads(tmp_path, base_run, router_args, trai
     cfg = make_config(*TINY, *router_args, "train.max_steps=4", f"train.init_from={base_run}",
                       "train.freeze=backbone")
     summary = train(cfg, tmp_path)
-    base, after = weights(base_run), weights(tmp_path)
+    base, stored = weights(base_run), weights(tmp_path)
+    # The checkpoint stores what the run trained; the frozen weights come back from train.init_from.
+    new = set(stored)
+    assert not new & set(base)
+    assert {name.rsplit(".", 2)[0] for name in new} == trained_heads
+    model = build_model(cfg)
+    load_run_weights(model, load_checkpoint(tmp_path, "run"), "run", tmp_path, cfg)
+    after = model.state_dict()
     for name, value in base.items():  # every loaded parameter, NN_det (`gate`) included, is untouched
         assert torch.equal(after[name], value), name
     fresh = build_model(cfg).state_dict()  # the heads' initialisation, before any step
-    new = {name for name in after if name not in base}
-    assert {name.rsplit(".", 2)[0] for name in new} == trained_heads
     for head in trained_heads:  # each head's last layer starts at zero weights and has moved
         assert torch.count_nonzero(fresh[f"{head}.2.weight"]) == 0
         assert not torch.equal(after[f"{head}.2.weight"], fresh[f"{head}.2.weight"]), head

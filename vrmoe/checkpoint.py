@@ -92,26 +92,41 @@ def load_weights_from_run(model: torch.nn.Module, model_cfg: ModelConfig, run_di
 def load_run_weights(model: torch.nn.Module, state: dict[str, Any], key: str, run: str | Path,
                      app: AppConfig | None = None) -> None:
     """A run's checkpoint into a model built from its config (``app``: the config it is loaded
-    under, checked for shape). Every parameter must fit; those a checkpoint leaves out must be
-    ones the model reloads from its pretrained source (``pretrained_parameters``)."""
+    under, checked for shape). Every parameter must fit. A checkpoint leaves out the frozen
+    weights it started from: the model reloads them from its pretrained source
+    (``pretrained_parameters``) and from the run named by ``train.init_from``, loaded first."""
     if app is not None:
         diff = shape_mismatch(state["config"]["model"], app.model)
         if diff:
             raise ConfigError(f"{key}={run}: the checkpoint holds another model shape ({'; '.join(diff)}); "
                               "use it with its own model=...")
+    supplied = set(getattr(model, "pretrained_parameters", ())) | _load_base(model, state, key)
     try:
         result = model.load_state_dict(state["model"], strict=False)
     except RuntimeError as exc:
         first = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), str(exc).splitlines()[0])
         raise ConfigError(f"{key}={run}: checkpoint.pt does not fit its config ({first}); re-run the training") from None
-    reloadable = set(getattr(model, "pretrained_parameters", ()))
-    missing = [name for name in result.missing_keys if name not in reloadable]
+    missing = [name for name in result.missing_keys if name not in supplied]
     if missing or result.unexpected_keys:
         name = (missing or result.unexpected_keys)[0]
         router = app.router.name if app is not None else state["config"]["router"].get("name")
         raise ConfigError(f"{key}={run}: checkpoint.pt does not fit router={router} "
                           f"(parameter {name} {'missing' if missing else 'unexpected'}); "
                           "use the run with the router it was trained with")
+
+
+def _load_base(model: torch.nn.Module, state: dict[str, Any], key: str) -> set[str]:
+    """The weights of the run this one started from (``train.init_from``, and its own base in turn)
+    loaded into ``model``; returns their names."""
+    base = (state["config"].get("train") or {}).get("init_from")
+    if not base:
+        return set()
+    base_state = load_checkpoint(base, f"{key}'s train.init_from")
+    supplied = _load_base(model, base_state, key)
+    own = model.state_dict()
+    loadable = {k: v for k, v in base_state["model"].items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(loadable, strict=False)
+    return supplied | set(loadable)
 
 
 def check_resumable(state: dict[str, Any], app: AppConfig) -> None:
@@ -150,7 +165,8 @@ class Checkpointer:
     def __init__(self, run_dir: Path, app: AppConfig, frozen: set[str], wall_before: float, device: torch.device,
                  reloadable: set[str] = frozenset()):
         self.path = Path(run_dir) / CHECKPOINT_FILE
-        # Frozen pretrained weights are not copied: the model reloads them from model.hf_name.
+        # Frozen weights are not copied: they are reloaded from where they came from (model.hf_name,
+        # train.init_from) when the checkpoint is loaded (load_run_weights).
         self.reloadable = set(reloadable)
         self.config = to_dict(app)
         self.frozen = sorted(frozen)

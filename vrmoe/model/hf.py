@@ -131,7 +131,8 @@ class SwappedRouter(nn.Module):
         self.last: tuple[Routing, dict[str, torch.Tensor]] | None = None
 
     def forward(self, hidden_states: torch.Tensor):
-        u_TD = hidden_states.reshape(-1, self.hidden_dim)
+        # The router (its heads train) stays in fp32 when the frozen model is loaded in bf16.
+        u_TD = hidden_states.reshape(-1, self.hidden_dim).to(self.router.gate.weight.dtype)
         routing = self.router(u_TD)
         ids_TK = routing.expert_ids_TK
         if self.renormalise:
@@ -210,7 +211,7 @@ class HFBackbone(nn.Module):
             router.gate.weight.copy_(original.weight)
             if bias is not None:
                 router.gate.bias.copy_(bias)
-        return router.to(dtype=original.weight.dtype)
+        return router
 
     # -- the backbone contract ------------------------------------------------------------
 

@@ -139,8 +139,9 @@ class TrainingRun:
                  f"({counts['active'] / 1e6:.2f}M active), {app.data.name}: {len(corpus.train) / 1e6:.2f}M train "
                  f"tokens, unigram entropy {summary['unigram_entropy']:.3f} nats, device {device}, run dir {run_dir}")
         wall_before = float(resume.get("wall_time_s", 0.0)) if resume else 0.0
+        trained = {name for name, p in model.named_parameters() if p.requires_grad}
         checkpointer = Checkpointer(run_dir, app, frozen, wall_before, device,
-                                    reloadable=frozen & set(getattr(model, "pretrained_parameters", ())))
+                                    reloadable=frozen - trained if app.train.freeze == "backbone" else set())
         return cls(app, run_dir, device, corpus, task, model, optimizer, start_step, checkpointer, recorder, summary,
                    make_progress(app.train.max_steps, start_step))
 
