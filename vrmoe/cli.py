@@ -41,13 +41,21 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 def train_main(argv: list[str]) -> None:
     import hydra
 
+    from . import distributed
     from .compose import check_overrides, prepare_hydra, split_hydra_args
     from .jobs import train_job
 
     try:
         check_overrides(split_hydra_args(argv))
+        here = distributed.start()
     except ConfigError as exc:
         fail(str(exc))
+    if here.enabled:
+        if any(a in ("-m", "--multirun") for a in argv):
+            fail("vrmoe train -m cannot run under torchrun; launch each multi-process job of a sweep "
+                 "with hydra/launcher=slurm (see README, Clusters)")
+        if not here.is_main:  # one writer: only rank 0 records Hydra's config
+            argv = [*argv, "hydra.output_subdir=null"]
     prepare_hydra()
     app = hydra.main(version_base="1.3", config_path="conf", config_name="config")(train_job)
     sys.argv = ["vrmoe train", *argv]

@@ -218,11 +218,20 @@ def _hf_config_value(name: str, key: str):
     return config_value(str(name), str(key))
 
 
+def _launch_time(pattern: str) -> str:
+    from .distributed import launch_time
+
+    return launch_time().strftime(pattern)
+
+
 def register_resolvers() -> None:
     """The resolvers the YAML files use (registered once per process)."""
     if not OmegaConf.has_resolver("vrmoe_hf"):
         # model=hf: shape values read off the checkpoint's own config.
         OmegaConf.register_new_resolver("vrmoe_hf", _hf_config_value)
+    if not OmegaConf.has_resolver("vrmoe_now"):
+        # The run dir's time: rank 0's under torchrun, so every rank writes into one dir.
+        OmegaConf.register_new_resolver("vrmoe_now", _launch_time, use_cache=True)
     if not OmegaConf.has_resolver("vrmoe_run_dir"):
         # A resumed run continues in its own directory instead of a new one.
         OmegaConf.register_new_resolver("vrmoe_run_dir", lambda resume, default: resume or default)

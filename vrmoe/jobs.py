@@ -19,6 +19,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from . import distributed
 from .compose import load_config, prepare_hydra
 from .config import AppConfig, ConfigError
 from .console import fail, log_line
@@ -42,7 +43,9 @@ def train_job(cfg: DictConfig) -> float:
         sweep_dir = run_dir.parents[len(Path(hc.sweep.subdir).parts) - 1]
         group, run_name = sweep_group(sweep_dir), sweep_run_name(sweep_dir, overrides)
     try:
-        return run_job(load_config(cfg), run_dir, overrides, group=group, run_name=run_name)
+        value = run_job(load_config(cfg), run_dir, overrides, group=group, run_name=run_name)
+        distributed.finish()
+        return value
     except ConfigError as exc:
         if multirun:  # record it and let the rest of the sweep run
             record_failed_job(run_dir, overrides, str(exc), hc.job.num)
@@ -71,7 +74,8 @@ def run_job(app: AppConfig, run_dir: Path, overrides: list[str] | None = None, g
     if app.eval.at_end:
         check_eval_inputs(app)  # a missing OOD file fails now, not after the training
     summary = train(app, run_dir, overrides, group=group, run_name=run_name)
-    evaluation = evaluate_run(run_dir, app) if app.eval.at_end else None
+    # Under torchrun rank 0 evaluates the checkpoint it wrote; the other ranks are done.
+    evaluation = evaluate_run(run_dir, app) if app.eval.at_end and distributed.env().is_main else None
     return objective(app.train.objective, summary, evaluation)
 
 

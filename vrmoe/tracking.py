@@ -170,6 +170,21 @@ def make_logger(name: str, run_dir: Path, config: dict[str, Any], project: str =
         return NullLogger()
 
 
+class NullRecorder:
+    """What a process that does not write records (a rank other than 0) records: nothing."""
+
+    logger: Logger = NullLogger()
+
+    def log(self, row: dict[str, Any]) -> None:
+        pass
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        pass
+
+    def close(self, failed: bool = False) -> None:
+        pass
+
+
 class RunRecorder:
     """Appends one JSON object per logged step to metrics.jsonl and writes summary.json."""
 

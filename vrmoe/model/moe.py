@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import metrics
+from ..distributed import sum_over_ranks
 from ..config import RouterConfig
 from .routers import Router, Routing, build_router
 
@@ -50,8 +51,9 @@ def expert_counts(expert_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
 
 def routing_stats(routing: Routing, n_experts: int) -> dict[str, torch.Tensor]:
     """Utilisation fractions (sum to 1), mean routing entropy (nats, in [0, log E]) and the
-    load's coefficient of variation; all on device, no host sync."""
-    counts_E = expert_counts(routing.expert_ids_TK, n_experts).float()
+    load's coefficient of variation; all on device, no host sync. Under torchrun the load is
+    the global batch's (this rank's entropy is averaged over ranks when logged)."""
+    counts_E = sum_over_ranks(expert_counts(routing.expert_ids_TK, n_experts).float())  # the global batch's
     utilisation_E = counts_E / counts_E.sum().clamp_min(1)
     p = routing.probs_TE.detach().float()
     entropy = metrics.entropy(p).mean().float()

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from .. import distributed
 from ..data.batches import derived_seed
 from ..data.mcq import N_OPTIONS, MCQBatch, item_len, items_from_text
 from ..data.mcq_datasets import encode_questions
@@ -47,6 +48,7 @@ class MCQTask:
         self.eval_batch_size = app.train.batch_size
         self.tokens_per_step = self.batch_size * N_OPTIONS * max_len
         self._orders: dict[int, torch.Tensor] = {}
+        self.dist = distributed.env()
 
     def _order(self, epoch: int) -> torch.Tensor:
         if epoch not in self._orders:
@@ -58,7 +60,7 @@ class MCQTask:
         n = len(self.train_set)
         positions = step * self.batch_size + torch.arange(self.batch_size)
         index = torch.stack([self._order(int(p) // n)[int(p) % n] for p in positions])
-        return self.train_set.batch(index, device)
+        return self.train_set.batch(index[self.dist.rows(len(index))], device)  # this rank's slice
 
     def forward(self, model, batch: MCQBatch) -> "ModelOutput":
         out = model(batch.inputs_NL)
@@ -70,10 +72,17 @@ class MCQTask:
         was_training = model.training
         model.eval()
         loss_sum, correct = 0.0, 0
+        here = self.dist
         for index in torch.arange(len(self.val_set)).split(self.eval_batch_size):
+            index = index[here.rank::here.world_size]  # the ranks score every world-size-th item
+            if len(index) == 0:
+                continue
             batch = self.val_set.batch(index, device)
             scores = batch.option_scores(model(batch.inputs_NL).logits_BLV)
             loss_sum += float(F.cross_entropy(scores, batch.answers_B, reduction="sum"))
             correct += int((scores.argmax(-1) == batch.answers_B).sum())
         model.train(was_training)
+        if here.enabled:
+            totals = distributed.sum_over_ranks(torch.tensor([loss_sum, correct], dtype=torch.float64, device=device))
+            loss_sum, correct = float(totals[0]), int(totals[1])
         return {"val/loss": loss_sum / len(self.val_set), "val/accuracy": correct / len(self.val_set)}

@@ -21,12 +21,15 @@ from ..checkpoint import (Checkpointer, check_resumable, freeze_loaded, load_che
 from ..config import AppConfig, ConfigError, to_dict
 from ..console import console, log_line
 from ..data.corpora import Corpus, load_corpus
+from .. import distributed
+from ..data.batches import derived_seed
 from ..device import resolve_device
+from ..distributed import DistEnv
 from ..model import build_model, build_tokenizer
 from ..model.backbone import Backbone
 from ..plots import log_utilisation_image, write_run_plots
 from ..tasks import Task, build_task
-from ..tracking import RunRecorder, make_logger
+from ..tracking import NullRecorder, RunRecorder, make_logger
 from .meter import IntervalMeter
 from .step import TrainStep, make_optimizer
 
@@ -39,7 +42,8 @@ def train(app: AppConfig, run_dir: Path, overrides: list[str] | None = None,
     varies); by default the run is named by all its overrides."""
     run = TrainingRun.start(app, Path(run_dir), overrides or [], group, run_name)
     train_step = TrainStep(run.model, run.optimizer, app.train, run.device)
-    forward_model = torch.compile(run.model) if app.train.compile else run.model
+    forward_model = distributed.wrap(run.model, run.dist, run.device)
+    forward_model = torch.compile(forward_model) if app.train.compile else forward_model
     meter = IntervalMeter(run.device, run.model.moe_layer_names, run.task.tokens_per_step)
     step, max_steps, status = run.start_step, app.train.max_steps, "failed"
     try:
@@ -56,15 +60,19 @@ def train(app: AppConfig, run_dir: Path, overrides: list[str] | None = None,
                         row.update(run.task.validate(run.model, run.device))
                     run.record(row, validated=validate)
                 if step % app.train.ckpt_every == 0 or step == max_steps:
-                    run.checkpointer.save(step, run.model, run.optimizer)
+                    run.save_checkpoint(step)
         status = "completed"
     except KeyboardInterrupt:
         status = "interrupted"
-        run.checkpointer.save(step, run.model, run.optimizer)
+        run.save_checkpoint(step)
         raise
     finally:
         run.finish(status, step)
     return run.summary
+
+
+# Where each rank's routing-noise seeds start (far from the data order's per-step seeds).
+RANK_STREAM = 1 << 30
 
 
 @dataclass
@@ -83,6 +91,7 @@ class TrainingRun:
     recorder: RunRecorder
     summary: dict[str, Any]
     progress: Any
+    dist: DistEnv
     last_train: float | None = None
     last_val: float | None = None
 
@@ -92,7 +101,9 @@ class TrainingRun:
         """Resume checks, corpus and task, model (fresh, resumed or from another run, frozen as
         asked), optimiser, logger and the first summary: everything that can refuse the run is
         decided before anything is written."""
-        device = resolve_device(app.train.device)
+        here = distributed.env()
+        device = distributed.device_for(here, resolve_device(app.train.device))
+        distributed.check_batch(here, app.train.batch_size)
         resume = load_checkpoint(app.train.resume, "train.resume") if app.train.resume else None
         if resume is not None:
             check_resumable(resume, app)
@@ -119,12 +130,15 @@ class TrainingRun:
             optimizer.load_state_dict(resume["optimizer"])
             start_step = int(resume["step"])
             restore_rng(resume, device)
+        if here.enabled:  # each rank draws its own routing noise, continued the same way on any resume
+            torch.manual_seed(derived_seed(app.seed, RANK_STREAM + here.rank * app.train.max_steps + start_step))
 
         config = to_dict(app)
         logger = make_logger(app.logger.name, run_dir, config, app.logger.project, app.logger.mode,
                              app.logger.entity, app.logger.group or group, run_name or run_name_from(overrides),
                              app.logger.tags)
-        recorder = RunRecorder(run_dir, logger, resume_after_step=start_step if resume else None)
+        recorder = (RunRecorder(run_dir, logger, resume_after_step=start_step if resume else None) if here.is_main
+                    else NullRecorder())
         counts = model.parameter_counts()
         summary: dict[str, Any] = {
             "status": "running", "step": start_step, "max_steps": app.train.max_steps,
@@ -135,7 +149,9 @@ class TrainingRun:
             "train_tokens": len(corpus.train), "val_tokens": len(corpus.val), "config": config,
         }
         recorder.write_summary(summary)
-        log_line(f"[bold]{app.router.name}[/] router, {counts['total'] / 1e6:.2f}M params "
+        if here.enabled:
+            summary["world_size"] = here.world_size
+        (log_line if here.is_main else _quiet)(f"[bold]{app.router.name}[/] router, {counts['total'] / 1e6:.2f}M params "
                  f"({counts['active'] / 1e6:.2f}M active), {app.data.name}: {len(corpus.train) / 1e6:.2f}M train "
                  f"tokens, unigram entropy {summary['unigram_entropy']:.3f} nats, device {device}, run dir {run_dir}")
         wall_before = float(resume.get("wall_time_s", 0.0)) if resume else 0.0
@@ -143,7 +159,11 @@ class TrainingRun:
         checkpointer = Checkpointer(run_dir, app, frozen, wall_before, device,
                                     reloadable=frozen - trained if app.train.freeze == "backbone" else set())
         return cls(app, run_dir, device, corpus, task, model, optimizer, start_step, checkpointer, recorder, summary,
-                   make_progress(app.train.max_steps, start_step))
+                   make_progress(app.train.max_steps, start_step, quiet=not here.is_main), here)
+
+    def save_checkpoint(self, step: int) -> None:
+        if self.dist.is_main:  # every rank holds the same weights: one writes them
+            self.checkpointer.save(step, self.model, self.optimizer)
 
     def record(self, row: dict[str, Any], validated: bool) -> None:
         """One metrics.jsonl row, mirrored to the logger and shown as progress."""
@@ -151,6 +171,8 @@ class TrainingRun:
         if validated:
             self.last_val = row["val/loss"]
         self.recorder.log(row)
+        if not self.dist.is_main:
+            return
         if validated:
             log_utilisation_image(self.recorder.logger, self.run_dir, row["moe"], row["step"])
         self.progress.update(self.progress.task_ids[0], completed=row["step"], loss=self.last_train,
@@ -162,6 +184,8 @@ class TrainingRun:
 
     def finish(self, status: str, step: int) -> None:
         """The final summary, the run's figures, and the logger closed, whatever ended the run."""
+        if not self.dist.is_main:
+            return
         seconds = time.perf_counter() - self.checkpointer.started
         self.summary.update({
             "status": status, "step": step, "wall_time_s": self.checkpointer.wall_time(),
@@ -180,12 +204,16 @@ def run_name_from(overrides: list[str] | None) -> str | None:
     return ",".join(keep) or None
 
 
-def make_progress(total: int, start: int):
+def _quiet(message: str) -> None:
+    """What a rank other than 0 prints: nothing (rank 0 speaks for the run)."""
+
+
+def make_progress(total: int, start: int, quiet: bool = False):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     progress = Progress(TextColumn("[bold blue]step {task.completed}/{task.total}"), BarColumn(),
                         TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
                         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                        console=console, disable=not console.is_terminal, transient=False)
+                        console=console, disable=quiet or not console.is_terminal, transient=False)
     progress.add_task("train", total=total, completed=start, loss=float("nan"), tps=0.0)
     return progress

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..distributed import mean_over_ranks
 from ..model.backbone import ModelOutput
 
 
@@ -34,7 +35,10 @@ class IntervalMeter:
         self.steps += 1
 
     def pop(self, step: int) -> dict[str, Any]:
-        """The interval's row (means over its steps) for metrics.jsonl; the meter starts afresh."""
+        """The interval's row (means over its steps, and over ranks under torchrun) for metrics.jsonl;
+        the meter starts afresh."""
+        for total in (self.loss_sum, self.aux_sum, *(v for s in self.stat_sums or [] for v in s.values())):
+            mean_over_ranks(total)
         elapsed = time.perf_counter() - self.started
         n = max(self.steps, 1)
         row: dict[str, Any] = {

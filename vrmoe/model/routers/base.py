@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from ...config import ConfigError, RouterConfig
+from ...distributed import sum_over_ranks, world_size
 from ..flops import SOFTMAX_FLOPS_PER_CLASS, linear_flops
 
 
@@ -135,7 +136,9 @@ def load_balance_loss(probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor) -> to
     n_experts = probs_TE.shape[-1]
     counts_E = torch.zeros(n_experts, device=probs_TE.device, dtype=probs_TE.dtype)
     counts_E.scatter_add_(0, expert_ids_TK.reshape(-1), torch.ones_like(expert_ids_TK, dtype=probs_TE.dtype).reshape(-1))
-    fraction_E = counts_E / expert_ids_TK.numel()
+    # Under torchrun the fractions are the global batch's (P_e stays this rank's: the ranks' averaged
+    # gradients are then the gradient of the global loss).
+    fraction_E = sum_over_ranks(counts_E) / (expert_ids_TK.numel() * world_size())
     return n_experts * (fraction_E * probs_TE.mean(0)).sum()
 
 

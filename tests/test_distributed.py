@@ -1,0 +1,93 @@
+"""Data parallelism through the real CLI under torchrun, two gloo ranks of the tiny model on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY
+
+TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+RUN = [*TINY, "train.batch_size=8", "train.eval_every=3", "train.eval_batches=2"]
+# Losses of 1 and 2 ranks agree to float rounding (the global batch is summed in another order).
+LOSS_TOLERANCE = 1e-5
+
+
+def torchrun(*args: str, cwd: Path, nproc: int = 2, script: str = "-m vrmoe", timeout: int = 180,
+             env: dict | None = None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *script.split(), *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def single(*args: str, cwd: Path):
+    exe = Path(sys.executable).with_name("vrmoe")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=180, env=env)
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(a: list[dict], b: list[dict]) -> None:
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("train/loss", "train/aux_loss", "val/loss"):
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], abs=LOSS_TOLERANCE), (ra["step"], key)
+        for layer, stats in ra["moe"].items():  # statistics of the global batch, not of rank 0's half
+            for name in ("utilisation", "load_cv", "entropy"):
+                assert rb["moe"][layer][name] == pytest.approx(stats[name], abs=1e-4), (ra["step"], layer, name)
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("one")
+    proc = single("train", *RUN, "train.max_steps=6", "train.ckpt_every=3", "hydra.run.dir=one", cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    return root / "one"
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_process(tmp_path, one_process_run):
+    proc = torchrun("train", *RUN, "train.max_steps=6", "train.ckpt_every=3", "hydra.run.dir=two", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "two"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["world_size"] == 2
+    # Only rank 0 wrote: one Hydra record, no stray files beside the run's own.
+    assert sorted(p.name for p in (run / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+    assert {p.name for p in run.iterdir()} == {p.name for p in one_process_run.iterdir()}
+    assert_same_run(rows(one_process_run), rows(run))
+
+
+@pytest.mark.slow
+def test_a_failing_rank_brings_the_run_down_and_one_process_resumes_it(tmp_path, one_process_run):
+    script = str(Path(__file__).parent / "scripts" / "fail_on_rank1.py")
+    start = time.monotonic()
+    proc = torchrun("train", *RUN, "train.max_steps=6", "train.ckpt_every=3", "hydra.run.dir=run", cwd=tmp_path,
+                    script=script, env={"FAIL_AT_STEP": "4"})
+    assert proc.returncode != 0 and time.monotonic() - start < 150
+    assert "rank 1 fails on purpose" in proc.stderr
+    run = tmp_path / "run"
+    assert json.loads((run / "summary.json").read_text())["status"] in ("failed", "interrupted")
+    # The 2-rank checkpoint (step 3) resumes in one process and continues the same data order.
+    resumed = single("train", *RUN, "train.max_steps=6", "train.ckpt_every=3", f"train.resume={run}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    assert_same_run(rows(one_process_run), rows(run))
+
+
+def test_a_global_batch_that_does_not_divide_over_the_ranks_is_one_line(tmp_path):
+    proc = torchrun("train", *TINY, "train.batch_size=5", "train.max_steps=2", cwd=tmp_path, timeout=120)
+    err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and err and "train.batch_size=5" in err[0] and "multiple of 2" in err[0]
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("summary.json"))
