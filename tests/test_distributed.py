@@ -86,6 +86,15 @@ def test_a_failing_rank_brings_the_run_down_and_one_process_resumes_it(tmp_path,
     assert_same_run(rows(one_process_run), rows(run))
 
 
+@pytest.mark.slow
+def test_a_sweep_job_of_two_tasks_trains_data_parallel(tmp_path):
+    proc = single("train", "-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", *RUN,
+                  "train.max_steps=2", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    [summary] = [json.loads(p.read_text()) for p in (tmp_path / "sweep").rglob("summary.json")]
+    assert summary["status"] == "completed" and summary["world_size"] == 2
+
+
 def test_a_global_batch_that_does_not_divide_over_the_ranks_is_one_line(tmp_path):
     proc = torchrun("train", *TINY, "train.batch_size=5", "train.max_steps=2", cwd=tmp_path, timeout=120)
     err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

@@ -122,6 +122,9 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "fp32"
     compile: bool = False
+    # Under torchrun: ddp (DistributedDataParallel). fsdp (sharding a backbone too large for one device)
+    # is not available yet.
+    distributed: str = "ddp"
     # What the job returns to a sweeper (the Optuna sweeper minimises or maximises it): val_loss, or a
     # metric of `vrmoe eval` (ece, mcq_ece, auroc_far, ...: vrmoe.eval.schema.METRICS) with eval.at_end=true.
     objective: str = "val_loss"
@@ -227,6 +230,9 @@ def validate(c: AppConfig) -> None:
     _require(t.freeze in ("none", "backbone"), f"train.freeze={t.freeze!r} must be none or backbone")
     _require(t.freeze == "none" or t.init_from is not None or m.backbone == "hf",
              "train.freeze=backbone needs train.init_from=<run dir> (a trained model to freeze)")
+    _require(t.distributed in ("ddp", "fsdp"), f"train.distributed={t.distributed!r} must be ddp or fsdp")
+    _require(t.distributed == "ddp", "train.distributed=fsdp is not available yet: sharded weights (FSDP2 "
+             "fully_shard) are not supported; use train.distributed=ddp with a backbone that fits on one device")
     _require(t.precision in ("fp32", "bf16"), f"train.precision={t.precision!r} must be fp32 or bf16")
     _require(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
              f"train.device={t.device!r} must be auto, cpu or cuda[:N]")

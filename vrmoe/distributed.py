@@ -74,6 +74,21 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def start_in_job() -> DistEnv:
+    """In a job that a Slurm or submitit launcher started as several tasks (a multi-GPU sweep job):
+    the tasks' ranks come from submitit, then the process group as under torchrun."""
+    if "RANK" not in os.environ:
+        try:
+            import submitit
+
+            tasks = submitit.JobEnvironment().num_tasks
+        except Exception:  # not a submitit job
+            return env()
+        if tasks > 1:
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    return start()
+
+
 def launch_time() -> datetime:
     """The time the run dir is named after: rank 0's under torchrun, this process's otherwise."""
     stamp = os.environ.get(LAUNCH_TIME_ENV)

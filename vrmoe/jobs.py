@@ -43,6 +43,8 @@ def train_job(cfg: DictConfig) -> float:
         sweep_dir = run_dir.parents[len(Path(hc.sweep.subdir).parts) - 1]
         group, run_name = sweep_group(sweep_dir), sweep_run_name(sweep_dir, overrides)
     try:
+        if multirun:  # a multi-task job of a Slurm/submitit sweep runs data-parallel
+            distributed.start_in_job()
         value = run_job(load_config(cfg), run_dir, overrides, group=group, run_name=run_name)
         distributed.finish()
         return value

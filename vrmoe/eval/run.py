@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .. import distributed
 from ..checkpoint import load_checkpoint
 from ..compose import compose_over_saved
 from ..config import AppConfig, ConfigError, to_dict
@@ -55,6 +56,9 @@ def main(argv: list[str]) -> None:
         print(USAGE, end="")
         return
     run, overrides = parse_args(argv)
+    if distributed.env().enabled:
+        raise ConfigError("vrmoe eval runs in one process; launch it without torchrun "
+                          "(or train with eval.at_end=true, which evaluates on rank 0)")
     state = load_checkpoint(run, "run")
     app = compose_over_saved(state["config"], overrides, allowed=EVAL_SETTINGS, what="an evaluation setting")
     evaluate_run(Path(run), app, state=state)
