@@ -100,3 +100,21 @@ def test_a_global_batch_that_does_not_divide_over_the_ranks_is_one_line(tmp_path
     err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode != 0 and err and "train.batch_size=5" in err[0] and "multiple of 2" in err[0]
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("summary.json"))
+
+
+@pytest.mark.slow
+def test_evaluation_sharded_over_two_ranks_gives_the_one_process_numbers(tmp_path, one_process_run):
+    shutil.copytree(one_process_run, tmp_path / "a")
+    shutil.copytree(one_process_run, tmp_path / "b")
+    args = ["eval.windows=8", "eval.mcq_items=12", "eval.batch_size=4", "eval.stability_windows=3",
+            "eval.gammas=[0,0.01,0.05]"]
+    one = single("eval", f"run={tmp_path / 'a'}", *args, cwd=tmp_path)
+    two = torchrun("eval", f"run={tmp_path / 'b'}", *args, cwd=tmp_path)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    a, b = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("a", "b"))
+    for task in ("next_token", "mcq"):
+        for key in ("accuracy", "nll", "ece_10", "ece_15"):
+            assert b["calibration"][task][key] == pytest.approx(a["calibration"][task][key], abs=1e-6), (task, key)
+    assert b["ood"]["far"]["auroc"] == pytest.approx(a["ood"]["far"]["auroc"], abs=1e-9)
+    assert len(b["ood"]["scores"]["in"]["predictive_entropy"]) == len(a["ood"]["scores"]["in"]["predictive_entropy"])
+    assert b["stability"]["jaccard"]["mean"] == pytest.approx(a["stability"]["jaccard"]["mean"], abs=1e-6)

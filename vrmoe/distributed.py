@@ -42,6 +42,13 @@ class DistEnv:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def block(self, n: int) -> slice:
+        """This rank's contiguous block of ``n`` items (the first ranks take one more when uneven):
+        concatenated in rank order, the blocks are the items in their order."""
+        base, extra = divmod(n, self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        return slice(start, start + base + (self.rank < extra))
+
     def rows(self, n: int) -> slice:
         """This rank's contiguous share of ``n`` rows (``n`` divisible by the world size)."""
         size = n // self.world_size

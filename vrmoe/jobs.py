@@ -76,8 +76,7 @@ def run_job(app: AppConfig, run_dir: Path, overrides: list[str] | None = None, g
     if app.eval.at_end:
         check_eval_inputs(app)  # a missing OOD file fails now, not after the training
     summary = train(app, run_dir, overrides, group=group, run_name=run_name)
-    # Under torchrun rank 0 evaluates the checkpoint it wrote; the other ranks are done.
-    evaluation = evaluate_run(run_dir, app) if app.eval.at_end and distributed.env().is_main else None
+    evaluation = evaluate_run(run_dir, app) if app.eval.at_end else None  # under torchrun, sharded over ranks
     return objective(app.train.objective, summary, evaluation)
 
 

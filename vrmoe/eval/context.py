@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from .. import metrics
+from .. import distributed
 from ..checkpoint import load_run_weights
 from ..config import AppConfig, ConfigError, DataConfig
 from ..data.batches import eval_batches
@@ -152,12 +153,16 @@ class EvalContext:
         if (name, kind) not in self._scored:
             torch.manual_seed(self.app.seed)  # each set's sampling noise is independent of the order of sets
             with_mi = self.sampler if kind == self.unit else None
+            here = distributed.env()  # under torchrun each rank scores its block of batches
             if kind == "lm":
-                result = score_windows(self.model, with_mi, self.lm_sets[name], self.samples, self.uncertainty_name)
+                batches = self.lm_sets[name]
+                result = score_windows(self.model, with_mi, batches[here.block(len(batches))], self.samples,
+                                       self.uncertainty_name)
             else:
-                result = score_items(self.model, with_mi, self.mcq_sets[name], self.app.eval.batch_size, self.samples,
-                                     self.uncertainty_name, self.device)
-            self._scored[(name, kind)] = result
+                index = list(torch.arange(len(self.mcq_sets[name])).split(self.app.eval.batch_size))
+                result = score_items(self.model, with_mi, self.mcq_sets[name], index[here.block(len(index))],
+                                     self.samples, self.uncertainty_name, self.device)
+            self._scored[(name, kind)] = merge(distributed.gather_objects(result)) if here.enabled else result
         return self._scored[(name, kind)]
 
 
@@ -190,6 +195,14 @@ def windows(data: torch.Tensor, app: AppConfig, n_windows: int, key: str, device
 # ---------------------------------------------------------------------------
 # Scoring sequences
 # ---------------------------------------------------------------------------
+
+def merge(parts: list[ScoredSet]) -> ScoredSet:
+    """The ranks' scored blocks, in rank order: the whole set as one process scores it."""
+    parts = [p for p in parts if len(p.labels_N)]
+    return ScoredSet(torch.cat([p.probs_NC for p in parts]), torch.cat([p.labels_N for p in parts]),
+                     {k: torch.cat([p.scores[k] for p in parts]) for k in parts[0].scores},
+                     sum(p.tokens for p in parts), max(p.seconds for p in parts))
+
 
 def router_token_scores(routings: list[Routing], uncertainty_name: str) -> dict[str, torch.Tensor]:
     """Per-token router scores averaged over MoE layers: gate entropy, and the router's own
@@ -235,18 +248,20 @@ def score_windows(model: Backbone, sampler: Backbone | None, windows: Windows, s
             p_SBLV = torch.stack([sampler(x).logits_BLV.float().softmax(-1) for _ in range(samples)])
             per_token["mutual_information"] = metrics.mutual_information(p_SBLV)
         _append(scores, {k: v.mean(-1) for k, v in per_token.items()})
+    if not probs:  # a rank with no batch of this set (more ranks than batches)
+        return ScoredSet(torch.zeros(0), torch.zeros(0, dtype=torch.long), {}, 0, 0.0)
     return ScoredSet(torch.cat(probs), torch.cat(labels), {k: torch.cat(v) for k, v in scores.items()},
                      tokens, seconds)
 
 
 @torch.no_grad()
-def score_items(model: Backbone, sampler: Backbone | None, items: MCQTensors, batch_size: int,
+def score_items(model: Backbone, sampler: Backbone | None, items: MCQTensors, index_batches: list[torch.Tensor],
                 samples: int, uncertainty_name: str, device: torch.device) -> ScoredSet:
-    """4-way multiple-choice predictions; a sequence is an item (router scores are averaged over
-    the real tokens of its four filled-in sentences)."""
+    """4-way multiple-choice predictions of the items in ``index_batches``; a sequence is an item
+    (router scores are averaged over the real tokens of its four filled-in sentences)."""
     probs, labels, scores = [], [], {}
     tokens, seconds = 0, 0.0
-    for index in torch.arange(len(items)).split(batch_size):
+    for index in index_batches:
         batch = items.batch(index, device)
         out, dt = _timed(model, batch.inputs_NL)
         seconds += dt
@@ -263,5 +278,7 @@ def score_items(model: Backbone, sampler: Backbone | None, items: MCQTensors, ba
                                  for _ in range(samples)])
             per_item["mutual_information"] = metrics.mutual_information(p_SBO)
         _append(scores, per_item)
+    if not probs:  # a rank with no batch of this set (more ranks than batches)
+        return ScoredSet(torch.zeros(0), torch.zeros(0, dtype=torch.long), {}, 0, 0.0)
     return ScoredSet(torch.cat(probs), torch.cat(labels), {k: torch.cat(v) for k, v in scores.items()},
                      tokens, seconds)

@@ -56,12 +56,11 @@ def main(argv: list[str]) -> None:
         print(USAGE, end="")
         return
     run, overrides = parse_args(argv)
-    if distributed.env().enabled:
-        raise ConfigError("vrmoe eval runs in one process; launch it without torchrun "
-                          "(or train with eval.at_end=true, which evaluates on rank 0)")
+    distributed.start()  # under torchrun the ranks share the sets; rank 0 writes
     state = load_checkpoint(run, "run")
     app = compose_over_saved(state["config"], overrides, allowed=EVAL_SETTINGS, what="an evaluation setting")
     evaluate_run(Path(run), app, state=state)
+    distributed.finish()
 
 
 def parse_args(argv: list[str]) -> tuple[str, list[str]]:
@@ -94,6 +93,8 @@ def evaluate_run(run_dir: Path, app: AppConfig, state: dict[str, Any] | None = N
     for probe in probes:
         result[probe.name] = probe.measure(ctx)
     result["wall_time_s"] = time.perf_counter() - t_start
+    if not distributed.env().is_main:  # every rank has the numbers; rank 0 writes and shows them
+        return result
     write_json(run_dir / EVAL_FILE, result)
     images = draw_figures(probes, result, run_dir)
     headline = {"S": result["S"]}

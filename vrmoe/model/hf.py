@@ -139,7 +139,7 @@ class SwappedRouter(nn.Module):
             weights_TK = routing.gates_TK
         else:  # the selected entries of the routing distribution, as the family uses them
             weights_TK = routing.probs_TE.gather(-1, ids_TK)
-        self.last = (routing, routing_stats(routing, self.n_experts))
+        self.last = (routing, routing_stats(routing, self.n_experts, over_ranks=self.training))
         return self.router.gate(u_TD), weights_TK.to(hidden_states.dtype), ids_TK
 
 

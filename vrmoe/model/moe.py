@@ -49,11 +49,14 @@ def expert_counts(expert_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
     return torch.zeros(n_experts, dtype=torch.long, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
 
 
-def routing_stats(routing: Routing, n_experts: int) -> dict[str, torch.Tensor]:
+def routing_stats(routing: Routing, n_experts: int, over_ranks: bool = False) -> dict[str, torch.Tensor]:
     """Utilisation fractions (sum to 1), mean routing entropy (nats, in [0, log E]) and the
-    load's coefficient of variation; all on device, no host sync. Under torchrun the load is
-    the global batch's (this rank's entropy is averaged over ranks when logged)."""
-    counts_E = sum_over_ranks(expert_counts(routing.expert_ids_TK, n_experts).float())  # the global batch's
+    load's coefficient of variation; all on device, no host sync. With ``over_ranks`` (training
+    under torchrun, every rank in step) the load is the global batch's; this rank's entropy is
+    averaged over ranks when logged."""
+    counts_E = expert_counts(routing.expert_ids_TK, n_experts).float()
+    if over_ranks:  # training under torchrun: the load of the global batch
+        counts_E = sum_over_ranks(counts_E)
     utilisation_E = counts_E / counts_E.sum().clamp_min(1)
     p = routing.probs_TE.detach().float()
     entropy = metrics.entropy(p).mean().float()
@@ -93,9 +96,11 @@ class Experts(nn.Module):
         self.w2_EFD = nn.Parameter(torch.empty(n_experts, hidden, d_model))
         for w, fan_in in ((self.w1_EDF, d_model), (self.w3_EDF, d_model), (self.w2_EFD, hidden)):
             nn.init.normal_(w, std=fan_in ** -0.5)
-        #: how many times the experts ran on their blocks since the last reset (test hook for
-        #: "S costs router work only"); a plain int, so it costs nothing on device.
+        #: how many times the experts ran on their blocks, and on how many token rows in all,
+        #: since the last reset (test hooks for "S costs router work only": T x K rows a call,
+        #: whatever S); plain ints, so they cost nothing on device.
         self.block_calls = 0
+        self.rows_run = 0
 
     def use_grouped_mm(self, x: torch.Tensor) -> bool:
         if self.dispatch != "auto":
@@ -107,6 +112,7 @@ class Experts(nn.Module):
     def forward(self, x_TD: torch.Tensor, slots: SlotOrder, gates_TK: torch.Tensor) -> torch.Tensor:
         """``y_t = sum_k gates_tk * expert_{e_tk}(x_t)``, the experts run on the sorted blocks."""
         self.block_calls += 1
+        self.rows_run += slots.token_N.numel()
         if self.use_grouped_mm(x_TD):
             return grouped_mm_experts(x_TD, slots, gates_TK, self.w1_EDF, self.w3_EDF, self.w2_EFD)
         return loop_experts(x_TD, slots, gates_TK, self.w1_EDF, self.w3_EDF, self.w2_EFD)
@@ -134,8 +140,9 @@ def grouped_mm_experts(x_TD, slots: SlotOrder, gates_TK, w1_EDF, w3_EDF, w2_EFD)
 def loop_experts(x_TD, slots: SlotOrder, gates_TK, w1_EDF, w3_EDF, w2_EFD) -> torch.Tensor:
     dtype = x_TD.dtype
     w1, w3, w2 = (w.to(dtype) for w in (w1_EDF, w3_EDF, w2_EFD))
+    # Under no_grad (evaluation) nothing is kept for a backward that will not come.
     return _ExpertLoop.apply(x_TD, slots.token_N, slots.position_TK, gates_TK.to(dtype),
-                             slots.counts_E.tolist(), w1, w3, w2)
+                             slots.counts_E.tolist(), torch.is_grad_enabled(), w1, w3, w2)
 
 
 def _blocks(counts: list[int]):
@@ -152,37 +159,41 @@ class _ExpertLoop(torch.autograd.Function):
 
     Working per block keeps its gathered inputs and SwiGLU intermediates in cache; the
     combine gathers each token's K outputs back. Saved for backward: the pre-activations
-    ``a = x w1`` and ``b = x w3`` and the unweighted outputs (for the gate gradient); the
-    SwiGLU product and the gathered inputs are recomputed, which is cheaper than keeping
-    N x (F + D) more numbers alive.
+    ``a = x w1`` and ``b = x w3``, the unweighted outputs (for the gate gradient) and, when
+    the expert weights need gradients, the gathered inputs (N x D: gathering them again costs
+    more time than they cost memory); the SwiGLU product is recomputed, which is cheaper than
+    keeping N x F more numbers alive.
     """
 
     @staticmethod
-    def forward(ctx, x_TD, token_N, position_TK, gates_TK, counts, w1_EDF, w3_EDF, w2_EFD):
+    def forward(ctx, x_TD, token_N, position_TK, gates_TK, counts, grad_mode, w1_EDF, w3_EDF, w2_EFD):
         with _no_autocast(x_TD):
             n_slots, d_model, hidden = token_N.numel(), x_TD.shape[1], w1_EDF.shape[-1]
             gate_N = gates_TK.new_empty(n_slots).scatter_(0, position_TK.reshape(-1), gates_TK.reshape(-1))
             a_NF = x_TD.new_empty(n_slots, hidden)
             b_NF = torch.empty_like(a_NF)
             out_ND = x_TD.new_empty(n_slots, d_model)
+            keep_x = grad_mode and any(ctx.needs_input_grad[6:])  # the weight gradients read the gathered inputs
+            x_ND = x_TD.new_empty(n_slots, d_model) if keep_x else None
             for e, rows in _blocks(counts):
-                x_e = x_TD.index_select(0, token_N[rows])
+                x_e = torch.index_select(x_TD, 0, token_N[rows], out=x_ND[rows]) if keep_x else \
+                    x_TD.index_select(0, token_N[rows])
                 a = torch.mm(x_e, w1_EDF[e], out=a_NF[rows])
                 b = torch.mm(x_e, w3_EDF[e], out=b_NF[rows])
                 torch.mm(F.silu(a).mul_(b), w2_EFD[e], out=out_ND[rows])
             y_TD = _gather_sum(out_ND, position_TK, gates_TK)
-        ctx.save_for_backward(x_TD, token_N, position_TK, gate_N, w1_EDF, w3_EDF, w2_EFD, a_NF, b_NF, out_ND)
+        ctx.save_for_backward(x_ND, token_N, position_TK, gate_N, w1_EDF, w3_EDF, w2_EFD, a_NF, b_NF, out_ND)
         ctx.counts = counts
         return y_TD
 
     @staticmethod
     def backward(ctx, grad_y_TD):
-        x_TD, token_N, position_TK, gate_N, w1_EDF, w3_EDF, w2_EFD, a_NF, b_NF, out_ND = ctx.saved_tensors
-        with _no_autocast(x_TD):
+        x_ND, token_N, position_TK, gate_N, w1_EDF, w3_EDF, w2_EFD, a_NF, b_NF, out_ND = ctx.saved_tensors
+        with _no_autocast(grad_y_TD):
             grad_y_TD = grad_y_TD.contiguous()
             # Only the gradients asked for: train.freeze=backbone freezes the experts (three of the
             # seven matmuls per block are theirs). Experts without tokens get zero gradients.
-            need_x, need_w = ctx.needs_input_grad[0], any(ctx.needs_input_grad[5:])
+            need_x, need_w = ctx.needs_input_grad[0], any(ctx.needs_input_grad[6:])
             grad_w1, grad_w3, grad_w2 = ((torch.zeros_like(w) for w in (w1_EDF, w3_EDF, w2_EFD)) if need_w
                                          else (None, None, None))
             grad_x_ND = torch.empty_like(out_ND) if need_x else None
@@ -200,7 +211,7 @@ class _ExpertLoop(torch.autograd.Function):
                 grad_b = silu_a.mul_(grad_h)
                 grad_a = torch.ops.aten.silu_backward(grad_h.mul_(b), a)
                 if need_w:
-                    x_e = x_TD.index_select(0, tokens)
+                    x_e = x_ND[rows]
                     torch.mm(x_e.T, grad_a, out=grad_w1[e])
                     torch.mm(x_e.T, grad_b, out=grad_w3[e])
                 if need_x:
@@ -208,7 +219,7 @@ class _ExpertLoop(torch.autograd.Function):
             # Every slot is in some block, so grad_x_ND and grad_gate_N are fully written.
             grad_x_TD = _gather_sum(grad_x_ND, position_TK) if need_x else None
             grad_gates_TK = grad_gate_N[position_TK]
-        return grad_x_TD, None, None, grad_gates_TK, None, grad_w1, grad_w3, grad_w2
+        return grad_x_TD, None, None, grad_gates_TK, None, None, grad_w1, grad_w3, grad_w2
 
 
 def _gather_sum(rows_ND: torch.Tensor, position_TK: torch.Tensor, weights_TK: torch.Tensor | None = None):
@@ -245,7 +256,7 @@ class MoELayer(nn.Module):
         x_TD = x_BLD.reshape(-1, shape[-1])
         routing = self.router(x_TD)
         y_TD = dispatch(x_TD, routing, self.experts)
-        return MoEOutput(y_TD.reshape(shape), routing, routing_stats(routing, self.n_experts))
+        return MoEOutput(y_TD.reshape(shape), routing, routing_stats(routing, self.n_experts, over_ranks=self.training))
 
 
 def dispatch(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from ... import metrics
+from ... import distributed, metrics
 from ...console import console
 from ...data.batches import derived_seed
 from ...model.backbone import Backbone
@@ -49,12 +49,21 @@ def routings_with_noise(model: Backbone, x: torch.Tensor, sigma: float, noise_se
 def routing_stability(model: Backbone, windows: list[torch.Tensor], gammas: list[float], seed: int,
                       unmatched: bool) -> dict[str, Any]:
     """Jaccard of the Top-K sets with and without embedding noise, per MoE layer and gamma."""
-    embed_norm = torch.cat([model.embeddings(x).norm(dim=-1).reshape(-1) for x in windows]).mean()
+    here = distributed.env()  # under torchrun each rank takes its block of windows, and the sums are added up
+    mine = range(len(windows))[here.block(len(windows))]
+    if here.enabled:
+        norms = torch.cat([torch.zeros(0), *(model.embeddings(windows[b]).norm(dim=-1).reshape(-1).cpu() for b in mine)])
+        norms = norms.double()
+        total = distributed.sum_over_ranks(torch.stack([norms.sum(), torch.tensor(float(norms.numel()))]))
+        embed_norm = (total[0] / total[1]).float()
+    else:
+        embed_norm = torch.cat([model.embeddings(x).norm(dim=-1).reshape(-1) for x in windows]).mean()
     layer_names = model.moe_layer_names
     sums = {"matched": torch.zeros(len(gammas), len(layer_names), dtype=torch.float64),
             "unmatched": torch.zeros(len(gammas), len(layer_names), dtype=torch.float64)}
     n_tokens = 0
-    for b, x in enumerate(windows):
+    for b in mine:  # the window's index in the whole set seeds its noise: the same on any number of ranks
+        x = windows[b]
         noise_seed, router_seed = derived_seed(seed, b), derived_seed(seed, b) + 500_000
         clean = routings_with_noise(model, x, 0.0, noise_seed, router_seed)
         n_tokens += x.numel()
@@ -68,6 +77,10 @@ def routing_stability(model: Backbone, windows: list[torch.Tensor], gammas: list
                 for layer, (r_clean, r_noisy, moe) in enumerate(zip(clean, noisy, model.moe_layers)):
                     sums[kind][g, layer] += metrics.topk_sets_jaccard(
                         r_clean.expert_ids_TK, r_noisy.expert_ids_TK, moe.n_experts).sum().cpu()
+
+    for total in sums.values():
+        distributed.sum_over_ranks(total)
+    n_tokens = int(distributed.sum_over_ranks(torch.tensor(float(n_tokens), dtype=torch.float64)))
 
     def table(total: torch.Tensor) -> dict[str, list[float]]:
         mean_GL = total / max(n_tokens, 1)

@@ -72,7 +72,8 @@ class Router(nn.Module):
         nn.init.normal_(self.gate.weight, std=d_model ** -0.5 * 0.1)
 
     def balance_terms(self, logits_TE: torch.Tensor, probs_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
-        loss = self.cfg.load_balance_weight * load_balance_loss(probs_TE, ids_TK)
+        # In training every rank routes its slice of one global batch in step; evaluation is per rank.
+        loss = self.cfg.load_balance_weight * load_balance_loss(probs_TE, ids_TK, over_ranks=self.training)
         if self.cfg.z_loss_weight > 0:
             loss = loss + self.cfg.z_loss_weight * z_loss(logits_TE)
         return loss
@@ -131,14 +132,17 @@ def build_router(d_model: int, n_experts: int, cfg: RouterConfig) -> Router:
 # Helpers shared by the routers
 # ---------------------------------------------------------------------------
 
-def load_balance_loss(probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor) -> torch.Tensor:
+def load_balance_loss(probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor, over_ranks: bool = False) -> torch.Tensor:
     """Switch Transformer balance loss ``E * sum_e f_e P_e``: 1 when the load is uniform."""
     n_experts = probs_TE.shape[-1]
     counts_E = torch.zeros(n_experts, device=probs_TE.device, dtype=probs_TE.dtype)
     counts_E.scatter_add_(0, expert_ids_TK.reshape(-1), torch.ones_like(expert_ids_TK, dtype=probs_TE.dtype).reshape(-1))
-    # Under torchrun the fractions are the global batch's (P_e stays this rank's: the ranks' averaged
-    # gradients are then the gradient of the global loss).
-    fraction_E = sum_over_ranks(counts_E) / (expert_ids_TK.numel() * world_size())
+    # over_ranks (training under torchrun): the fractions are the global batch's, P_e stays this rank's,
+    # so the ranks' averaged gradients are the gradient of the global loss.
+    if over_ranks:
+        fraction_E = sum_over_ranks(counts_E) / (expert_ids_TK.numel() * world_size())
+    else:
+        fraction_E = counts_E / expert_ids_TK.numel()
     return n_experts * (fraction_E * probs_TE.mean(0)).sum()
 
 
