@@ -185,3 +185,19 @@ def test_resuming_a_finished_run_is_refused_and_keeps_its_record(tmp_path):
     proc = run_cli("train", *TINY, "train.max_steps=2", f"train.resume={run_dir}", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "raise train.max_steps" in proc.stderr and "Traceback" not in proc.stderr
     assert (run_dir / "summary.json").read_text() == before
+
+
+def test_a_diverging_run_stops_as_diverged_with_a_finite_checkpoint(tmp_path):
+    proc = run_cli("train", *TINY, "train.max_steps=40", "train.lr=1e6", "train.grad_clip=0", "train.ckpt_every=2",
+                   "hydra.run.dir=run", cwd=tmp_path, check=False)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr
+    assert err[-1].startswith("error: training diverged at step") and "train.lr" in err[-1]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["skipped_steps"] == 3 and summary["step"] < 40
+    state = load_checkpoint(tmp_path / "run", "run")
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    rows = _rows(tmp_path / "run")
+    assert all(math.isfinite(r["train/loss"]) for r in rows)  # skipped steps are counted, not averaged in
+    evaluation = run_cli("eval", f"run={tmp_path / 'run'}", cwd=tmp_path, check=False)
+    assert evaluation.returncode == 2 and "diverged" in evaluation.stderr and not (tmp_path / "run" / "eval.json").exists()

@@ -109,6 +109,8 @@ class TrainConfig:
     warmup_steps: int = 50
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    # Steps in a row with a non-finite loss or gradient (each skipped) before the run stops as diverged.
+    max_bad_steps: int = 3
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 8
@@ -224,6 +226,7 @@ def validate(c: AppConfig) -> None:
     _require(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
     _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
     _require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
+    _require(t.max_bad_steps >= 1, f"train.max_bad_steps={t.max_bad_steps} must be a positive integer")
     for key, value in (("train.log_every", t.log_every), ("train.eval_every", t.eval_every),
                        ("train.eval_batches", t.eval_batches), ("train.ckpt_every", t.ckpt_every)):
         _require(value >= 1, f"{key}={value} must be a positive integer")

@@ -23,6 +23,7 @@ from . import distributed
 from .compose import load_config, prepare_hydra
 from .config import AppConfig, ConfigError
 from .console import fail, log_line
+from .train.step import Diverged
 from .tracking import CHECKPOINT_FILE, EVAL_FILE, SUMMARY_FILE, read_json, read_summary, write_json
 
 
@@ -56,6 +57,11 @@ def train_job(cfg: DictConfig) -> float:
         fail(str(exc))
     except KeyboardInterrupt:
         fail(interrupted_message(run_dir, cfg), code=130)
+    except Diverged as exc:  # recorded in summary.json as diverged
+        if multirun:
+            log_line(f"[red]job {hc.job.num} diverged:[/] {exc}")
+            return math.nan
+        fail(str(exc), code=3)
     except Exception as exc:
         if not multirun:
             raise

@@ -21,7 +21,7 @@ from ..compose import compose_over_saved
 from ..config import AppConfig, ConfigError, to_dict
 from ..console import log_line
 from ..device import resolve_device
-from ..tracking import EVAL_FILE, make_logger, write_json
+from ..tracking import EVAL_FILE, make_logger, read_summary, write_json
 from .context import EvalContext
 from .probes import ordered_probes
 
@@ -81,6 +81,9 @@ def parse_args(argv: list[str]) -> tuple[str, list[str]]:
 def evaluate_run(run_dir: Path, app: AppConfig, state: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate ``run_dir``'s checkpoint under ``app``; write eval.json and plots there; return the results."""
     run_dir = Path(run_dir)
+    if (read_summary(run_dir) or {}).get("status") == "diverged":
+        raise ConfigError(f"run={run_dir} diverged ({read_summary(run_dir).get('error', 'non-finite steps')}); "
+                          "a diverged run is not scored: train it again with a lower train.lr")
     state = state if state is not None else load_checkpoint(run_dir, "run")
     t_start = time.perf_counter()
     ctx = EvalContext.build(run_dir, app, state, resolve_device(app.train.device))

@@ -31,7 +31,7 @@ from ..plots import log_utilisation_image, write_run_plots
 from ..tasks import Task, build_task
 from ..tracking import NullRecorder, RunRecorder, make_logger
 from .meter import IntervalMeter
-from .step import TrainStep, make_optimizer
+from .step import Diverged, TrainStep, make_optimizer
 
 
 def train(app: AppConfig, run_dir: Path, overrides: list[str] | None = None,
@@ -52,7 +52,10 @@ def train(app: AppConfig, run_dir: Path, overrides: list[str] | None = None,
                 batch = run.task.train_batch(step, run.device)
                 out = train_step(step, lambda: run.task.forward(forward_model, batch))
                 step += 1
-                meter.add(out)
+                if train_step.last_ok:
+                    meter.add(out)
+                else:
+                    meter.skip()
                 validate = step % app.train.eval_every == 0 or step == max_steps
                 if step % app.train.log_every == 0 or validate:
                     row = {**meter.pop(step), "lr": train_step.lr}
@@ -66,7 +69,12 @@ def train(app: AppConfig, run_dir: Path, overrides: list[str] | None = None,
         status = "interrupted"
         run.save_checkpoint(step)
         raise
+    except Diverged as exc:
+        status = "diverged"
+        run.summary["error"] = str(exc)
+        raise
     finally:
+        run.summary["skipped_steps"] = train_step.skipped
         run.finish(status, step)
     return run.summary
 

@@ -21,7 +21,12 @@ class IntervalMeter:
         self.aux_sum = torch.zeros((), device=device)
         self.stat_sums: list[dict[str, torch.Tensor]] | None = None
         self.steps = 0
+        self.skipped = 0
         self.started = time.perf_counter()
+
+    def skip(self) -> None:
+        """A step whose update was skipped (non-finite): counted, its numbers left out."""
+        self.skipped += 1
 
     def add(self, out: ModelOutput) -> None:
         self.loss_sum += out.loss.detach()
@@ -41,13 +46,14 @@ class IntervalMeter:
             mean_over_ranks(total)
         elapsed = time.perf_counter() - self.started
         n = max(self.steps, 1)
-        row: dict[str, Any] = {
+        extra = {"skipped_steps": self.skipped} if self.skipped else {}
+        row: dict[str, Any] = {**extra,
             "step": step, "train/loss": float(self.loss_sum / n), "train/aux_loss": float(self.aux_sum / n),
-            "tokens_per_s": self.steps * self.tokens_per_step / max(elapsed, 1e-9),
+            "tokens_per_s": (self.steps + self.skipped) * self.tokens_per_step / max(elapsed, 1e-9),
             "moe": {name: {k: (v / n).cpu().tolist() for k, v in s.items()}
                     for name, s in zip(self.layer_names, self.stat_sums or [])},
         }
         self.loss_sum.zero_(), self.aux_sum.zero_()
-        self.stat_sums, self.steps = None, 0
+        self.stat_sums, self.steps, self.skipped = None, 0, 0
         self.started = time.perf_counter()
         return row
