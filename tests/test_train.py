@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from vrmoe.checkpoint import load_checkpoint
+from vrmoe.config import ConfigError
 from vrmoe.model import build_model
 from vrmoe.train import lr_at, train
 
@@ -201,3 +202,14 @@ def test_a_diverging_run_stops_as_diverged_with_a_finite_checkpoint(tmp_path):
     assert all(math.isfinite(r["train/loss"]) for r in rows)  # skipped steps are counted, not averaged in
     evaluation = run_cli("eval", f"run={tmp_path / 'run'}", cwd=tmp_path, check=False)
     assert evaluation.returncode == 2 and "diverged" in evaluation.stderr and not (tmp_path / "run" / "eval.json").exists()
+
+
+def test_a_resume_with_other_training_settings_is_refused_unless_overridden(tmp_path):
+    train(make_config(*TINY, "train.max_steps=2"), tmp_path)
+    with pytest.raises(ConfigError) as info:
+        train(make_config(*TINY, "train.max_steps=4", "seed=5", "train.lr=0.1", f"train.resume={tmp_path}"), tmp_path)
+    assert "seed: 0 there, 5 here" in str(info.value) and "train.lr: 0.003 there, 0.1 here" in str(info.value)
+    assert "train.resume_override=true" in str(info.value)
+    summary = train(make_config(*TINY, "train.max_steps=4", "train.lr=0.1", "train.log_every=2",
+                                "train.resume_override=true", f"train.resume={tmp_path}"), tmp_path)
+    assert summary["status"] == "completed" and summary["resume_override"] == ["train.lr: 0.003 there, 0.1 here"]

@@ -129,8 +129,35 @@ def _load_base(model: torch.nn.Module, state: dict[str, Any], key: str) -> set[s
     return supplied | set(loadable)
 
 
-def check_resumable(state: dict[str, Any], app: AppConfig) -> None:
-    """``train.resume`` continues the same run: the same model and router, and steps left to take."""
+# What a resume may change: where and how it runs and records, not what it trains.
+_RESUME_FREE = {"train.resume", "train.max_steps", "train.device", "train.compile", "train.resume_override",
+                "train.log_every", "train.eval_every", "train.ckpt_every", "train.eval_batches", "train.objective",
+                "data.cache_dir", "model.dispatch"}
+
+
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def resume_differences(saved: dict[str, Any], app: AppConfig) -> list[str]:
+    """Training keys whose value differs from the checkpoint's (the seed, the schedule, the data,
+    the task, the model and the router with its keys); logging and evaluation settings may change."""
+    now = _flat({k: v for k, v in to_dict(app).items() if k not in ("logger", "eval")})
+    before = _flat({k: v for k, v in saved.items() if k not in ("logger", "eval")})
+    return [f"{key}: {before.get(key)} there, {now[key]} here" for key in now
+            if key not in _RESUME_FREE and key in before and before[key] != now[key]]
+
+
+def check_resumable(state: dict[str, Any], app: AppConfig) -> list[str]:
+    """``train.resume`` continues the same run: the same model and router, the same training keys
+    (unless ``train.resume_override=true``; the differences are returned to be recorded), and
+    steps left to take (only ``train.max_steps`` may grow)."""
     saved = state["config"]
     diff = shape_mismatch(saved["model"], app.model)
     saved_router = saved.get("router", {}).get("name")
@@ -140,6 +167,11 @@ def check_resumable(state: dict[str, Any], app: AppConfig) -> None:
     if int(state["step"]) >= app.train.max_steps:
         raise ConfigError(f"train.resume={app.train.resume}: the run already reached step {state['step']} "
                           f"of train.max_steps={app.train.max_steps}; raise train.max_steps to train it further")
+    changed = resume_differences(saved, app)
+    if changed and not app.train.resume_override:
+        raise ConfigError(f"train.resume={app.train.resume}: the run was trained with other settings "
+                          f"({'; '.join(changed)}); resume with its own, or add train.resume_override=true")
+    return changed
 
 
 def freeze_loaded(model: torch.nn.Module, loaded: set[str]) -> None:

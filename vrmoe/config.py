@@ -115,8 +115,10 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 8
     ckpt_every: int = 200
-    # Continue an interrupted run in its own directory.
+    # Continue an interrupted run in its own directory (with its own training settings, unless
+    # resume_override=true, which is recorded in the summary).
     resume: Optional[str] = None
+    resume_override: bool = False
     # Start from another run's weights (the post-hoc protocol).
     init_from: Optional[str] = None
     # "none" trains everything; "backbone" trains only parameters new to this run.

@@ -113,8 +113,7 @@ class TrainingRun:
         device = distributed.device_for(here, resolve_device(app.train.device))
         distributed.check_batch(here, app.train.batch_size)
         resume = load_checkpoint(app.train.resume, "train.resume") if app.train.resume else None
-        if resume is not None:
-            check_resumable(resume, app)
+        overridden = check_resumable(resume, app) if resume is not None else []
         corpus = load_corpus(app.data, min_tokens=app.model.seq_len + 2, tokenizer=build_tokenizer(app))
         if corpus.tokenizer.vocab_size > app.model.vocab_size:
             raise ConfigError(f"model.vocab_size={app.model.vocab_size} is smaller than the tokenizer's "
@@ -159,6 +158,8 @@ class TrainingRun:
         recorder.write_summary(summary)
         if here.enabled:
             summary["world_size"] = here.world_size
+        if overridden:  # train.resume_override=true: what changed, on record
+            summary["resume_override"] = overridden
         (log_line if here.is_main else _quiet)(f"[bold]{app.router.name}[/] router, {counts['total'] / 1e6:.2f}M params "
                  f"({counts['active'] / 1e6:.2f}M active), {app.data.name}: {len(corpus.train) / 1e6:.2f}M train "
                  f"tokens, unigram entropy {summary['unigram_entropy']:.3f} nats, device {device}, run dir {run_dir}")
