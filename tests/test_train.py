@@ -213,3 +213,36 @@ def test_a_resume_with_other_training_settings_is_refused_unless_overridden(tmp_
     summary = train(make_config(*TINY, "train.max_steps=4", "train.lr=0.1", "train.log_every=2",
                                 "train.resume_override=true", f"train.resume={tmp_path}"), tmp_path)
     assert summary["status"] == "completed" and summary["resume_override"] == ["train.lr: 0.003 there, 0.1 here"]
+
+
+def test_sigint_inside_the_optimizer_step_stops_after_it_and_resumes_bit_identical(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    args = [*TINY, "train.max_steps=8", "train.log_every=3", "train.eval_every=4", "train.ckpt_every=100"]
+    full = tmp_path / "full"
+    train(make_config(*args), full)
+    calls = {"n": 0}
+    original = torch.optim.AdamW.step
+
+    def step_with_a_signal(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:  # Ctrl-C arrives while the 4th update is being applied
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_with_a_signal)
+    part = tmp_path / "part"
+    with pytest.raises(KeyboardInterrupt):
+        train(make_config(*args), part)
+    monkeypatch.setattr(torch.optim.AdamW, "step", original)
+    state = load_checkpoint(part, "train.resume")
+    assert state["step"] == 4 and json.loads((part / "summary.json").read_text())["status"] == "interrupted"
+    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {4}  # the 4th update is whole
+    train(make_config(*args, f"train.resume={part}"), part)
+    # Bit-identical, the logged interval that spans the interrupt (steps 4-6) included.
+    assert _rows_without_time(part) == _rows_without_time(full)
+
+
+def _rows_without_time(run_dir):
+    return [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in _rows(run_dir)]

@@ -209,8 +209,11 @@ class Checkpointer:
     def wall_time(self) -> float:
         return self.wall_before + time.perf_counter() - self.started
 
-    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             interval: dict[str, Any] | None = None) -> None:
+        """``interval``: the log interval's partial sums, so a resume logs the interval it was in."""
         save_checkpoint(self.path, {
+            "interval": interval,
             "version": CHECKPOINT_VERSION, "step": step, "config": self.config,
             "model": {k: v for k, v in model.state_dict().items() if k not in self.reloadable},
             "optimizer": optimizer.state_dict(),

@@ -9,6 +9,8 @@ expert loop's counts; see ``model/moe.py``).
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,10 +46,11 @@ def train(app: AppConfig, run_dir: Path, overrides: list[str] | None = None,
     train_step = TrainStep(run.model, run.optimizer, app.train, run.device)
     forward_model = distributed.wrap(run.model, run.dist, run.device)
     forward_model = torch.compile(forward_model) if app.train.compile else forward_model
-    meter = IntervalMeter(run.device, run.model.moe_layer_names, run.task.tokens_per_step)
+    meter = IntervalMeter(run.device, run.model.moe_layer_names, run.task.tokens_per_step, run.interval_state)
     step, max_steps, status = run.start_step, app.train.max_steps, "failed"
+    stop = StopRequest(run.dist)
     try:
-        with run.progress:
+        with run.progress, stop:
             while step < max_steps:
                 batch = run.task.train_batch(step, run.device)
                 out = train_step(step, lambda: run.task.forward(forward_model, batch))
@@ -62,12 +65,14 @@ def train(app: AppConfig, run_dir: Path, overrides: list[str] | None = None,
                     if validate:
                         row.update(run.task.validate(run.model, run.device))
                     run.record(row, validated=validate)
-                if step % app.train.ckpt_every == 0 or step == max_steps:
-                    run.save_checkpoint(step)
+                stopping = stop.agreed()  # Ctrl-C or SIGTERM during the step: it finished, save it and stop
+                if step % app.train.ckpt_every == 0 or step == max_steps or stopping:
+                    run.save_checkpoint(step, meter)
+                if stopping:
+                    raise KeyboardInterrupt
         status = "completed"
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second Ctrl-C aborts at once: the last checkpoint stands
         status = "interrupted"
-        run.save_checkpoint(step)
         raise
     except Diverged as exc:
         status = "diverged"
@@ -100,6 +105,7 @@ class TrainingRun:
     summary: dict[str, Any]
     progress: Any
     dist: DistEnv
+    interval_state: dict[str, Any] | None = None  # the log interval a resumed checkpoint was in
     last_train: float | None = None
     last_val: float | None = None
 
@@ -168,11 +174,12 @@ class TrainingRun:
         checkpointer = Checkpointer(run_dir, app, frozen, wall_before, device,
                                     reloadable=frozen - trained if app.train.freeze == "backbone" else set())
         return cls(app, run_dir, device, corpus, task, model, optimizer, start_step, checkpointer, recorder, summary,
-                   make_progress(app.train.max_steps, start_step, quiet=not here.is_main), here)
+                   make_progress(app.train.max_steps, start_step, quiet=not here.is_main), here,
+                   resume.get("interval") if resume is not None else None)
 
-    def save_checkpoint(self, step: int) -> None:
+    def save_checkpoint(self, step: int, meter: IntervalMeter) -> None:
         if self.dist.is_main:  # every rank holds the same weights: one writes them
-            self.checkpointer.save(step, self.model, self.optimizer)
+            self.checkpointer.save(step, self.model, self.optimizer, interval=meter.state())
 
     def record(self, row: dict[str, Any], validated: bool) -> None:
         """One metrics.jsonl row, mirrored to the logger and shown as progress."""
@@ -206,6 +213,37 @@ class TrainingRun:
         if status == "completed":
             log_line(f"done: val/loss {self.last_val:.4f} nats (unigram entropy {self.summary['unigram_entropy']:.4f}) "
                      f"in {self.summary['wall_time_s']:.0f}s -> {self.run_dir}")
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM (what Slurm and torchrun send before a kill) ask the loop to stop
+    after the current optimiser step, which is then checkpointed; a second signal aborts at once.
+    Under torchrun the ranks agree on the step to stop after."""
+
+    def __init__(self, here: DistEnv):
+        self.here, self.requested, self._previous = here, False, {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log_line("[yellow]stopping after this step[/] (a checkpoint follows; interrupt again to abort at once)")
+
+    def agreed(self) -> bool:
+        """Whether any rank was asked to stop (one small all-reduce a step under torchrun)."""
+        if self.here.enabled:
+            self.requested = bool(distributed.sum_over_ranks(torch.tensor(float(self.requested))) > 0)
+        return self.requested
 
 
 def run_name_from(overrides: list[str] | None) -> str | None:

@@ -15,7 +15,8 @@ from ..model.backbone import ModelOutput
 
 
 class IntervalMeter:
-    def __init__(self, device: torch.device, layer_names: list[str], tokens_per_step: int):
+    def __init__(self, device: torch.device, layer_names: list[str], tokens_per_step: int,
+                 state: dict[str, Any] | None = None):
         self.layer_names, self.tokens_per_step = layer_names, tokens_per_step
         self.loss_sum = torch.zeros((), device=device)
         self.aux_sum = torch.zeros((), device=device)
@@ -23,6 +24,20 @@ class IntervalMeter:
         self.steps = 0
         self.skipped = 0
         self.started = time.perf_counter()
+        if state is not None:  # a resume continues the interval its checkpoint was in
+            self.loss_sum += state["loss_sum"].to(device)
+            self.aux_sum += state["aux_sum"].to(device)
+            self.stat_sums = ([{k: v.to(device) for k, v in s.items()} for s in state["stat_sums"]]
+                              if state["stat_sums"] is not None else None)
+            self.steps, self.skipped = state["steps"], state["skipped"]
+            self.started -= state["seconds"]
+
+    def state(self) -> dict[str, Any]:
+        """The interval so far, for a checkpoint."""
+        return {"loss_sum": self.loss_sum.detach().cpu().clone(), "aux_sum": self.aux_sum.detach().cpu().clone(),
+                "stat_sums": None if self.stat_sums is None else [{k: v.cpu().clone() for k, v in s.items()}
+                                                                  for s in self.stat_sums],
+                "steps": self.steps, "skipped": self.skipped, "seconds": time.perf_counter() - self.started}
 
     def skip(self) -> None:
         """A step whose update was skipped (non-finite): counted, its numbers left out."""
