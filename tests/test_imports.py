@@ -92,5 +92,6 @@ def test_the_walk_sees_function_level_imports_and_would_find_a_cycle():
 
 
 def test_nothing_imports_the_command_line():
-    importers = [name for name, edges in import_graph().items() if "vrmoe.cli" in edges]
+    # ``python -m vrmoe`` (vrmoe/__main__.py) is the command line's other door, not a user of it.
+    importers = [name for name, edges in import_graph().items() if "vrmoe.cli" in edges and name != "vrmoe.__main__"]
     assert importers == []

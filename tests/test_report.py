@@ -346,3 +346,12 @@ def test_a_figure_that_cannot_be_drawn_warns_and_keeps_the_run(tmp_path):
 def test_compare_api_refuses_bad_paths_with_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="no such directory"):
         compare([tmp_path / "nope"])
+
+
+def test_a_killed_run_shows_as_killed_not_running(tmp_path):
+    from vrmoe.tracking import SUMMARY_FILE, write_json
+
+    run = tmp_path / "killed"
+    run.mkdir()
+    write_json(run / SUMMARY_FILE, {"status": "running", "step": 3})  # no live writer holds the dir
+    assert compare([tmp_path]).records[0]["status"] == "killed"

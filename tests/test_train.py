@@ -246,3 +246,50 @@ def test_sigint_inside_the_optimizer_step_stops_after_it_and_resumes_bit_identic
 
 def _rows_without_time(run_dir):
     return [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in _rows(run_dir)]
+
+
+def test_a_second_writer_is_refused_and_the_first_run_intact(tmp_path):
+    from vrmoe.tracking import RunLock
+
+    first = RunLock(tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    assert first.acquire()  # a live run holds the dir (this process)
+    with pytest.raises(ConfigError, match="in use by another run"):
+        train(make_config(*TINY, "train.max_steps=2"), tmp_path / "run")
+    first.release()
+    train(make_config(*TINY, "train.max_steps=2"), tmp_path / "run")
+    before = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    with pytest.raises(ConfigError, match="already holds a run"):  # a fresh run never writes over one
+        train(make_config(*TINY, "train.max_steps=2"), tmp_path / "run")
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == before
+    proc = run_cli("train", *TINY, "train.max_steps=2", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == before
+
+
+def test_a_stale_lock_of_a_killed_run_is_taken_over(tmp_path):
+    (tmp_path / "run").mkdir()
+    import socket
+
+    (tmp_path / "run" / ".vrmoe.lock").write_text(json.dumps({"pid": 2**22 + 17, "host": socket.gethostname()}))
+    (tmp_path / "run" / ".checkpoint.pt.tmp4194321").write_bytes(b"half")  # left by a killed write
+    assert train(make_config(*TINY, "train.max_steps=2"), tmp_path / "run")["status"] == "completed"
+    assert not (tmp_path / "run" / ".vrmoe.lock").exists() and not list((tmp_path / "run").glob(".*.tmp*"))
+
+
+def test_a_refused_resume_leaves_hydras_record_byte_identical(tmp_path):
+    run_cli("train", *TINY, "train.max_steps=2", "hydra.run.dir=run", cwd=tmp_path)
+    record = {p.name: p.read_bytes() for p in (tmp_path / "run" / ".hydra").iterdir()}
+    for bad in (["router=variational"], ["train.max_steps=2"], ["seed=3", "train.max_steps=4"]):
+        proc = run_cli("train", *TINY, *bad, "train.resume=run", cwd=tmp_path, check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert {p.name: p.read_bytes() for p in (tmp_path / "run" / ".hydra").iterdir()} == record
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    train(make_config(*TINY, "train.max_steps=4", "train.ckpt_every=2"), tmp_path)
+    assert load_checkpoint(tmp_path, "run")["step"] == 4 and (tmp_path / "checkpoint.1.pt").exists()
+    (tmp_path / "checkpoint.pt").write_bytes(b"torn")
+    assert load_checkpoint(tmp_path, "train.resume")["step"] == 2
+    summary = train(make_config(*TINY, "train.max_steps=6", "train.ckpt_every=2", f"train.resume={tmp_path}"), tmp_path)
+    assert summary["status"] == "completed" and summary["step"] == 6

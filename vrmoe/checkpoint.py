@@ -9,6 +9,7 @@ corrupt or foreign file, another model shape or router) is a one-line ConfigErro
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from .config import AppConfig, ConfigError, ModelConfig, to_dict
+from .console import log_line
 from .model.routers import ROUTERS
 from .tracking import CHECKPOINT_FILE, atomic_write
 
@@ -30,22 +32,44 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+def checkpoint_paths(run_dir: Path) -> list[Path]:
+    """A run's checkpoints, newest first: checkpoint.pt, then the older ones kept beside it."""
+    run_dir = Path(run_dir)
+    older = sorted(run_dir.glob("checkpoint.*.pt"), key=lambda p: int(p.name.split(".")[1])
+                   if p.name.split(".")[1].isdigit() else 1 << 30)
+    return [p for p in [run_dir / CHECKPOINT_FILE, *older] if p.is_file()]
+
+
 def load_checkpoint(run_dir: str | Path, key: str) -> dict[str, Any]:
-    """Read ``<run_dir>/checkpoint.pt``; ``key`` is the config key that named the run
-    (for the error message)."""
+    """Read a run's newest readable checkpoint (falling back to an older one, with a warning, when
+    the newest is unreadable); ``key`` is the config key that named the run (for the message)."""
     path = Path(run_dir).expanduser()
-    if path.is_dir():
-        path = path / CHECKPOINT_FILE
-    if not path.exists():
+    if path.is_file():
+        if path.suffix != ".pt":
+            raise ConfigError(f"{key}={run_dir}: is a file, not a run dir; give the directory a training wrote")
+        candidates = [path]
+    elif path.is_dir():
+        candidates = checkpoint_paths(path)
+    else:
+        raise ConfigError(f"{key}={run_dir}: no such directory; point it at a run dir")
+    if not candidates:
         raise ConfigError(f"{key}={run_dir}: no {CHECKPOINT_FILE} there; point it at a run dir that finished "
                           "at least one checkpoint")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # pickle, zip and torch errors all mean the same to a user
-        raise ConfigError(f"{key}={run_dir}: {path.name} is corrupt or unreadable "
-                          f"({type(exc).__name__}); re-run the training that wrote it") from None
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ConfigError(f"{key}={run_dir}: {path.name} is not a vrmoe checkpoint")
+    problems = []
+    for candidate in candidates:
+        try:
+            state = torch.load(candidate, map_location="cpu", weights_only=False)
+        except Exception as exc:  # pickle, zip and torch errors all mean the same to a user
+            problems.append(f"{candidate.name} is corrupt or unreadable ({type(exc).__name__})")
+            continue
+        if not isinstance(state, dict) or "model" not in state or "config" not in state:
+            problems.append(f"{candidate.name} is not a vrmoe checkpoint")
+            continue
+        if problems:
+            log_line(f"[yellow]warning:[/] {'; '.join(problems)}; using {candidate.name} (step {state.get('step')})")
+        break
+    else:
+        raise ConfigError(f"{key}={run_dir}: {'; '.join(problems)}; re-run the training that wrote it")
     if int(state.get("version", 1)) < 2:
         state["config"] = _config_from_v1(state["config"])
     return state
@@ -197,6 +221,7 @@ class Checkpointer:
     def __init__(self, run_dir: Path, app: AppConfig, frozen: set[str], wall_before: float, device: torch.device,
                  reloadable: set[str] = frozenset()):
         self.path = Path(run_dir) / CHECKPOINT_FILE
+        self.keep = app.train.keep_checkpoints
         # Frozen weights are not copied: they are reloaded from where they came from (model.hf_name,
         # train.init_from) when the checkpoint is loaded (load_run_weights).
         self.reloadable = set(reloadable)
@@ -211,7 +236,13 @@ class Checkpointer:
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              interval: dict[str, Any] | None = None) -> None:
-        """``interval``: the log interval's partial sums, so a resume logs the interval it was in."""
+        """``interval``: the log interval's partial sums, so a resume logs the interval it was in.
+        The previous ``keep - 1`` checkpoints move aside (checkpoint.1.pt is the one before)."""
+        if self.path.exists() and self.keep > 1:
+            for i in range(self.keep - 1, 0, -1):
+                source = self.path if i == 1 else self.path.with_name(f"checkpoint.{i - 1}.pt")
+                if source.exists():
+                    os.replace(source, self.path.with_name(f"checkpoint.{i}.pt"))
         save_checkpoint(self.path, {
             "interval": interval,
             "version": CHECKPOINT_VERSION, "step": step, "config": self.config,

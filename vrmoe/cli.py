@@ -50,6 +50,8 @@ def train_main(argv: list[str]) -> None:
         here = distributed.start()
     except ConfigError as exc:
         fail(str(exc))
+    if any(a.startswith("train.resume=") and a.split("=", 1)[1] not in ("", "null") for a in argv):
+        argv = [*argv, "hydra.output_subdir=null"]  # the resumed run keeps its own Hydra record
     if here.enabled:
         if any(a in ("-m", "--multirun") for a in argv):
             fail("vrmoe train -m cannot run under torchrun; launch each multi-process job of a sweep "

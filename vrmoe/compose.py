@@ -25,7 +25,8 @@ from .config import AppConfig, ConfigError, RouterConfig, to_dict, validate
 from .data.corpora import CORPORA
 from .model.routers import ROUTERS, router_class
 from .tasks import TASKS
-from .tracking import CHECKPOINT_FILE
+from .checkpoint import checkpoint_paths
+from .tracking import CHECKPOINT_FILE, SUMMARY_FILE
 
 CONFIG_GROUPS = ("model", "router", "data", "train", "logger", "task", "eval", "experiment", "hparams_search")
 # Where each router's typed schema is stored for Hydra; a router's YAML extends it with
@@ -175,9 +176,15 @@ def check_overrides(overrides: list[str]) -> None:
             _check_router_key(key, value, chosen_routers)
         _check_type(parsed, key, schema[key])
         if key == "train.resume" and value not in ("", "null"):
-            if not (Path(value).expanduser() / CHECKPOINT_FILE).exists():
+            if not checkpoint_paths(Path(value).expanduser()):
                 raise ConfigError(f"train.resume={value}: no {CHECKPOINT_FILE} there; "
                                   "point it at the run dir of an interrupted run")
+    # A fresh run never takes over a dir that holds a run: refused before Hydra writes its record there.
+    values = {p.key_or_group: item.split("=", 1)[1] for item, p in parsed_items if "=" in item}
+    run_dir = values.get("hydra.run.dir")
+    if run_dir and values.get("train.resume") in (None, "", "null") and (Path(run_dir) / SUMMARY_FILE).exists():
+        raise ConfigError(f"hydra.run.dir={run_dir} already holds a run; choose another dir, or continue it "
+                          f"with train.resume={run_dir}")
 
 
 def _check_router_key(key: str, value: str, chosen: list[str]) -> None:

@@ -115,6 +115,9 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 8
     ckpt_every: int = 200
+    # Checkpoints kept (the newest is checkpoint.pt, the one before checkpoint.1.pt, ...): a resume
+    # falls back to an older one when the newest is unreadable.
+    keep_checkpoints: int = 2
     # Continue an interrupted run in its own directory (with its own training settings, unless
     # resume_override=true, which is recorded in the summary).
     resume: Optional[str] = None
@@ -228,6 +231,7 @@ def validate(c: AppConfig) -> None:
     _require(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
     _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
     _require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
+    _require(t.keep_checkpoints >= 1, f"train.keep_checkpoints={t.keep_checkpoints} must be a positive integer")
     _require(t.max_bad_steps >= 1, f"train.max_bad_steps={t.max_bad_steps} must be a positive integer")
     for key, value in (("train.log_every", t.log_every), ("train.eval_every", t.eval_every),
                        ("train.eval_batches", t.eval_batches), ("train.ckpt_every", t.ckpt_every)):

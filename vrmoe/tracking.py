@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -20,16 +21,102 @@ CHECKPOINT_FILE = "checkpoint.pt"
 EVAL_FILE = "eval.json"
 
 
+LOCK_FILE = ".vrmoe.lock"
+TMP_MARK = ".tmp"
+
+
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """``write(tmp)`` then rename over ``path``: a crash mid-write never leaves half a file,
-    and the previous version survives until the new one is complete."""
+    """``write(tmp)``, fsync, then rename over ``path`` and fsync the directory: a crash or a power
+    loss mid-write never leaves half a file or an empty one, and the previous version survives
+    until the new one is complete."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a platform without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Temporary files that writers killed mid-write left in ``run_dir`` (their process is gone)."""
+    removed = []
+    for tmp in Path(run_dir).glob(f".*{TMP_MARK}*"):
+        pid = tmp.name.rsplit(TMP_MARK, 1)[-1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+class RunLock:
+    """One writer per run dir: ``.vrmoe.lock`` holds the writer's pid and host. A second writer is
+    refused; a lock whose process is gone (a killed run) is taken over."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK_FILE
+        self.held = False
+
+    def owner(self) -> dict[str, Any] | None:
+        return read_json(self.path)
+
+    def held_by_a_live_process(self) -> bool:
+        owner = self.owner()
+        return owner is not None and (owner.get("host") != socket.gethostname() or not self.stale())
+
+    def stale(self) -> bool:
+        owner = self.owner() or {}
+        return owner.get("host") == socket.gethostname() and not pid_alive(int(owner.get("pid", 0) or 0))
+
+    def acquire(self) -> bool:
+        """Take the lock; False when another live process holds it. True also means a stale lock
+        was taken over (``self.took_over``)."""
+        self.took_over = False
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if not self.stale():
+                    return False
+                self.path.unlink(missing_ok=True)
+                self.took_over = True
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump({"pid": os.getpid(), "host": socket.gethostname()}, f)
+            self.held = True
+            return True
+        return False
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
 
 
 def atomic_write_text(path: Path, text: str) -> None:

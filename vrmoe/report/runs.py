@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 from ..config import ConfigError
 from ..console import log_line
-from ..tracking import EVAL_FILE, METRICS_FILE, SUMMARY_FILE, read_json, read_metrics
+from ..tracking import RunLock, EVAL_FILE, METRICS_FILE, SUMMARY_FILE, read_json, read_metrics
 
 # Overrides that say where or how a run was recorded, not what it is: never a compare column.
 RECORDING_KEYS = ("hydra", "train.resume", "logger")
@@ -35,7 +35,11 @@ class Run:
         # A truncated metrics.jsonl means the process died mid-write, whatever summary.json last said.
         if self.metrics_truncated:
             return "incomplete"
-        return str(self.summary.get("status") or "unknown")
+        status = str(self.summary.get("status") or "unknown")
+        # "running" with no live writer holding the dir: the process was killed.
+        if status == "running" and not RunLock(self.path).held_by_a_live_process():
+            return "killed"
+        return status
 
 
 def _natural_key(path: Path) -> list[Any]:

@@ -31,7 +31,8 @@ from ..model import build_model, build_tokenizer
 from ..model.backbone import Backbone
 from ..plots import log_utilisation_image, write_run_plots
 from ..tasks import Task, build_task
-from ..tracking import NullRecorder, RunRecorder, make_logger
+from ..tracking import (CHECKPOINT_FILE, METRICS_FILE, SUMMARY_FILE, NullRecorder, RunLock, RunRecorder,
+                        make_logger, remove_stale_temporaries)
 from .meter import IntervalMeter
 from .step import Diverged, TrainStep, make_optimizer
 
@@ -106,6 +107,7 @@ class TrainingRun:
     progress: Any
     dist: DistEnv
     interval_state: dict[str, Any] | None = None  # the log interval a resumed checkpoint was in
+    lock: RunLock | None = None
     last_train: float | None = None
     last_val: float | None = None
 
@@ -146,6 +148,7 @@ class TrainingRun:
         if here.enabled:  # each rank draws its own routing noise, continued the same way on any resume
             torch.manual_seed(derived_seed(app.seed, RANK_STREAM + here.rank * app.train.max_steps + start_step))
 
+        lock = claim_run_dir(run_dir, resuming=resume is not None) if here.is_main else None
         config = to_dict(app)
         logger = make_logger(app.logger.name, run_dir, config, app.logger.project, app.logger.mode,
                              app.logger.entity, app.logger.group or group, run_name or run_name_from(overrides),
@@ -175,7 +178,7 @@ class TrainingRun:
                                     reloadable=frozen - trained if app.train.freeze == "backbone" else set())
         return cls(app, run_dir, device, corpus, task, model, optimizer, start_step, checkpointer, recorder, summary,
                    make_progress(app.train.max_steps, start_step, quiet=not here.is_main), here,
-                   resume.get("interval") if resume is not None else None)
+                   resume.get("interval") if resume is not None else None, lock)
 
     def save_checkpoint(self, step: int, meter: IntervalMeter) -> None:
         if self.dist.is_main:  # every rank holds the same weights: one writes them
@@ -210,9 +213,36 @@ class TrainingRun:
         self.recorder.write_summary(self.summary)
         write_run_plots(self.run_dir, n_experts=self.app.model.n_experts, logger=self.recorder.logger, step=step)
         self.recorder.close(failed=status == "failed")
+        if self.lock is not None:
+            self.lock.release()
         if status == "completed":
             log_line(f"done: val/loss {self.last_val:.4f} nats (unigram entropy {self.summary['unigram_entropy']:.4f}) "
                      f"in {self.summary['wall_time_s']:.0f}s -> {self.run_dir}")
+
+
+def claim_run_dir(run_dir: Path, resuming: bool) -> RunLock:
+    """Make the run dir this process's alone before anything is written: it must be writable, no
+    other live run may hold it, and a fresh run never writes over another run's records."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(run_dir)
+        acquired = lock.acquire()
+    except OSError as exc:
+        raise ConfigError(f"cannot write to the run dir {run_dir}: {exc.strerror or exc}; "
+                          "choose a writable hydra.run.dir") from None
+    if not acquired:
+        owner = lock.owner() or {}
+        raise ConfigError(f"the run dir {run_dir} is in use by another run (pid {owner.get('pid')} on "
+                          f"{owner.get('host')}); wait for it, or choose another hydra.run.dir")
+    if lock.took_over:
+        log_line(f"[yellow]note:[/] took over {run_dir} from a run that was killed")
+    held = [name for name in (SUMMARY_FILE, METRICS_FILE, CHECKPOINT_FILE) if (run_dir / name).exists()]
+    if held and not resuming:
+        lock.release()
+        raise ConfigError(f"the run dir {run_dir} already holds a run ({', '.join(held)}); choose another "
+                          f"hydra.run.dir, or continue it with train.resume={run_dir}")
+    remove_stale_temporaries(run_dir)
+    return lock
 
 
 class StopRequest:
