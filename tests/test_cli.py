@@ -83,3 +83,18 @@ def test_ctrl_c_in_a_subcommand_is_exit_130_without_a_traceback(monkeypatch, cap
 def test_refused_unknown_key_names_the_closest_one():
     with pytest.raises(ConfigError, match="did you mean train.max_steps"):
         check_overrides(["train.max_step=3"])
+
+
+@pytest.mark.parametrize("where", ["file", "proc"])
+def test_an_unwritable_run_dir_is_one_line(tmp_path, where):
+    (tmp_path / "notes.txt").write_text("x")
+    run_dir = {"file": tmp_path / "notes.txt" / "run", "proc": "/proc/vrmoe_run"}[where]
+    proc = run_cli("train", *TINY, "train.max_steps=2", f"hydra.run.dir={run_dir}", cwd=tmp_path, check=False)
+    assert_one_line_error(proc, "hydra.run.dir", "cannot be written")
+
+
+def test_dashboard_to_an_existing_directory_is_one_line(tmp_path):
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "summary.json").write_text('{"status": "completed"}')
+    proc = run_cli("dashboard", str(tmp_path / "runs"), "-o", str(tmp_path), cwd=tmp_path, check=False)
+    assert_one_line_error(proc, "is a directory")

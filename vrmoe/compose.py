@@ -26,7 +26,7 @@ from .data.corpora import CORPORA
 from .model.routers import ROUTERS, router_class
 from .tasks import TASKS
 from .checkpoint import checkpoint_paths
-from .tracking import CHECKPOINT_FILE, SUMMARY_FILE
+from .tracking import CHECKPOINT_FILE, SUMMARY_FILE, unwritable_reason
 
 CONFIG_GROUPS = ("model", "router", "data", "train", "logger", "task", "eval", "experiment", "hparams_search")
 # Where each router's typed schema is stored for Hydra; a router's YAML extends it with
@@ -182,6 +182,8 @@ def check_overrides(overrides: list[str]) -> None:
     # A fresh run never takes over a dir that holds a run: refused before Hydra writes its record there.
     values = {p.key_or_group: item.split("=", 1)[1] for item, p in parsed_items if "=" in item}
     run_dir = values.get("hydra.run.dir")
+    if run_dir and (reason := unwritable_reason(Path(run_dir).expanduser().parent)):
+        raise ConfigError(f"hydra.run.dir={run_dir} cannot be written ({reason}); choose a writable directory")
     if run_dir and values.get("train.resume") in (None, "", "null") and (Path(run_dir) / SUMMARY_FILE).exists():
         raise ConfigError(f"hydra.run.dir={run_dir} already holds a run; choose another dir, or continue it "
                           f"with train.resume={run_dir}")

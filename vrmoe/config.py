@@ -144,6 +144,8 @@ class LoggerConfig:
     entity: Optional[str] = None
     # offline needs no account; `wandb sync` uploads later. Set online to stream.
     mode: str = "offline"
+    # Seconds W&B may take to start (online: to reach its server) before the run goes on without it.
+    init_timeout: float = 10.0
     group: Optional[str] = None
     tags: list[str] = field(default_factory=list)
 
@@ -262,6 +264,7 @@ def validate(c: AppConfig) -> None:
     _require(all(g >= 0 for g in c.eval.gammas),
              f"eval.gammas={c.eval.gammas}: every noise scale gamma must be >= 0 (0 is the noise-free pass)")
     _require(c.logger.name in ("wandb", "none"), f"logger={c.logger.name!r} must be wandb or none")
+    _require(c.logger.init_timeout > 0, f"logger.init_timeout={c.logger.init_timeout} must be > 0 seconds")
     _require(c.logger.mode in ("offline", "online", "disabled"),
              f"logger.mode={c.logger.mode!r} must be offline, online or disabled")
 

@@ -57,6 +57,12 @@ def train_job(cfg: DictConfig) -> float:
         fail(str(exc))
     except KeyboardInterrupt:
         fail(interrupted_message(run_dir, cfg), code=130)
+    except OSError as exc:  # a full disk or a vanished directory while the run writes
+        message = f"cannot write {exc.filename or run_dir}: {exc.strerror or exc}"
+        if multirun:
+            record_failed_job(run_dir, overrides, message, hc.job.num)
+            return math.nan
+        fail(message)
     except Diverged as exc:  # recorded in summary.json as diverged
         if multirun:
             log_line(f"[red]job {hc.job.num} diverged:[/] {exc}")

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import socket
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -52,6 +51,25 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def unwritable_reason(folder: Path) -> str | None:
+    """Why files cannot be written in ``folder`` (created if missing), or None when they can: the
+    real test, a file created and removed, so a read-only filesystem is caught even for root."""
+    folder = Path(folder)
+    ancestor = folder
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if ancestor.exists() and not ancestor.is_dir():
+        return f"{ancestor} is a file, not a directory"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test{TMP_MARK}{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def remove_stale_temporaries(run_dir: Path) -> list[Path]:
@@ -206,13 +224,13 @@ class WandbLogger:
     records_images = True
 
     def __init__(self, run_dir: Path, config: dict[str, Any], project: str, mode: str,
-                 entity: str | None, group: str | None, name: str | None, tags: list[str]):
+                 entity: str | None, group: str | None, name: str | None, tags: list[str], init_timeout: float = 10.0):
         import wandb
 
         self._wandb = wandb
         self.run = wandb.init(project=project, entity=entity, mode=mode, dir=str(run_dir), config=config,
                               group=group, name=name, tags=tags or None, reinit="finish_previous",
-                              settings=wandb.Settings(silent=True, console="off"))
+                              settings=wandb.Settings(silent=True, console="off", init_timeout=init_timeout))
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")
 
@@ -246,14 +264,16 @@ def _flatten(row: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def make_logger(name: str, run_dir: Path, config: dict[str, Any], project: str = "vrmoe",
                 mode: str = "offline", entity: str | None = None, group: str | None = None,
-                run_name: str | None = None, tags: list[str] | None = None) -> Logger:
+                run_name: str | None = None, tags: list[str] | None = None, init_timeout: float = 10.0) -> Logger:
     if name == "none" or mode == "disabled":
         return NullLogger()
     try:
-        return WandbLogger(run_dir, config, project, mode, entity, group, run_name, tags or [])
+        return WandbLogger(run_dir, config, project, mode, entity, group, run_name, tags or [], init_timeout)
     except Exception as exc:  # W&B unreachable, not installed, or misconfigured: keep training
-        warnings.warn(f"W&B could not start ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
-                      "continuing with local records only", stacklevel=2)
+        from .console import log_line
+
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        log_line(f"[yellow]W&B could not start[/] ({reason}); continuing with local records only")
         return NullLogger()
 
 

@@ -21,7 +21,7 @@ from ..compose import compose_over_saved
 from ..config import AppConfig, ConfigError, to_dict
 from ..console import log_line
 from ..device import resolve_device
-from ..tracking import EVAL_FILE, make_logger, read_summary, write_json
+from ..tracking import EVAL_FILE, make_logger, read_summary, unwritable_reason, write_json
 from .context import EvalContext
 from .probes import ordered_probes
 
@@ -85,6 +85,9 @@ def evaluate_run(run_dir: Path, app: AppConfig, state: dict[str, Any] | None = N
         raise ConfigError(f"run={run_dir} diverged ({read_summary(run_dir).get('error', 'non-finite steps')}); "
                           "a diverged run is not scored: train it again with a lower train.lr")
     state = state if state is not None else load_checkpoint(run_dir, "run")
+    if distributed.env().is_main and (reason := unwritable_reason(run_dir)):  # before any work
+        raise ConfigError(f"run={run_dir}: eval.json cannot be written there ({reason}); copy the run dir "
+                          "somewhere writable and evaluate the copy")
     t_start = time.perf_counter()
     ctx = EvalContext.build(run_dir, app, state, resolve_device(app.train.device))
     probes = ordered_probes()
@@ -127,7 +130,7 @@ def mirror_to_wandb(run_dir: Path, app: AppConfig, headline: dict[str, Any], ima
     if app.logger.name != "wandb" or app.logger.mode == "disabled":
         return
     logger = make_logger(app.logger.name, run_dir, to_dict(app), app.logger.project, app.logger.mode,
-                         app.logger.entity, app.logger.group, f"eval {run_dir.name}", [*app.logger.tags, "eval"])
+                         app.logger.entity, app.logger.group, f"eval {run_dir.name}", [*app.logger.tags, "eval"], app.logger.init_timeout)
     try:
         logger.summary({"eval": headline})
         if images:

@@ -14,7 +14,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ..config import ConfigError
 from ..console import log_line
+from ..tracking import unwritable_reason
 from ..eval import schema
 from .compare import (Comparison, CommandParser, add_selection_arguments, compare, display_cell, display_columns,
                       is_numeric_column)
@@ -299,6 +301,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("-o", "--output", default="report.html", help="the HTML file to write (report.html)")
     parser.add_argument("--title", default="vrmoe runs", help="the page title")
     args = parser.parse_args(argv)
+    if Path(args.output).is_dir():
+        raise ConfigError(f"-o {args.output} is a directory; give a file name, e.g. -o {Path(args.output) / 'report.html'}")
+    if reason := unwritable_reason(Path(args.output).expanduser().resolve().parent):
+        raise ConfigError(f"-o {args.output} cannot be written ({reason}); choose a writable place")
     out, n_plots = write_dashboard(args.dirs, args.output, title=args.title, sort=args.sort, filters=args.filter)
     log_line(f"wrote {out} ({n_plots} plots, {out.stat().st_size / 1e6:.1f} MB)")
 

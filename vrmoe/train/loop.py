@@ -152,7 +152,7 @@ class TrainingRun:
         config = to_dict(app)
         logger = make_logger(app.logger.name, run_dir, config, app.logger.project, app.logger.mode,
                              app.logger.entity, app.logger.group or group, run_name or run_name_from(overrides),
-                             app.logger.tags)
+                             app.logger.tags, app.logger.init_timeout)
         recorder = (RunRecorder(run_dir, logger, resume_after_step=start_step if resume else None) if here.is_main
                     else NullRecorder())
         counts = model.parameter_counts()
@@ -210,8 +210,11 @@ class TrainingRun:
             "status": status, "step": step, "wall_time_s": self.checkpointer.wall_time(),
             "final_train_loss": self.last_train, "final_val_loss": self.last_val,
             "tokens_per_s": (step - self.start_step) * self.task.tokens_per_step / max(seconds, 1e-9)})
-        self.recorder.write_summary(self.summary)
-        write_run_plots(self.run_dir, n_experts=self.app.model.n_experts, logger=self.recorder.logger, step=step)
+        try:
+            self.recorder.write_summary(self.summary)
+            write_run_plots(self.run_dir, n_experts=self.app.model.n_experts, logger=self.recorder.logger, step=step)
+        except OSError as exc:  # a full disk: say so, and let the error that ended the run be the one shown
+            log_line(f"[red]could not write the final records to {self.run_dir}:[/] {exc.strerror or exc}")
         self.recorder.close(failed=status == "failed")
         if self.lock is not None:
             self.lock.release()
