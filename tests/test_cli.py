@@ -98,3 +98,19 @@ def test_dashboard_to_an_existing_directory_is_one_line(tmp_path):
     (tmp_path / "runs" / "a" / "summary.json").write_text('{"status": "completed"}')
     proc = run_cli("dashboard", str(tmp_path / "runs"), "-o", str(tmp_path), cwd=tmp_path, check=False)
     assert_one_line_error(proc, "is a directory")
+
+
+def test_a_non_ascii_value_gets_the_quoting_hint(tmp_path):
+    proc = run_cli("train", *TINY, "hydra.run.dir=runs/çà", cwd=tmp_path, check=False)
+    assert_one_line_error(proc, "must be quoted", "hydra.run.dir='runs/çà'")
+
+
+def test_router_layers_beyond_the_moe_layers_is_one_line(tmp_path):
+    proc = run_cli("train", *TINY, "router=variational", "router.layers=5", "train.max_steps=2", cwd=tmp_path, check=False)
+    assert_one_line_error(proc, "router.layers=5", "2 MoE layer")
+
+
+def test_eval_of_a_text_file_says_it_is_not_a_run_dir(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    proc = run_cli("eval", f"run={tmp_path / 'notes.txt'}", cwd=tmp_path, check=False)
+    assert_one_line_error(proc, "is a file, not a run dir")

@@ -152,6 +152,11 @@ def check_overrides(overrides: list[str]) -> None:
         except OverrideParseException as exc:
             detail = next((line for line in str(exc).splitlines() if not line.startswith(("Error parsing", "See "))),
                           "not an override")
+            value = item.split("=", 1)[1] if "=" in item else ""
+            if any(ch.isspace() or not ch.isascii() for ch in value):
+                key = item.split("=", 1)[0]
+                raise ConfigError(f"{item!r}: a value with spaces or non-ASCII characters must be quoted: "
+                                  f"{key}='{value}' (in a shell: \"{key}='{value}'\")") from None
             raise ConfigError(f"{item!r}: {detail}; overrides are key=value, e.g. K=2 or router=variational") from None
     chosen_routers = [RouterConfig.name]
     for item, parsed in parsed_items:

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ModelConfig, RouterConfig
+from ..config import ConfigError, ModelConfig, RouterConfig
 from .backbone import ModelOutput, PerturbEmbeddings
 from .flops import FlopsBreakdown, attention_flops, swiglu_flops
 from .moe import MoELayer, build_moe
@@ -86,7 +86,10 @@ def moe_layer_indices(cfg: ModelConfig) -> list[int]:
 def router_layer_plan(n_moe_layers: int, router_cfg: RouterConfig) -> list[RouterConfig]:
     """The router config of each MoE layer: ``router.layers=N`` gives the configured
     router to the last N MoE layers and deterministic Top-K to the rest."""
-    n_chosen = n_moe_layers if router_cfg.layers == "all" else min(int(router_cfg.layers), n_moe_layers)
+    if router_cfg.layers != "all" and int(router_cfg.layers) > n_moe_layers:
+        raise ConfigError(f"router.layers={router_cfg.layers} but the model has {n_moe_layers} MoE layer(s); "
+                          f"give a number up to {n_moe_layers}, or all")
+    n_chosen = n_moe_layers if router_cfg.layers == "all" else int(router_cfg.layers)
     topk = router_class("topk").Config(**router_cfg.shared())
     return [router_cfg if i >= n_moe_layers - n_chosen else topk for i in range(n_moe_layers)]
 
