@@ -319,3 +319,16 @@ def test_kill_9_at_random_moments_then_resume_is_bit_identical(tmp_path):
     run_cli("train", *args, "train.resume=run", cwd=tmp_path)
     assert _rows_without_time(tmp_path / "run") == _rows_without_time(tmp_path / "full")
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "completed"
+
+
+def test_two_runs_started_together_get_their_own_dirs(tmp_path):
+    import subprocess
+    import sys
+
+    exe = str(Path(sys.executable).with_name("vrmoe"))
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([exe, "train", *TINY, "train.max_steps=2"], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    summaries = sorted((tmp_path / "outputs").rglob("summary.json"))
+    assert len(summaries) == 2 and summaries[0].parent != summaries[1].parent
