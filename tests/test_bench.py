@@ -19,16 +19,37 @@ def test_tiny_bench_prints_every_row_as_markdown(tmp_path):
     assert "| measurement | ms | ratio | target | met | peak MB | note |" in out
     for row in ["| dense SwiGLU floor |", "| vrmoe MoE layer |", "| HF Mixtral sparse block |",
                 "| train step: topk |", "| train step: variational diag / topk |",
-                "| train step: variational full / topk |", "| train step: vtsr / topk |",
+                "| train step: variational full / topk |", "| train step: variational diag, shared hidden / topk |",
+                "| train step: vtsr / topk |", "| train step: temperature / topk |",
                 "| train step: mc_dropout / topk |", "| eval: variational diag S=4 / S=1 |",
                 "| eval: variational full S=4 / S=1 |", "| eval: mc_dropout S=4 / S=1 |",
-                "| eval: vtsr S=4 / S=1 |", "| train step throughput (topk) |"]:
+                "| eval: vtsr S=4 / S=1 |", "| floor: variational diag S=1 + drawing S=4 normals / S=1 |",
+                "| peak memory: eval variational diag S=4 / S=1 |", "| peak memory: eval mc_dropout S=4 / S=1 |",
+                "| train step throughput (topk) |"]:
         assert row in out, row
     assert out.count("| train step: variational full / topk |") == 2  # the layer and the whole model
     assert "*MoE layer fwd+bwd: T=256 D=32 F=64 E=4 K=2, fp32*" in out
+    assert "*Router overhead, MoE layer: T=256 D=32 F=64 E=8 K=2*" in out  # the scaling with E
     assert "*Router overhead, whole model: model=tiny" in out
     dense_row = next(line for line in out.splitlines() if line.startswith("| dense SwiGLU floor |"))
     assert "| 1.000x |" in dense_row  # the floor is the unit of the layer ratios
+
+    def cells(name: str, section: str = "") -> list[list[str]]:
+        lines, current = [], ""
+        for line in out.splitlines():
+            current = line if line.startswith("*") else current
+            if line.startswith(f"| {name} |") and section in current:
+                lines.append([c.strip() for c in line.strip("|").split("|")])
+        return lines
+
+    # The targets, each printed with its verdict; the other rows are for information.
+    assert all(c[3] == "<= 1.05" and c[4] in ("yes", "NO") for c in cells("vrmoe MoE layer"))
+    assert [c[3] for c in cells("train step: variational diag / topk")] == ["<= 1.05", "<= 1.05", "<= 1.03"]
+    assert [c[3] for c in cells("train step: vtsr / topk")] == ["", "<= 1.03"]
+    assert [c[3] for c in cells("eval: mc_dropout S=4 / S=1")] == ["<= 1.30", "<= 1.30"]
+    assert [c[3] for c in cells("eval: variational full S=4 / S=1")] == ["<= 1.05", "<= 1.05"]
+    assert [c[3] for c in cells("eval: vtsr S=4 / S=1")] == ["", ""]
+    assert [c[3] for c in cells("peak memory: eval mc_dropout S=4 / S=1")] == ["<= 1.10", "<= 1.10"]
 
 
 def test_bench_prints_a_rich_table_for_one_section(tmp_path):

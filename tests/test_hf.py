@@ -137,10 +137,12 @@ def test_bad_models_are_one_line_exit_2_and_nothing_written(tmp_path, make, word
 
 
 def test_a_hub_name_while_offline_is_one_line(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # read when the hub client is imported: a fresh process
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    with pytest.raises(ConfigError, match=r"model.hf_name=someone/no-such-moe: cannot read its config"):
-        make_config("model=hf", "model.hf_name=someone/no-such-moe")
+    proc = run_cli("train", "model=hf", "model.hf_name=someone/no-such-moe", *RUN, cwd=tmp_path, check=False)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr
+    assert "model.hf_name=someone/no-such-moe: cannot read its config" in err[0]
 
 
 def save_dense(path: Path) -> Path:

@@ -14,7 +14,10 @@ import torch
 from torch.distributions import MultivariateNormal, Normal, kl_divergence
 
 import vrmoe.checkpoint as checkpoint_module
+from vrmoe.config import ConfigError
 from vrmoe.model.routers import ROUTERS, build_router, renormalised_topk, router_config
+from vrmoe.model.routers.base import SoftmaxMean, sample_chunks, token_chunks
+from vrmoe.model.routers.mc_dropout import GeometricGaps
 from vrmoe.model.routers.topk import TopKRouter
 from vrmoe.model.routers.variational import VariationalRouter
 from vrmoe.checkpoint import load_checkpoint
@@ -48,21 +51,54 @@ def entropy(probs_TE: torch.Tensor) -> torch.Tensor:
     return -(probs_TE * probs_TE.clamp_min(1e-12).log()).sum(-1).mean()
 
 
+# Rows e_i - e_0: the logits up to the softmax's shift, which a routing distribution determines.
+CONTRAST = torch.cat([-torch.ones(N_EXPERTS - 1, 1), torch.eye(N_EXPERTS - 1)], 1)
+
+
+def contrasts(probs: torch.Tensor) -> torch.Tensor:
+    """``l_i - l_0 = log p_i - log p_0`` for i >= 1: a routing distribution's logits, recovered up to
+    the shift that the softmax forgets (flattened to samples x (E - 1), in float64)."""
+    log_p = probs.double().log()
+    return (log_p[..., 1:] - log_p[..., :1]).reshape(-1, N_EXPERTS - 1)
+
+
+def assert_moments(x_NX: torch.Tensor, mean_X: torch.Tensor, cov_XX: torch.Tensor, z: float = 5.0) -> None:
+    """The sample's mean and covariance equal the closed form within ``z`` standard errors, each
+    error estimated from the sample itself (the variance of x_i, and of (x_i - m_i)(x_j - m_j)),
+    so that non-Gaussian samples (dropout) get honest tolerances too."""
+    n = x_NX.shape[0]
+    mean_X, cov_XX = mean_X.double(), cov_XX.double()
+    centred = x_NX - x_NX.mean(0)
+    products_NXX = centred[:, :, None] * centred[:, None, :]
+    assert ((x_NX.mean(0) - mean_X).abs() <= z * (centred.var(0) / n).sqrt()).all(), (x_NX.mean(0), mean_X)
+    assert ((products_NXX.mean(0) - cov_XX).abs() <= z * (products_NXX.var(0) / n).sqrt()).all(), \
+        (products_NXX.mean(0), cov_XX)
+
+
+def assert_uncorrelated(a_NX: torch.Tensor, b_NX: torch.Tensor, z: float = 5.0) -> None:
+    """Independent draws: every cross-covariance is 0 within ``z`` standard errors."""
+    products = (a_NX - a_NX.mean(0))[:, :, None] * (b_NX - b_NX.mean(0))[:, None, :]
+    assert (products.mean(0).abs() <= z * (products.var(0) / a_NX.shape[0]).sqrt()).all()
+
+
 # ---------------------------------------------------------------------------
 # Variational router
 # ---------------------------------------------------------------------------
 
+@pytest.mark.parametrize("shared_hidden", [False, True])
 @pytest.mark.parametrize("covariance", ["diag", "full"])
-def test_heads_start_at_the_deterministic_router_with_sigma_init(covariance):
-    router = make_router("variational", covariance=covariance, sigma_init=0.3)
+def test_heads_start_at_the_deterministic_router_with_sigma_init(covariance, shared_hidden):
+    router = make_router("variational", covariance=covariance, sigma_init=0.3, shared_hidden=shared_hidden)
     post = router.posterior(tokens())
     torch.testing.assert_close(post.mean_TE, router.gate(tokens()))
     torch.testing.assert_close(post.covariance_TEE(), 0.09 * torch.eye(N_EXPERTS).expand(12, -1, -1))
 
 
+@pytest.mark.parametrize("shared_hidden", [False, True])
 @pytest.mark.parametrize("covariance", ["diag", "full"])
-def test_kl_matches_torch_distributions_and_enters_aux_loss_times_beta(covariance):
-    router = make_router("variational", covariance=covariance, beta=0.25, load_balance_weight=0.0)
+def test_kl_matches_torch_distributions_and_enters_aux_loss_times_beta(covariance, shared_hidden):
+    router = make_router("variational", covariance=covariance, beta=0.25, load_balance_weight=0.0,
+                         shared_hidden=shared_hidden)
     randomise_heads(router)
     post = router.posterior(tokens())
     if covariance == "diag":
@@ -106,23 +142,216 @@ def test_evaluation_routes_on_the_mean_of_S_softmaxes(name):
     router.eval()
     u = tokens()
     torch.manual_seed(3)
+    assert router(u).sample_probs_STE is None  # kept only where asked for
+    router.keep_samples = True
+    torch.manual_seed(3)
     routing = router(u)
     assert routing.sample_probs_STE.shape == (8, 12, N_EXPERTS)
     torch.testing.assert_close(routing.probs_TE, routing.sample_probs_STE.mean(0))
     ids_TK, gates_TK = renormalised_topk(routing.probs_TE, router.k)
     assert torch.equal(routing.expert_ids_TK, ids_TK)
     torch.testing.assert_close(routing.gates_TK, gates_TK)
-    # The S samples are S independent draws, taken from the global generator.
+    # The S samples are S different draws, taken from the global generator; keeping them changes
+    # nothing else: the same seed gives the same mean without them.
     assert not torch.allclose(routing.sample_probs_STE[0], routing.sample_probs_STE[1])
+    router.keep_samples = False
     torch.manual_seed(3)
-    if name == "variational":
-        expected_STE = router.posterior(u).sample(8).softmax(-1)
-    else:
-        expected_STE = router.gate(torch.nn.functional.dropout(u.expand(8, -1, -1), 0.3)).softmax(-1)
-    torch.testing.assert_close(routing.sample_probs_STE, expected_STE)
+    again = router(u)
+    torch.testing.assert_close(again.probs_TE, routing.probs_TE, rtol=1e-6, atol=1e-7)
+    assert torch.equal(again.expert_ids_TK, routing.expert_ids_TK)
     # Training is one pass and reports no samples.
     router.train()
     assert router(u).sample_probs_STE is None
+
+
+@pytest.mark.parametrize("covariance", ["diag", "full"])
+def test_fused_head_layers_compute_what_the_heads_do(covariance):
+    """The heads' first layers run as one matmul: the same outputs and the same gradients as the
+    head modules applied one by one."""
+    router = make_router("variational", covariance=covariance)
+    randomise_heads(router)
+    u = tokens(40).requires_grad_()
+    base, residual, raw = router.heads(u)
+    torch.testing.assert_close(base, router.gate(u))
+    torch.testing.assert_close(residual, router.residual_head(u))
+    torch.testing.assert_close(raw, router.scale_head(u))
+    weights = torch.randn(3, 40, generator=torch.Generator().manual_seed(5))
+    params = [u, *router.parameters()]
+    got = torch.autograd.grad((weights[0] @ base + weights[1] @ residual).sum() + (weights[2] @ raw).sum(), params)
+    want = torch.autograd.grad((weights[0] @ router.gate(u) + weights[1] @ router.residual_head(u)).sum()
+                               + (weights[2] @ router.scale_head(u)).sum(), params)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+# ---------------------------------------------------------------------------
+# Sampling: the fast paths draw from the closed-form distributions
+# ---------------------------------------------------------------------------
+
+def one_token_many_times(n: int) -> torch.Tensor:
+    """n copies of one token: every routing sample of it is an independent draw of one distribution."""
+    return tokens(1).expand(n, -1).contiguous()
+
+
+@pytest.mark.parametrize("covariance", ["diag", "full"])
+def test_variational_samples_have_the_posterior_moments(covariance):
+    """Evaluation (chunked, the mean accumulated) and training (one differentiable sample) both
+    draw logits from N(mean, Sigma): the contrasts l_i - l_0 recovered from the routing
+    distributions have mean A mean and covariance A Sigma A^T (A = CONTRAST), and samples of
+    different tokens, or of one token, are uncorrelated."""
+    router = make_router("variational", covariance=covariance, samples=4)
+    randomise_heads(router, std=0.5)
+    u = one_token_many_times(12_000)  # 4 samples each: two token chunks
+    with torch.no_grad():
+        post = router.posterior(u[:1])
+        mean_X, cov_XX = CONTRAST @ post.mean_TE[0], CONTRAST @ post.covariance_TEE()[0] @ CONTRAST.T
+        router.eval()
+        router.keep_samples = True
+        torch.manual_seed(0)
+        routing = router(u)
+        samples_S = [contrasts(routing.sample_probs_STE[s]) for s in range(4)]
+        assert_moments(torch.cat(samples_S), mean_X, cov_XX)
+        assert_uncorrelated(samples_S[0], samples_S[1])  # samples of one token
+        assert_uncorrelated(samples_S[0][:-1], samples_S[0][1:])  # neighbouring tokens
+        torch.testing.assert_close(routing.probs_TE, routing.sample_probs_STE.mean(0))
+    if covariance == "full":
+        assert (cov_XX - torch.diag(cov_XX.diag())).abs().max() > 0.1 * cov_XX.diag().max()  # correlated for real
+    router.train()
+    torch.manual_seed(1)
+    assert_moments(contrasts(router(u).probs_TE.detach()), mean_X, cov_XX)
+
+
+def mc_dropout_closed_form(router) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``W (m * u) / (1 - p)`` with m_d ~ Bernoulli(1 - p): mean W u, covariance
+    ``W diag(u^2 p / (1 - p)) W^T``; their contrasts."""
+    p, w, u = router.cfg.dropout, router.gate.weight.detach().double(), tokens(1)[0].double()
+    cov = (w * (u.square() * p / (1 - p))) @ w.T
+    return CONTRAST.double() @ (w @ u), CONTRAST.double() @ cov @ CONTRAST.double().T
+
+
+@pytest.mark.parametrize("path", ["sparse, evaluation", "masks, with gradients", "masks, training",
+                                  "dense F.dropout"])
+def test_mc_dropout_every_path_samples_dropout(path):
+    """The sparse evaluation (dropped features only), the gradient-carrying masks filled from the
+    same sparse draw, and F.dropout's dense masks (what a GPU runs) draw the same logits."""
+    router = make_router("mc_dropout", samples=4, dropout=0.3)
+    with torch.no_grad():
+        router.gate.weight.normal_(std=0.5)  # logits of order 1
+    mean_X, cov_XX = mc_dropout_closed_form(router)
+    u = one_token_many_times(10_000)
+    router.eval()
+    router.keep_samples = True
+    torch.manual_seed(0)
+    if path == "sparse, evaluation":
+        with torch.no_grad():
+            probs = router(u).sample_probs_STE
+    elif path == "masks, with gradients":
+        probs = router(u.requires_grad_()).sample_probs_STE.detach()
+    elif path == "masks, training":
+        probs = router.train()(u).probs_TE.detach()
+    else:
+        acc = SoftmaxMean(4, keep=True)
+        with torch.no_grad():
+            router._dense_passes(u, acc)
+        probs = acc.samples_STE()
+    assert_moments(contrasts(probs), mean_X, cov_XX)
+    if probs.dim() == 3:
+        assert_uncorrelated(contrasts(probs[0]), contrasts(probs[1]))
+
+
+def test_mc_dropout_sparse_path_with_a_biased_gate_and_a_width_not_a_power_of_two():
+    """D = 20 is padded to 32 feature positions (the extra ones are zeros); a pretrained gate's
+    bias is not scaled by 1 / (1 - p)."""
+    router = build_router(20, N_EXPERTS, router_config("mc_dropout", k=2, samples=2, dropout=0.3))
+    router.gate = torch.nn.Linear(20, N_EXPERTS, bias=True)
+    with torch.no_grad():
+        router.gate.weight.normal_(std=0.5)
+        router.gate.bias.normal_()
+    u0 = torch.randn(20, generator=torch.Generator().manual_seed(2))
+    router.eval()
+    router.keep_samples = True
+    torch.manual_seed(0)
+    with torch.no_grad():
+        probs = router(u0.expand(20_000, -1).contiguous()).sample_probs_STE
+    w, b = router.gate.weight.double(), router.gate.bias.double()
+    cov = (w * (u0.double().square() * 0.3 / 0.7)) @ w.T
+    a = CONTRAST.double()
+    assert_moments(contrasts(probs), a @ (w @ u0.double() + b), a @ cov @ a.T)
+
+
+def test_geometric_gaps_have_the_geometric_distribution():
+    """G + 1 for G ~ Geometric(p): the table's values, the refined ambiguous prefixes (every
+    boundary of G lies in one) and the tail (15 leading zero bits) together."""
+    p, n = 0.05, 2_000_000
+    gaps = GeometricGaps(p, torch.device("cpu"))
+    assert 0 < int((gaps.table == 0).sum()) < 0.01 * len(gaps.table)  # a few ambiguous entries, refined
+    torch.manual_seed(0)
+    g = gaps.draw(n) - 1
+    assert int(g.min()) >= 0
+    k = torch.arange(60)
+    pmf = p * (1 - p) ** k.double()
+    freq = (g[:, None] == k).double().mean(0)
+    assert ((freq - pmf).abs() <= 5 * (pmf * (1 - pmf) / n).sqrt()).all()
+    tail = (1 - p) ** 202  # G >= 202 only from U < 2^-15: the refined prefix 0
+    assert abs(float((g >= 202).double().mean()) - tail) <= 5 * math.sqrt(tail / n)
+
+
+@pytest.mark.parametrize("margin, slack", [(8.0, 64), (0.0, 1)])  # (0, 1): most draws need more rounds
+def test_bernoulli_positions_are_independent_draws_of_p(margin, slack):
+    p, n, width = 0.05, 4_000_000, 256
+    gaps = GeometricGaps(p, torch.device("cpu"))
+    torch.manual_seed(0)
+    positions = torch.cat([gaps.ones(n // 8, p, margin, slack) + i * (n // 8) for i in range(8)])
+    assert bool((positions[1:] > positions[:-1]).all()) and 0 <= int(positions[0]) and int(positions[-1]) < n
+    ones = torch.zeros(n, dtype=torch.float64)
+    ones[positions] = 1.0
+    assert abs(float(ones.mean()) - p) <= 5 * math.sqrt(p * (1 - p) / n)
+    both = float((ones[1:] * ones[:-1]).mean())
+    assert abs(both - p * p) <= 5 * math.sqrt(p * p / n)
+    counts = ones.view(-1, width).sum(1)  # per row of 256 features: Binomial(256, p)
+    rows = counts.numel()
+    assert abs(float(counts.mean()) - width * p) <= 5 * math.sqrt(width * p * (1 - p) / rows)
+    assert abs(float(counts.var()) / (width * p * (1 - p)) - 1) <= 5 * math.sqrt(2 / rows)
+
+
+def test_bernoulli_positions_with_a_vanishing_p_and_an_empty_range():
+    gaps = GeometricGaps(1e-12, torch.device("cpu"))
+    assert gaps.ones(1_000_000, 1e-12).numel() == 0
+    assert GeometricGaps(0.5, torch.device("cpu")).ones(0, 0.5).numel() == 0
+
+
+@pytest.mark.parametrize("mode", ["samples", "tokens"])
+def test_softmax_mean_in_chunks_is_the_mean_of_the_softmaxes(mode):
+    logits_STE = torch.randn(7, 50, N_EXPERTS, generator=torch.Generator().manual_seed(4)) * 3
+    acc = SoftmaxMean(7, keep=True)
+    if mode == "samples":
+        start = 0
+        for size in sample_chunks(7, 50 * N_EXPERTS, chunk_elements=2 * 50 * N_EXPERTS):
+            acc.add_samples(logits_STE[start:start + size].transpose(1, 2))
+            start += size
+    else:
+        for rows in token_chunks(50, 7 * N_EXPERTS, chunk_elements=9 * 7 * N_EXPERTS):
+            acc.add_tokens(logits_STE[:, rows].permute(1, 2, 0))
+    torch.testing.assert_close(acc.mean_TE(), logits_STE.softmax(-1).mean(0))
+    torch.testing.assert_close(acc.samples_STE(), logits_STE.softmax(-1))
+    assert sample_chunks(32, 100, 400, power_of_two=True) == [4] * 8
+    assert sample_chunks(3, 100, 1000, power_of_two=True) == [2, 1]
+
+
+@pytest.mark.parametrize("name, fields", [("variational", {"covariance": "diag", "sigma_init": 1e-6}),
+                                          ("variational", {"covariance": "full", "sigma_init": 1e-6}),
+                                          ("mc_dropout", {"dropout": 1e-9}), ("mc_dropout", {"dropout": 0.0})])
+def test_vanishing_noise_selects_what_topk_selects(name, fields):
+    """sigma -> 0 (or p -> 0): every sample is the gate's logits, so S samples route as Top-K."""
+    router = make_router(name, samples=32, **fields).eval()
+    topk = make_router("topk").eval()
+    topk.gate.load_state_dict(router.gate.state_dict())
+    u = tokens(500)
+    with torch.no_grad():
+        got, want = router(u), topk(u)
+    assert torch.equal(got.expert_ids_TK, want.expert_ids_TK)
+    torch.testing.assert_close(got.gates_TK, want.gates_TK, rtol=0, atol=1e-4)
+    torch.testing.assert_close(got.probs_TE, want.probs_TE, rtol=0, atol=1e-4)
 
 
 def test_mc_dropout_stays_on_at_evaluation():
@@ -213,6 +442,7 @@ def gates_only_loss(router, u):
 @pytest.mark.parametrize("name, fields, heads", [
     ("variational", {"covariance": "diag"}, ["residual_head", "scale_head"]),
     ("variational", {"covariance": "full"}, ["residual_head", "scale_head"]),
+    ("variational", {"covariance": "full", "shared_hidden": True}, ["residual_head", "scale_head"]),
     ("vtsr", {"k": 2}, ["temperature_head"]),
     ("vtsr", {"k": 1}, ["temperature_head"]),  # hard gates are the constant 1: only the estimator reaches T
     ("vtsr", {"k": 2, "per_expert_temperature": True}, ["temperature_head"]),
@@ -229,30 +459,40 @@ def test_task_gradients_reach_every_head(name, fields, heads):
 
 
 @pytest.mark.parametrize("router_args", [["router=variational"], ["router=variational", "router.covariance=full"],
-                                         ["router=mc_dropout"]])
+                                         ["router=variational", "router.shared_hidden=true"], ["router=mc_dropout"]])
 def test_S_costs_router_work_only(router_args):
-    calls, shapes = {}, {}
+    """Whatever S, each layer's experts run once per forward, on T x K token rows: each token's K
+    distinct experts, none of them twice."""
+    calls, rows, shapes = {}, {}, {}
     x = torch.randint(0, 256, (2, 16))
     for s in (1, 32):
         model = build_model(make_config(*TINY, *router_args, f"S={s}")).eval()
-        before = [layer.experts.block_calls for layer in model.moe_layers]
         with torch.no_grad():
             out = model(x)
-        calls[s] = [layer.experts.block_calls - b for layer, b in zip(model.moe_layers, before)]
+        calls[s] = [layer.experts.block_calls for layer in model.moe_layers]
+        rows[s] = [layer.experts.rows_run for layer in model.moe_layers]
         shapes[s] = [r.expert_ids_TK.shape for r in out.routings]
-        assert (out.routings[0].sample_probs_STE is None) == (s == 1)
+        for r in out.routings:
+            assert r.sample_probs_STE is None  # not kept unless asked for
+            assert (r.expert_ids_TK.sort(-1).values.diff(dim=-1) > 0).all()  # K distinct experts per token
     assert calls[1] == calls[32] == [1, 1]  # each expert block ran once per layer per forward
+    assert rows[1] == rows[32] == [32 * 2, 32 * 2]  # T x K rows: no token ran through an expert twice
     assert shapes[1] == shapes[32] == [(32, 2), (32, 2)]  # K slots per token, whatever S
 
 
 @pytest.mark.parametrize("layers, expected", [("all", [VariationalRouter, VariationalRouter]),
                                               ("1", [TopKRouter, VariationalRouter]),
-                                              ("5", [VariationalRouter, VariationalRouter])])
+                                              ("2", [VariationalRouter, VariationalRouter])])
 def test_router_layers_gives_the_router_to_the_last_N_moe_layers(layers, expected):
     model = build_model(make_config(*TINY, "router=variational", f"router.layers={layers}"))
     assert [type(layer.router) for layer in model.moe_layers] == expected
     out = model(torch.randint(0, 256, (1, 8)))
     assert [r.uncertainty_T is not None for r in out.routings] == [cls is VariationalRouter for cls in expected]
+
+
+def test_router_layers_beyond_the_moe_layers_is_refused():
+    with pytest.raises(ConfigError, match="router.layers=5"):
+        build_model(make_config(*TINY, "router=variational", "router.layers=5"))
 
 
 def test_variational_resume_replays_the_same_routing_noise(tmp_path, monkeypatch):
@@ -332,8 +572,9 @@ def test_bad_router_input_is_exit_code_2_and_one_line_naming_the_key(tmp_path, a
 
 
 @pytest.mark.parametrize("name, fields", [("topk", {}), ("variational", {"covariance": "diag"}),
-                                          ("variational", {"covariance": "full"}), ("temperature", {}),
-                                          ("vtsr", {}), ("mc_dropout", {})])
+                                          ("variational", {"covariance": "full"}),
+                                          ("variational", {"covariance": "full", "shared_hidden": True}),
+                                          ("temperature", {}), ("vtsr", {}), ("mc_dropout", {})])
 @pytest.mark.parametrize("n_experts, k", [(1, 1), (4, 4)])
 @pytest.mark.parametrize("training", [True, False])
 def test_edge_shapes_one_expert_k_equals_e_one_token_and_bf16(name, fields, n_experts, k, training):

@@ -297,25 +297,33 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
 
 @pytest.mark.slow
 def test_kill_9_at_random_moments_then_resume_is_bit_identical(tmp_path):
+    import os
     import random
     import signal
     import subprocess
     import sys
     import time
 
-    args = [*TINY, "train.max_steps=200", "train.ckpt_every=5", "train.eval_every=50", "train.log_every=5"]
+    args = [*TINY, "train.max_steps=200", "train.ckpt_every=5", "train.eval_every=50", "train.log_every=1"]
     run_cli("train", *args, "hydra.run.dir=full", cwd=tmp_path)
     exe = str(Path(sys.executable).with_name("vrmoe"))
     rng = random.Random(0)
-    for attempt in range(3):  # kill at a random moment, then resume (or start over before any checkpoint)
+    killed_at = []
+    for target in sorted(rng.sample(range(8, 190), 3)):  # kill -9 as the run passes a random step
         resume = ["train.resume=run"] if (tmp_path / "run" / "checkpoint.pt").exists() else ["hydra.run.dir=run"]
         proc = subprocess.Popen([exe, "train", *args, *resume], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-        time.sleep(rng.uniform(2.5, 5.0))
+                                stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            rows = (tmp_path / "run" / "metrics.jsonl")
+            lines = rows.read_text().splitlines() if rows.exists() else []
+            if lines and lines[-1].startswith('{"step": ') and int(lines[-1][9:].split(",")[0]) >= target:
+                break
+            time.sleep(0.005)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    killed_at = load_checkpoint(tmp_path / "run", "run")["step"]
-    assert 0 < killed_at < 200  # the kills landed mid-run
+        killed_at.append(load_checkpoint(tmp_path / "run", "run")["step"])
+    assert all(0 < step < 200 for step in killed_at)  # every kill landed mid-run
     run_cli("train", *args, "train.resume=run", cwd=tmp_path)
     assert _rows_without_time(tmp_path / "run") == _rows_without_time(tmp_path / "full")
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "completed"

@@ -1,6 +1,6 @@
 """``vrmoe bench``: performance ratios on the current device, as one table.
 
-    vrmoe bench                        # about a minute on 2 CPU cores
+    vrmoe bench                        # about two minutes on 2 CPU cores
     vrmoe bench --format markdown      # the same table, for the README
     vrmoe bench --tiny                 # tiny shapes and one repeat: a smoke test in seconds
 
@@ -13,15 +13,20 @@ from other processes on a shared machine hits every contender alike. The rows:
   a dense SwiGLU *floor* with the same active FLOPs (hidden K*F), and the peer, Hugging Face's
   Mixtral sparse block (``pip install 'vrmoe[bench]'``; skipped when transformers is missing).
   Peak memory of one step of each, parameter gradients included.
-* **Router overheads**, for one MoE layer and for a whole ``model=small`` training step
-  (forward, backward, AdamW): each Bayesian router's training step against Top-K's, and
-  evaluation with S = 32 routing samples against S = 1.
+* **Router overheads**, for one MoE layer (E = 8, then E = 16 and E = 64 for the variational
+  router, so that the scaling with E shows) and for a whole ``model=small`` training step
+  (forward, backward, AdamW): each Bayesian router's training step against Top-K's;
+  evaluation with S = 32 routing samples against S = 1, next to its *floor* (S = 1 plus
+  drawing the S x T x E standard normals alone, per routed layer: what no implementation on
+  torch's generator can go below); the peak memory of evaluation, S = 32 against S = 1.
+
+Each row with a target (``LAYER_TARGET`` and the other constants below) says whether it is met.
 * **On CUDA only**: the three GPU layer shapes in bf16, and the model FLOPs utilisation (MFU)
   of ``model=gpt_small`` trained with bf16 autocast and torch.compile, against 989 TFLOP/s
   (H100 dense bf16) and against a bf16 matmul measured here; the compiled graph's breaks
   from ``torch._dynamo.explain``.
 
-``experiments/bench.py`` is the long form (more repeats, E = 16, a real ``vrmoe train`` run).
+``experiments/bench.py`` is the long form (more repeats, thread counts, a real ``vrmoe train`` run).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import math
 import os
 import platform
 import statistics
@@ -48,8 +54,13 @@ from .model.routers import ROUTERS as ROUTER_REGISTRY
 from .train.step import TrainStep, make_optimizer
 
 H100_BF16_DENSE_FLOPS = 989e12
-LAYER_TARGET = 1.10  # MoE layer step / dense floor
-ROUTER_TARGET = 1.05  # Bayesian router / Top-K training step; S = 32 / S = 1 evaluation
+# The targets (a ratio must be at most its target); rows without one are for information.
+LAYER_TARGET = 1.05  # MoE layer step / dense floor
+LAYER_TRAIN_TARGETS = {"variational": 1.05}  # training step / Top-K's at the layer, E <= 16
+MODEL_TRAIN_TARGET = 1.03  # training step / Top-K's over a whole model, every router
+EVAL_TARGETS = {"variational": 1.05, "mc_dropout": 1.30}  # evaluation S = 32 / S = 1
+MEMORY_TARGET = 1.10  # peak memory of evaluation, S = 32 / S = 1
+MAX_TRAIN_TARGET_EXPERTS = 16
 
 
 def router_variants() -> list[tuple[str, list[str]]]:
@@ -61,6 +72,14 @@ def router_variants() -> list[tuple[str, list[str]]]:
             for label, extra in (cls.bench_variants or {name: []}).items():
                 variants.append((label, [f"router={name}", *extra]))
     return variants
+
+
+def router_name(overrides: list[str]) -> str:
+    return overrides[0].split("=", 1)[1]
+
+
+def samples_at_eval(overrides: list[str]) -> bool:
+    return ROUTER_REGISTRY[router_name(overrides)].Config().samples_at_eval()
 
 GPU_SHAPES = ((16384, 256, 512, 8, 2), (16384, 1024, 2048, 8, 2), (16384, 2048, 1408, 64, 6))
 
@@ -78,6 +97,10 @@ class Sizes:
     samples: int = 32
     repeats: int = 7
     warmup: int = 2
+    # The router overheads at the layer again with more experts (label -> router overrides), so
+    # that the scaling with E shows: the full covariance's head has E(E+1)/2 outputs.
+    more_experts: tuple[tuple[int, tuple[str, ...]], ...] = ((16, ("variational diag", "variational full")),
+                                                             (64, ("variational diag",)))
     gpu_shapes: tuple[tuple[int, int, int, int, int], ...] = GPU_SHAPES  # (T, D, F, E, K)
     gpu_model: str = "gpt_small"
     gpu_batch: int = 16
@@ -87,8 +110,8 @@ class Sizes:
 
 QUICK = Sizes()
 TINY = Sizes(tokens=256, d_model=32, hidden=64, n_experts=4, model="tiny", samples=4, repeats=1, warmup=1,
-             gpu_shapes=((256, 32, 64, 4, 2),), gpu_model="tiny", gpu_batch=4, gpu_steps=2,
-             matmul_size=256)
+             more_experts=((8, ("variational diag",)),), gpu_shapes=((256, 32, 64, 4, 2),), gpu_model="tiny",
+             gpu_batch=4, gpu_steps=2, matmul_size=256)
 
 
 @dataclass
@@ -330,29 +353,34 @@ def moe_layer_rows(tokens: int, d_model: int, hidden: int, n_experts: int, k: in
     return rows
 
 
-def router_layer_rows(sizes: Sizes, device: torch.device) -> list[Row]:
-    """Each router's training step and S-sample evaluation at the layer level."""
+def router_layer_rows(sizes: Sizes, device: torch.device, n_experts: int | None = None,
+                      labels: Iterable[str] | None = None) -> list[Row]:
+    """Each router's training step and S-sample evaluation at the layer level (with ``n_experts``
+    experts, and only the variants ``labels``, when given)."""
     from .model.moe import build_moe
 
+    n_experts = n_experts or sizes.n_experts
+    variants = [(label, o) for label, o in router_variants() if labels is None or label in labels]
     section = (f"Router overhead, MoE layer: T={sizes.tokens} D={sizes.d_model} F={sizes.hidden} "
-               f"E={sizes.n_experts} K={sizes.k}")
+               f"E={n_experts} K={sizes.k}")
     torch.manual_seed(0)
     x_TD = torch.randn(sizes.tokens, sizes.d_model, device=device, requires_grad=True)
 
     def layer(overrides: list[str]) -> torch.nn.Module:
         torch.manual_seed(0)
-        return build_moe(sizes.d_model, sizes.n_experts, sizes.hidden, router_config(overrides, sizes.k),
+        return build_moe(sizes.d_model, n_experts, sizes.hidden, router_config(overrides, sizes.k),
                          "auto").to(device)
 
-    layers = {"topk": layer(["router=topk"]), **{label: layer(o) for label, o in router_variants()}}
+    layers = {"topk": layer(["router=topk"]), **{label: layer(o) for label, o in variants}}
     train = interleaved_times({name: layer_train_step(m, x_TD, device) for name, m in layers.items()},
                               sizes.repeats, sizes.warmup, device)
-    evals = {}
-    for label, _ in router_variants():
-        for samples in (1, sizes.samples):
-            evals[f"{label} S={samples}"] = layer_eval_step(with_samples(layers[label], samples), x_TD, device)
-    evaluation = interleaved_times(evals, sizes.repeats, sizes.warmup, device)
-    return _router_rows(section, train, evaluation, sizes.samples)
+    evals = {label: {s: layer_eval_step(with_samples(layers[label], s), x_TD, device) for s in (1, sizes.samples)}
+             for label, _ in variants}
+    normals = (sizes.samples, sizes.tokens, n_experts)
+    train_target = None if n_experts > MAX_TRAIN_TARGET_EXPERTS else LAYER_TRAIN_TARGETS
+    eval_targets = None if n_experts > MAX_TRAIN_TARGET_EXPERTS else EVAL_TARGETS
+    return _router_rows(section, variants, train, evals, sizes, device, train_target, eval_targets,
+                        normal_draws=[normals])
 
 
 def router_model_rows(sizes: Sizes, device: torch.device) -> list[Row]:
@@ -363,38 +391,74 @@ def router_model_rows(sizes: Sizes, device: torch.device) -> list[Row]:
     section = (f"Router overhead, whole model: model={sizes.model}, batch {base.train.batch_size}x"
                f"{base.model.seq_len}, train step = fwd+bwd+AdamW")
     idx = random_tokens(base, base.train.batch_size, device)
+    variants = router_variants()
     apps = {"topk": base, **{label: compose_config([f"model={sizes.model}", f"K={sizes.k}", *precision, *overrides])
-                             for label, overrides in router_variants()}}
+                             for label, overrides in variants}}
     models = {name: model_on(app, device) for name, app in apps.items()}
     steps = {}
     for name, model in models.items():
         model.train()
         steps[name] = train_step(apps[name], model, idx, device)
     train = interleaved_times(steps, sizes.repeats, sizes.warmup, device)
-    evals = {}
-    for label, _ in router_variants():
-        for samples in (1, sizes.samples):
-            evals[f"{label} S={samples}"] = layer_eval_step(with_samples(models[label], samples), idx, device)
-    evaluation = interleaved_times(evals, sizes.repeats, sizes.warmup, device)
-    rows = _router_rows(section, train, evaluation, sizes.samples)
+    evals = {label: {s: layer_eval_step(with_samples(models[label], s), idx, device) for s in (1, sizes.samples)}
+             for label, _ in variants}
+    layers = [layer for layer in models["topk"].moe_layers]
+    normals = [(sizes.samples, idx.numel(), base.model.n_experts)] * len(layers)
+    rows = _router_rows(section, variants, train, evals, sizes, device, MODEL_TRAIN_TARGET, EVAL_TARGETS,
+                        normal_draws=normals)
     step_s = statistics.median(train["topk"])
     rows.append(Row(section, "train step throughput (topk)", 1e3 * step_s,
                     note=f"{idx.numel() / step_s:,.0f} tokens/s"))
     return rows
 
 
-def _router_rows(section: str, train: dict[str, list[float]], evaluation: dict[str, list[float]],
-                 samples: int) -> list[Row]:
+def _router_rows(section: str, variants: list[tuple[str, list[str]]], train: dict[str, list[float]],
+                 evals: dict[str, dict[int, Callable[[], None]]], sizes: Sizes, device: torch.device,
+                 train_targets: float | dict[str, float] | None, eval_targets: dict[str, float] | None,
+                 normal_draws: list[tuple[int, int, int]]) -> list[Row]:
+    """Training rows, then evaluation rows (S = sizes.samples against S = 1, timed together with
+    the floor their sampling cannot go below: drawing the S x T x E standard normals alone, once
+    per routed layer), then the peak memory of evaluation."""
+    samples = sizes.samples
+
+    def target(targets, overrides):
+        return targets if not isinstance(targets, dict) else targets.get(router_name(overrides))
+
     rows = [Row(section, "train step: topk", 1e3 * statistics.median(train["topk"]), 1.0, note="the baseline")]
-    for label, _ in router_variants():
+    for label, overrides in variants:
         rows.append(Row(section, f"train step: {label} / topk", 1e3 * statistics.median(train[label]),
-                        paired_ratio(train, label, "topk"), ROUTER_TARGET))
-    for label, overrides in router_variants():
+                        paired_ratio(train, label, "topk"), target(train_targets, overrides)))
+
+    def draw_normals() -> None:
+        for shape in normal_draws:
+            torch.randn(shape, device=device)
+
+    contenders = {f"{label} S={s}": step for label, by_s in evals.items() for s, step in by_s.items()}
+    contenders["normals"] = draw_normals
+    times = interleaved_times(contenders, sizes.repeats, sizes.warmup, device)
+    floor_base = next((label for label, o in variants if router_name(o) == "variational"), None)
+    for label, overrides in variants:
         many, one = f"{label} S={samples}", f"{label} S=1"
-        router = overrides[0].split("=", 1)[1]
-        note = "" if ROUTER_REGISTRY[router].Config().samples_at_eval() else "S is unused at evaluation"
-        rows.append(Row(section, f"eval: {label} S={samples} / S=1", 1e3 * statistics.median(evaluation[many]),
-                        paired_ratio(evaluation, many, one), ROUTER_TARGET, note=note))
+        sampled = samples_at_eval(overrides)
+        rows.append(Row(section, f"eval: {label} S={samples} / S=1", 1e3 * statistics.median(times[many]),
+                        paired_ratio(times, many, one), target(eval_targets, overrides) if sampled else None,
+                        note="" if sampled else "S is unused at evaluation"))
+    if floor_base is not None:
+        one = times[f"{floor_base} S=1"]
+        floor = statistics.median((a + b) / a for a, b in zip(one, times["normals"]))
+        per_normal_ns = 1e9 * statistics.median(times["normals"]) / sum(math.prod(d) for d in normal_draws)
+        rows.append(Row(section, f"floor: {floor_base} S=1 + drawing S={samples} normals / S=1",
+                        1e3 * statistics.median(times["normals"]), floor,
+                        note=f"torch's generator alone: {per_normal_ns:.1f} ns a normal, "
+                             f"{len(normal_draws)} x {'x'.join(map(str, normal_draws[0]))}"))
+    for label, overrides in variants:
+        if samples_at_eval(overrides):
+            one, many = (peak_memory_mb(evals[label][s], device) for s in (1, samples))
+            ratio = many / one if one and many is not None else None
+            rows.append(Row(section, f"peak memory: eval {label} S={samples} / S=1", ratio=ratio,
+                            target=MEMORY_TARGET, memory_mb=many,
+                            note=f"S=1: {one:.1f} MB" if one is not None else "the profiler's memory timeline "
+                                                                              "is unavailable here"))
     return rows
 
 
@@ -557,6 +621,9 @@ def run_benchmarks(sizes: Sizes, device: torch.device, sections: Iterable[str] =
     if "router" in sections:
         progress("router overheads at the layer")
         rows += router_layer_rows(sizes, device)
+        for n_experts, labels in sizes.more_experts:
+            progress(f"router overheads at the layer with E={n_experts}")
+            rows += router_layer_rows(sizes, device, n_experts, labels)
     if "model" in sections:
         progress(f"router overheads over a model={sizes.model} step")
         rows += router_model_rows(sizes, device)

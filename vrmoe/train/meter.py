@@ -62,11 +62,12 @@ class IntervalMeter:
         elapsed = time.perf_counter() - self.started
         n = max(self.steps, 1)
         extra = {"skipped_steps": self.skipped} if self.skipped else {}
-        row: dict[str, Any] = {**extra,
+        row: dict[str, Any] = {
             "step": step, "train/loss": float(self.loss_sum / n), "train/aux_loss": float(self.aux_sum / n),
             "tokens_per_s": (self.steps + self.skipped) * self.tokens_per_step / max(elapsed, 1e-9),
             "moe": {name: {k: (v / n).cpu().tolist() for k, v in s.items()}
                     for name, s in zip(self.layer_names, self.stat_sums or [])},
+            **extra,
         }
         self.loss_sum.zero_(), self.aux_sum.zero_()
         self.stat_sums, self.steps, self.skipped = None, 0, 0

@@ -18,8 +18,12 @@ one YAML file in ``conf/router/``. The class owns everything about itself:
 * ``Config.samples_at_eval()``: whether evaluation averages S routing samples;
 * ``bench_variants``: the configurations ``vrmoe bench`` measures.
 
+Routers that average S routing samples share :class:`SoftmaxMean`: the samples are drawn and
+turned into routing distributions a chunk at a time and only their running sum is kept, so
+S x T x E numbers never exist at once unless ``Router.keep_samples`` asks for them.
+
 Shape suffixes: T tokens, D model width, E experts, K experts per token,
-S Monte-Carlo samples, P packed lower-triangle entries.
+S Monte-Carlo samples, C the samples of one chunk, P packed lower-triangle entries.
 """
 
 from __future__ import annotations
@@ -44,7 +48,10 @@ class Routing:
     probs_TE: torch.Tensor  # the routing distribution selection was made from (S-averaged at evaluation)
     aux_loss: torch.Tensor  # scalar, weighted: load balance + z-loss + the router's own terms
     stats: dict[str, torch.Tensor] = field(default_factory=dict)  # detached diagnostics
-    # Per-sample routing distributions at evaluation, for mutual information (None when S = 1).
+    # The S per-sample routing distributions whose mean is probs_TE, only where they were asked for
+    # (the router's ``keep_samples`` is True) and S > 1; None otherwise. The default leaves them
+    # out: the mean is accumulated without them (evaluation's mutual information runs S
+    # single-sample passes instead, see vrmoe/eval/context.py).
     sample_probs_STE: torch.Tensor | None = None
     # The router's own per-token uncertainty signal for OOD scores (None if it has none):
     # tr(Sigma_post) for the variational router, the mean temperature for vtsr.
@@ -64,6 +71,9 @@ class Router(nn.Module):
     uncertainty_signal: ClassVar[str | None] = None
     #: What ``vrmoe bench`` measures: label -> router overrides (beyond ``router=<name>``).
     bench_variants: ClassVar[dict[str, list[str]] | None] = None
+    #: A router that averages S samples returns them in ``Routing.sample_probs_STE`` only when
+    #: this is True (set it on the instance); by default it keeps only their running mean.
+    keep_samples: bool = False
 
     def __init__(self, d_model: int, n_experts: int, cfg: RouterConfig):
         super().__init__()
@@ -175,6 +185,89 @@ def gumbel_perturbed(scores_TE: torch.Tensor) -> torch.Tensor:
     generator, so a resumed run draws the same noise."""
     exp_TE = torch.empty_like(scores_TE).exponential_().clamp_min(torch.finfo(scores_TE.dtype).tiny)
     return scores_TE - exp_TE.log()  # -log(Exp(1)) ~ Gumbel(0, 1)
+
+
+#: Numbers per chunk of routing samples (1 MiB in fp32): a chunk's draws, logits and softmaxes
+#: stay in cache while it is processed, and S x T x E numbers are never alive at once.
+SAMPLE_CHUNK_ELEMENTS = 1 << 18
+
+
+def sample_chunks(n_samples: int, elements_per_sample: int, chunk_elements: int = SAMPLE_CHUNK_ELEMENTS,
+                  power_of_two: bool = False) -> list[int]:
+    """Split S samples into chunks of about ``chunk_elements`` numbers (at least one sample each);
+    with ``power_of_two`` every chunk holds a power of two samples (S = 32 in chunks of 4, S = 3
+    as 2 + 1)."""
+    per_chunk = max(1, min(n_samples, chunk_elements // max(1, elements_per_sample)))
+    if power_of_two:
+        per_chunk = 1 << (per_chunk.bit_length() - 1)
+    chunks, left = [], n_samples
+    while left:
+        size = min(per_chunk, left)
+        if power_of_two:
+            size = 1 << (size.bit_length() - 1)
+        chunks.append(size)
+        left -= size
+    return chunks
+
+
+def token_chunks(n_tokens: int, elements_per_token: int, chunk_elements: int = SAMPLE_CHUNK_ELEMENTS) -> list[slice]:
+    """Consecutive token ranges of about ``chunk_elements`` numbers each (at least one token)."""
+    size = max(1, chunk_elements // max(1, elements_per_token))
+    return [slice(start, min(start + size, n_tokens)) for start in range(0, n_tokens, size)]
+
+
+class SoftmaxMean:
+    """``mean_s softmax(l_s)`` over S routing samples of every token, accumulated a chunk at a time.
+
+    Chunks keep the experts off the innermost dimension, so the softmax over E runs vectorised
+    across the samples or tokens that are innermost (PyTorch's softmax over a contiguous last
+    dimension of E = 8, the (S, T, E) layout, costs more than ten times as much at T = 4096).
+    Either all chunks are sample chunks, (C, E, T): C samples of every token
+    (:meth:`add_samples`), or all are token chunks, (X, E, S): every sample of X consecutive
+    tokens (:meth:`add_tokens`). Only the running sums outlive a chunk, unless ``keep`` asks for
+    the per-sample distributions. Differentiable: a router evaluated with gradients on gets them
+    through the mean.
+    """
+
+    def __init__(self, n_samples: int, keep: bool = False):
+        self.n_samples = n_samples
+        self.sum_ET: torch.Tensor | None = None  # sample chunks: the running sum over samples
+        self.token_sums_XE: list[torch.Tensor] = []  # token chunks: each chunk's sum over samples
+        self.kept: list[torch.Tensor] | None = [] if keep else None
+
+    def add_samples(self, logits_CET: torch.Tensor) -> None:
+        """C more samples of every token, as logits (C, E, T) (any strides)."""
+        sum_ET = logits_CET.softmax(1).sum(0) if self.kept is None else self._kept(logits_CET.softmax(1)).sum(0)
+        if self.sum_ET is None:
+            self.sum_ET = sum_ET
+        elif sum_ET.requires_grad or self.sum_ET.requires_grad:
+            self.sum_ET = self.sum_ET + sum_ET
+        else:
+            self.sum_ET.add_(sum_ET)
+
+    def add_tokens(self, logits_XES: torch.Tensor) -> None:
+        """All S samples of the next X tokens, as logits (X, E, S) (any strides)."""
+        probs_XES = logits_XES.softmax(1)
+        self.token_sums_XE.append((probs_XES if self.kept is None else self._kept(probs_XES)).sum(-1))
+
+    def _kept(self, probs: torch.Tensor) -> torch.Tensor:
+        self.kept.append(probs)
+        return probs
+
+    def mean_TE(self) -> torch.Tensor:
+        if self.token_sums_XE:
+            sum_TE = torch.cat(self.token_sums_XE) if len(self.token_sums_XE) > 1 else self.token_sums_XE[0]
+        else:
+            sum_TE = self.sum_ET.T
+        return (sum_TE * (1.0 / self.n_samples)).contiguous()
+
+    def samples_STE(self) -> torch.Tensor | None:
+        """The per-sample distributions (S, T, E) when kept and S > 1, else None."""
+        if self.kept is None or self.n_samples == 1:
+            return None
+        if self.token_sums_XE:
+            return torch.cat(self.kept).permute(2, 0, 1)
+        return torch.cat(self.kept).transpose(1, 2)
 
 
 def topk_overlap(ids_TK: torch.Tensor, reference_TE: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -9,7 +10,20 @@ import torch.nn.functional as F
 
 from ...config import ConfigError, ModelConfig, RouterConfig
 from ..flops import SOFTMAX_FLOPS_PER_CLASS, linear_flops
-from .base import Router, Routing, register_router, renormalised_topk, topk_overlap
+from .base import Router, Routing, SoftmaxMean, register_router, renormalised_topk, sample_chunks, topk_overlap
+
+#: Positions (tokens x samples x input features) per chunk of the sparse sampler: about p x 8M
+#: dropped features (a few MB of bookkeeping, freed before the experts run). Fewer, larger
+#: chunks pay fewer thread wake-ups per tensor op on a CPU.
+DROP_CHUNK_POSITIONS = 1 << 23
+#: The geometric sampler's lookup table: one entry per value of 15 random bits.
+TABLE_BITS = 15
+#: Bits of the uniform that refines the table's few ambiguous entries (as many as a float64 holds).
+REFINE_BITS = 52
+#: Caps on one gap (beyond any chunk), so that a vanishing p cannot overflow: the table's int32
+#: entries, and the refined draws (int64).
+MAX_TABLE_GAP = 1 << 30
+MAX_GAP = 1 << 40
 
 
 @dataclass
@@ -27,13 +41,94 @@ class MCDropoutConfig(RouterConfig):
         return True
 
 
+class GeometricGaps:
+    """Exact draws of ``G + 1`` for ``G ~ Geometric(p)`` (failures before the first success): the
+    distances between consecutive ones of a Bernoulli(p) sequence.
+
+    By inversion, ``G = floor(log U / log(1 - p))`` for ``U ~ Uniform(0, 1)``, from 15 random bits
+    per draw: a table maps the 15 leading bits ``h`` of U to G wherever every U in
+    ``[h, h + 1) / 2^15`` gives the same G (all but about 0.5% of them at p = 0.05); for the others
+    (h = 0, the tail, among them) U is completed with 52 fresh bits, ``U = (h + r) / 2^15``, and G
+    computed in float64. One 64-bit draw of torch's generator gives four draws. The result has
+    the distribution of a float64 inversion, the precision ``torch.bernoulli`` samples with.
+    """
+
+    def __init__(self, p: float, device: torch.device):
+        if not 0 < p < 1:
+            raise ValueError(f"p={p} must be in (0, 1)")
+        self.log_q = math.log1p(-p)
+        h = torch.arange(1 << TABLE_BITS, dtype=torch.float64)
+        # x(U) = log U / log q falls as U grows: over [h, h + 1) / 2^15 it spans (x_b, x_a], and G is
+        # one value iff no integer lies there (a margin of 1e-9 marks near-integers as ambiguous).
+        x_a = torch.log(h * 2.0 ** -TABLE_BITS) / self.log_q
+        x_b = torch.log((h + 1) * 2.0 ** -TABLE_BITS) / self.log_q
+        g_b = torch.floor(x_b - 1e-9)
+        exact = torch.floor(x_a + 1e-9) == g_b
+        table = torch.where(exact, (g_b + 1).clamp(max=MAX_TABLE_GAP), 0).to(torch.int32)
+        # Indexed by a whole 16-bit field, whose top bit it ignores (the table repeats).
+        self.table = table.repeat(2).to(device)
+        # The largest gap a draw can give (a refined U is at least 2^-67): positions stay in int32
+        # while a round's gaps cannot add up past it.
+        self.max_gap = min(MAX_GAP, math.floor(-(TABLE_BITS + REFINE_BITS) * math.log(2) / self.log_q) + 1)
+
+    def draw(self, n: int) -> torch.Tensor:
+        """``n`` independent draws of ``G + 1`` (at least 1; int32 capped at 2^30, int64 where a
+        refined tail draw is larger)."""
+        device = self.table.device
+        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()
+        # random_() fills int64 with 63 uniform bits: four 16-bit fields, the low 15 bits of each used.
+        fields = words.view(torch.uint16)[:n].to(torch.int32)
+        gaps = self.table.index_select(0, fields)
+        ambiguous = (gaps == 0).nonzero().squeeze(1)
+        if ambiguous.numel():
+            rest = torch.empty(ambiguous.numel(), dtype=torch.int64, device=device).random_()
+            rest = rest.bitwise_and_((1 << REFINE_BITS) - 1).double().add_(0.5).mul_(2.0 ** -REFINE_BITS)
+            prefix = fields.index_select(0, ambiguous).bitwise_and_((1 << TABLE_BITS) - 1)
+            u = prefix.double().add_(rest).mul_(2.0 ** -TABLE_BITS)
+            refined = u.log_().div_(self.log_q).floor_().add_(1).clamp_(max=MAX_GAP).to(torch.int64)
+            if self.max_gap >= 2 ** 31:
+                gaps = gaps.to(torch.int64)
+            gaps.index_copy_(0, ambiguous, refined.to(gaps.dtype))
+        return gaps
+
+    def ones(self, n: int, p: float, margin: float = 8.0, slack: int = 64) -> torch.Tensor:
+        """The sorted positions of the ones among ``n`` independent Bernoulli(p) draws (int32 when
+        n < 2^31, else int64).
+
+        Gaps are drawn in rounds of the expected count plus ``margin`` standard deviations plus
+        ``slack`` (by default a second round is needed with probability about 1e-15; it goes on
+        from the last one)."""
+        parts, last = [], -1  # the position of the last one so far
+        while True:
+            expected = p * (n - 1 - last)
+            count = max(1, int(expected + margin * math.sqrt(expected) + slack))
+            gaps = self.draw(count)
+            small = n < 2 ** 31 and last + count * self.max_gap < 2 ** 31  # int32 cannot overflow
+            positions = gaps.cumsum(0, dtype=torch.int32 if small else torch.int64).add_(last)
+            cut = int(torch.searchsorted(positions, n))
+            parts.append(positions[:cut])
+            if cut < count:
+                break
+            last = int(positions[-1])
+        dtype = torch.int32 if n < 2 ** 31 else torch.int64
+        return torch.cat([part.to(dtype) for part in parts]) if len(parts) > 1 else parts[0].to(dtype)
+
+
 @register_router
 class MCDropoutRouter(Router):
     """Dropout (p = ``router.dropout``) on the router input, kept on at evaluation.
 
-    Training is one dropped-out pass; evaluation runs S passes as one batched matmul, averages
-    their softmaxes and takes Top-K of the average (gates renormalised), like the variational
-    router. ``topk_overlap`` compares the choice with the dropout-free Top-K.
+    Training is one dropped-out pass; evaluation averages the softmaxes of S passes and takes
+    Top-K of the average (gates renormalised), like the variational router. ``topk_overlap``
+    compares the choice with the dropout-free Top-K.
+
+    On CPU the dropped features are drawn sparsely (:class:`GeometricGaps`: about p x D per token
+    and sample rather than S x T x D Bernoulli draws). Without gradients (evaluation) a pass's
+    logits ``W (m * u) / (1 - p) + b`` are then computed as ``(W u - W ((1 - m) * u)) / (1 - p) + b``
+    from those features alone and one shared ``W u``; with gradients (training) the keep masks
+    are filled from them and the pass is the plain masked matmul. Elsewhere, and under
+    ``torch.compile``, the masks come from ``F.dropout`` (a parallel draw on a GPU). Every way
+    samples the same distribution.
     """
 
     name = "mc_dropout"
@@ -41,16 +136,84 @@ class MCDropoutRouter(Router):
 
     def forward(self, u_TD: torch.Tensor) -> Routing:
         n_samples = 1 if self.training else self.cfg.samples
-        # One independent dropout mask per sample: dropout over the expanded (S, T, D) tensor.
-        u_STD = F.dropout(u_TD.expand(n_samples, *u_TD.shape), self.cfg.dropout, training=True)
-        sample_probs_STE = self.gate(u_STD).float().softmax(-1)
-        probs_TE = sample_probs_STE.mean(0)
-        ids_TK, gates_TK = renormalised_topk(probs_TE, self.k)
         clean_logits_TE = self.gate(u_TD).float()
+        acc = SoftmaxMean(n_samples, keep=self.keep_samples)
+        if self.cfg.dropout == 0:  # every pass is the clean one
+            for _ in range(n_samples):
+                acc.add_samples(clean_logits_TE.T.unsqueeze(0))
+        elif u_TD.device.type != "cpu" or torch.compiler.is_compiling():
+            self._dense_passes(u_TD, acc)
+        elif torch.is_grad_enabled() and (u_TD.requires_grad or self.gate.weight.requires_grad):
+            self._masked_passes(u_TD, acc)
+        else:
+            self._sparse_passes(u_TD, clean_logits_TE, acc)
+        probs_TE = acc.mean_TE()
+        ids_TK, gates_TK = renormalised_topk(probs_TE, self.k)
         return Routing(ids_TK, gates_TK.to(u_TD.dtype), probs_TE,
                        self.balance_terms(clean_logits_TE, probs_TE, ids_TK),
-                       {"topk_overlap": topk_overlap(ids_TK, clean_logits_TE)},
-                       sample_probs_STE if n_samples > 1 else None)
+                       {"topk_overlap": topk_overlap(ids_TK, clean_logits_TE)}, acc.samples_STE())
+
+    def _dense_passes(self, u_TD: torch.Tensor, acc: SoftmaxMean) -> None:
+        """S passes through ``F.dropout``, a chunk of samples at a time."""
+        for size in sample_chunks(acc.n_samples, u_TD.numel()):
+            u_CTD = F.dropout(u_TD.expand(size, *u_TD.shape), self.cfg.dropout, training=True)
+            acc.add_samples(self.gate(u_CTD).float().transpose(1, 2))
+
+    def _masked_passes(self, u_TD: torch.Tensor, acc: SoftmaxMean) -> None:
+        """S differentiable passes through keep masks filled from the sparse draw: ``1 / (1 - p)``
+        everywhere but 0 at the dropped features, as ``F.dropout`` scales them."""
+        p = self.cfg.dropout
+        gaps = self._gaps(p, u_TD.device)
+        for size in sample_chunks(acc.n_samples, u_TD.numel()):
+            mask = torch.full((size * u_TD.numel(),), 1.0 / (1.0 - p), device=u_TD.device, dtype=u_TD.dtype)
+            mask.index_fill_(0, gaps.ones(mask.numel(), p).long(), 0.0)
+            acc.add_samples(self.gate(u_TD * mask.view(size, *u_TD.shape)).float().transpose(1, 2))
+
+    def _sparse_passes(self, u_TD: torch.Tensor, clean_logits_TE: torch.Tensor, acc: SoftmaxMean) -> None:
+        """S passes from the dropped features alone (no gradients).
+
+        A chunk of C samples (a power of two) is one Bernoulli(p) sequence over its T x C x D'
+        (token, sample, feature) positions, D' = D rounded up to a power of two (the extra
+        features are zeros of u and of W, so dropping them changes nothing): a position's token,
+        sample and feature are then bit fields, and the dropped features of each (token, sample)
+        are one contiguous bag, summed against W's columns by ``embedding_bag``."""
+        p = self.cfg.dropout
+        n_tokens, d_model = u_TD.shape
+        feature_bits = (d_model - 1).bit_length()
+        padding = (1 << feature_bits) - d_model
+        keep_scale = 1.0 / (1.0 - p)
+        weight, bias = self.gate.weight, self.gate.bias
+        # logits = (W u - W ((1 - m) * u)) / (1 - p) + b: the first and last terms once, W pre-scaled.
+        if bias is None:
+            base_ET = clean_logits_TE.T * keep_scale
+        else:
+            base_ET = F.linear(u_TD, weight).float().T * keep_scale + bias.float().unsqueeze(-1)
+        u_flat = F.pad(u_TD.float(), (0, padding)).reshape(-1)
+        w_DE = F.pad(weight.float().T * keep_scale, (0, 0, 0, padding)).contiguous()
+        gaps = self._gaps(p, u_TD.device)
+        for size in sample_chunks(acc.n_samples, n_tokens << feature_bits, DROP_CHUNK_POSITIONS, power_of_two=True):
+            sample_bits = size.bit_length() - 1
+            positions = gaps.ones(n_tokens * size << feature_bits, p)
+            feature = positions.bitwise_and((1 << feature_bits) - 1)
+            if sample_bits:  # the (token, feature) element of u: drop the sample's bits
+                element = positions.bitwise_right_shift(feature_bits + sample_bits).bitwise_left_shift_(feature_bits)
+                element.bitwise_or_(feature)
+            else:
+                element = positions
+            # Bag (token, sample) = position >> feature bits; the bags are consecutive runs.
+            counts = torch.bincount(positions.bitwise_right_shift(feature_bits), minlength=n_tokens * size)
+            offsets = counts.cumsum(0).sub_(counts).to(positions.dtype)
+            dropped_XE = F.embedding_bag(feature, w_DE, offsets, mode="sum",
+                                         per_sample_weights=u_flat.index_select(0, element))
+            logits_CET = base_ET.new_empty(size, *base_ET.shape)
+            acc.add_samples(torch.sub(base_ET, dropped_XE.view(n_tokens, size, -1).permute(1, 2, 0), out=logits_CET))
+
+    def _gaps(self, p: float, device: torch.device) -> GeometricGaps:
+        cached = getattr(self, "_gap_sampler", None)
+        if cached is None or cached[0] != (p, device):
+            cached = ((p, device), GeometricGaps(p, device))
+            self._gap_sampler = cached
+        return cached[1]
 
     def flops_per_token(self, samples: int) -> float:
         # Each sample masks the input (one multiply per feature) and re-runs the logit layer.
