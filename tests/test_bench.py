@@ -116,3 +116,10 @@ def test_gpu_section_runs_on_cpu_at_tiny_size():
     assert "tokens/s" in mfu.note and "MFU" in mfu.note and mfu.time_ms > 0
     breaks = next(r for r in rows if r.name.startswith("graph breaks"))
     assert breaks.note.split(":")[0].isdigit()
+
+
+@pytest.mark.parametrize("args", [["--only", "nosuch"], ["--format", "xml"]])
+def test_bad_bench_arguments_are_one_line(tmp_path, args):
+    proc = run_cli("bench", *args, cwd=tmp_path, check=False)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and err[0].startswith("error: vrmoe bench:"), proc.stderr

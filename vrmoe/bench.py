@@ -48,6 +48,7 @@ import torch
 
 from .compose import compose_config
 from .config import AppConfig, ConfigError
+from .console import CommandParser
 from .device import resolve_device, synchronize
 from .model import build_model
 from .model.routers import ROUTERS as ROUTER_REGISTRY
@@ -634,7 +635,7 @@ def run_benchmarks(sizes: Sizes, device: torch.device, sections: Iterable[str] =
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="vrmoe bench",
         description="Performance ratios on this device: the MoE layer against a dense floor and Hugging Face's "
                     "Mixtral block, the Bayesian routers' training and S-sample evaluation overheads, and on CUDA "

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from rich.console import Console
 from rich.markup import escape
+
+from .config import ConfigError
 
 console = Console(stderr=True, highlight=False)
 
@@ -19,3 +22,10 @@ def fail(message: str, code: int = 2) -> "NoReturn":  # noqa: F821
     """Print one clear error line and exit without a traceback."""
     console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, markup=True, highlight=False)
     sys.exit(code)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (exit 2) like the rest of vrmoe."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(f"{self.prog}: {message} (see {self.prog} --help)")

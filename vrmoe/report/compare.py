@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from ..config import ConfigError
-from ..console import log_line
+from ..console import CommandParser, log_line
 from ..eval import schema
 from ..tracking import METRICS_FILE
 from .runs import Run, load_runs, override_values, setting, typed_value, varied_override_keys
@@ -232,13 +232,6 @@ def print_comparison(comparison: Comparison) -> None:
 # Command line (shared with vrmoe dashboard)
 # ---------------------------------------------------------------------------
 
-class CommandParser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line (exit 2) like the rest of vrmoe."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ConfigError(f"{self.prog}: {message} (see {self.prog} --help)")
-
-
 def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
     """The dirs to read and the --sort/--reverse/--filter options."""
     parser.add_argument("dirs", nargs="+", help="run dirs or sweep dirs (searched recursively for summary.json)")
@@ -266,5 +259,5 @@ def main(argv: list[str]) -> None:
 
 
 __all__ = ["METRIC_COLUMNS", "EVAL_COLUMNS", "CELL_FORMATS", "Comparison", "compare", "run_record", "format_cell",
-           "display_columns", "display_cell", "render", "print_comparison", "CommandParser",
+           "display_columns", "display_cell", "render", "print_comparison",
            "add_selection_arguments", "main"]

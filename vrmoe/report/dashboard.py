@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..config import ConfigError
-from ..console import log_line
+from ..console import CommandParser, log_line
 from ..tracking import unwritable_reason
 from ..eval import schema
-from .compare import (Comparison, CommandParser, add_selection_arguments, compare, display_cell, display_columns,
+from .compare import (Comparison, add_selection_arguments, compare, display_cell, display_columns,
                       is_numeric_column)
 from .runs import Run
 
