@@ -23,7 +23,6 @@ from typing import Any, Callable
 # The noise scale the paper quotes routing stability at.
 JACCARD_GAMMA = 0.01
 CALIBRATION_TASKS = ("next_token", "mcq")
-BUILTIN_OOD_SETS = ("near", "far")
 SCORES_KEY = "scores"  # inside the ood block: per-sequence scores of every set
 
 
@@ -59,11 +58,6 @@ def reliability_bins(result: dict[str, Any] | None, task: str) -> tuple[list, li
     if not isinstance(bins, dict) or not all(isinstance(bins.get(k), list) for k in RELIABILITY_KEYS):
         return None
     return tuple([number(v) for v in bins[k]] for k in RELIABILITY_KEYS)  # type: ignore[return-value]
-
-
-def ood_sets(result: dict[str, Any] | None) -> list[str]:
-    block = dig(result, "ood")
-    return [name for name in block if name != SCORES_KEY] if isinstance(block, dict) else []
 
 
 def ood_scores(result: dict[str, Any] | None) -> dict[str, dict[str, list[float]]]:
