@@ -1,27 +1,34 @@
-"""The paper's comparison at small scale, in one command.
+"""The paper's comparison at small scale, designed as a reviewer would ask, in one command.
 
-    python experiments/paper_table.py            # about 40 minutes on 2 CPU cores
-    python experiments/paper_table.py --quick    # a 2-minute smoke version (CI)
+    python experiments/paper_table.py            # the default study (wall time in its table.md)
+    python experiments/paper_table.py --sweep    # plus the sweeps: S, beta, sigma_init, layers, a larger model
+    python experiments/paper_table.py --quick    # a CI-sized smoke version of both
 
-Three stages, each a set of independent runs trained in parallel worker
-processes, each run evaluated (``vrmoe eval``) when it finishes:
+Design (see the README's "What holds and what does not"):
 
-1. **Language model** (task=lm) on the stdlib prose: the deterministic Top-K
-   base model, and the variational router (mean-field and full covariance)
-   trained *from scratch*. Their next-token numbers are the "easy regime".
-2. **Multiple-choice fine-tuning** (task=mcq, several epochs over items made
-   from the training split) from each stage-1 model: the deterministic
-   baseline becomes over-confident here (the paper's regime). Routers without
-   parameters of their own (temperature sampling over a T sweep, MC dropout)
-   are fine-tuned the same way from the Top-K base LM, with their routing on.
-3. **Post-hoc** (the paper's protocol): the fine-tuned Top-K model frozen
-   (``train.freeze=backbone``), only the new heads trained on the same items:
-   variational mean-field and full covariance, and VTSR.
+* **Three disjoint item splits** (``task=mcq``): fine-tuning items from the training text;
+  calibration and test items from the two halves of the validation text, which neither the
+  language model nor fine-tuning ever trained on. The base is fine-tuned on its split until
+  over-confident; post-hoc heads and temperature scaling fit on the calibration split; every
+  number of the table is measured on the test split (and OOD sets made from other text).
+* **Two formats**: ``cloze`` (softmax over the four filled-in sentences' log-likelihoods) and
+  ``letter`` (the options lettered in the prompt, softmax over the four letters' logits at the
+  answer position: the paper's predictive).
+* **Baselines that calibrate**: temperature scaling of the Top-K model (one scalar fit by NLL on
+  the calibration split, by ``vrmoe eval``) and the deep ensemble of the Top-K seeds.
+* **Two predictives** for sampling routers: routing averaged over S samples before Top-K (one
+  pass, the paper's) and the Bayesian model average of S single-sample passes (BMA).
+* **Statistics**: per-item paired bootstrap 95% intervals (2000 resamples) of every difference
+  against Top-K, pooled over seeds (the same item resample for every seed and both methods); an
+  effect is called only when its interval excludes 0.
 
-Every (method, seed) is a run dir under ``<out>/runs``; ``<out>/table.md`` has
-the mean +- std over seeds, ``<out>/results.json`` every number, and the PNGs
-the reliability diagrams and Jaccard-vs-gamma curves. Re-running with the same
-``--out`` skips the runs that already have an eval.json.
+Stages, each a set of independent runs in parallel worker processes, each run evaluated when it
+finishes: ``lm`` (the Top-K language model per seed), ``finetune`` (Top-K and MC-dropout fine-tuned
+on the fine-tuning split, per format), ``posthoc`` (the fine-tuned Top-K frozen, new heads fit on the
+calibration split: variational mean-field and full covariance, VTSR). ``--sweep`` adds, in the letter
+format on the first three seeds: S at evaluation, beta, sigma_init, the router on the last MoE layer
+only, and a larger model through the same protocol. Re-running with the same ``--out`` skips the runs
+(and evaluations) already done.
 """
 
 from __future__ import annotations
@@ -29,9 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
-import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -40,129 +45,177 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from vrmoe import stats
 from vrmoe.eval import schema
 from vrmoe.tracking import EVAL_FILE, read_json
 
-SCORES = ("predictive_entropy", "mutual_information", "gate_entropy", "own")
-SCORE_LABELS = {"predictive_entropy": "PE", "mutual_information": "MI", "gate_entropy": "GE",
-                "own": "LV/T"}  # own: the router's uncertainty (logit variance, or VTSR's temperature)
-OWN_SCORES = ("logit_variance", "temperature")
-STABILITY_GAMMA = schema.JACCARD_GAMMA
-# One entry per invocation with the same --out (a resumed experiment has several).
+FORMATS = ("cloze", "letter")
 INVOCATIONS_FILE = "invocations.json"
+SWEEP_FORMAT = "letter"
+SWEEP_SEEDS = 3
 
 
 @dataclass(frozen=True)
 class Method:
+    key: str  # unique: the run dir's name
     label: str
-    stage: str  # lm | mcq | posthoc
-    router: tuple[str, ...]  # router overrides
-    parent: str | None = None  # the label whose same-seed run this starts from (previous stage)
+    stage: str  # lm | finetune | posthoc
+    overrides: tuple[str, ...]
+    fmt: str | None = None  # the multiple-choice format (None for the language model)
+    parent: str | None = None  # the key of the run this one starts from (same seed)
+    model: str = "small"  # which model size
+    evals: tuple[tuple[str, tuple[str, ...]], ...] = ()  # extra evaluations: (file name, eval overrides)
+    sweep: bool = False
 
 
 @dataclass
 class Size:
-    model: list[str]
+    models: dict[str, list[str]]
     lm: list[str]
-    mcq: list[str]
+    finetune: list[str]
     posthoc: list[str]
     eval: list[str]
     seeds: list[int]
-    temperatures: list[float]
+    sweep_S: list[int]
+    sweep_beta: list[float]
+    sweep_sigma: list[float]
+    resamples: int = 2000
 
 
+SMALL = ["model=tiny", "model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.seq_len=128",
+         "model.n_experts=8", "model.expert_hidden=128", "model.dense_hidden=256", "K=2", "data.val_fraction=0.3"]
 DEFAULT = Size(
-    model=["model=tiny", "model.d_model=64", "model.seq_len=64", "model.n_experts=8", "model.expert_hidden=128",
-           "model.dense_hidden=256", "K=2"],
-    lm=["train.max_steps=1500", "train.batch_size=16", "train.lr=3e-3", "train.warmup_steps=50",
+    models={"small": SMALL,
+            "large": [*SMALL, "model.d_model=128", "model.n_layers=4", "model.n_heads=4", "model.n_experts=16",
+                      "model.expert_hidden=256", "model.dense_hidden=512"]},
+    lm=["train.max_steps=1500", "train.batch_size=8", "train.lr=3e-3", "train.warmup_steps=50",
         "train.eval_every=500", "train.log_every=500", "train.ckpt_every=1500"],
-    mcq=["task=mcq", "task.train_items=1000", "task.val_items=256", "train.max_steps=400", "train.batch_size=16",
-         "train.lr=1e-3", "train.warmup_steps=20", "train.eval_every=200", "train.log_every=200",
-         "train.ckpt_every=400"],
-    posthoc=["task=mcq", "task.train_items=1000", "task.val_items=256", "train.max_steps=200",
-             "train.batch_size=16", "train.lr=1e-2", "train.warmup_steps=10", "train.eval_every=200",
-             "train.log_every=200", "train.ckpt_every=200", "train.freeze=backbone"],
-    eval=["S=8", "eval.windows=64", "eval.mcq_items=256", "eval.stability_windows=16", "eval.batch_size=32"],
-    seeds=[0, 1, 2],
-    temperatures=[0.5, 1.0, 2.0],
+    finetune=["task=mcq", "task.train_items=1000", "task.val_items=256", "train.max_steps=300", "train.batch_size=16",
+              "train.lr=1e-3", "train.warmup_steps=20", "train.eval_every=300", "train.log_every=100",
+              "train.ckpt_every=300"],
+    posthoc=["task=mcq", "task.fit_split=calibration", "task.train_items=1000", "task.val_items=256",
+             "train.max_steps=150", "train.batch_size=16", "train.lr=1e-2", "train.warmup_steps=10",
+             "train.eval_every=150", "train.log_every=50", "train.ckpt_every=150", "train.freeze=backbone"],
+    eval=["S=8", "eval.windows=64", "eval.mcq_items=1000", "eval.calibration_items=1000",
+          "eval.stability_windows=16", "eval.batch_size=32"],
+    seeds=[0, 1, 2, 3, 4],
+    sweep_S=[1, 4, 16, 64],
+    sweep_beta=[0.001, 0.1, 1.0],
+    sweep_sigma=[0.5, 1.0],
 )
-
 QUICK = Size(
-    model=["model=tiny", "K=2"],
+    models={"small": ["model=tiny", "model.seq_len=128", "K=2", "data.val_fraction=0.3"],
+            "large": ["model=tiny", "model.seq_len=128", "K=2", "data.val_fraction=0.3", "model.d_model=48",
+                      "model.n_layers=3"]},
     lm=["train.max_steps=30", "train.batch_size=8", "train.warmup_steps=5", "train.eval_every=30",
         "train.log_every=30", "train.eval_batches=1"],
-    mcq=["task=mcq", "task.train_items=48", "task.val_items=16", "train.max_steps=12", "train.batch_size=8",
-         "train.warmup_steps=2", "train.eval_every=12", "train.log_every=12"],
-    posthoc=["task=mcq", "task.train_items=48", "task.val_items=16", "train.max_steps=6", "train.batch_size=8",
-             "train.warmup_steps=1", "train.eval_every=6", "train.log_every=6", "train.freeze=backbone"],
-    eval=["S=2", "eval.windows=8", "eval.mcq_items=24", "eval.stability_windows=2", "eval.batch_size=16",
-          f"eval.gammas=[0.001,{STABILITY_GAMMA},0.05]"],
-    seeds=[0],
-    temperatures=[1.0],
+    finetune=["task=mcq", "task.train_items=48", "task.val_items=16", "train.max_steps=12", "train.batch_size=8",
+              "train.warmup_steps=2", "train.eval_every=12", "train.log_every=12"],
+    posthoc=["task=mcq", "task.fit_split=calibration", "task.train_items=48", "task.val_items=16",
+             "train.max_steps=6", "train.batch_size=8", "train.warmup_steps=1", "train.eval_every=6",
+             "train.log_every=6", "train.freeze=backbone"],
+    eval=["S=2", "eval.windows=8", "eval.mcq_items=24", "eval.calibration_items=24", "eval.stability_windows=2",
+          "eval.batch_size=16", f"eval.gammas=[0.001,{schema.JACCARD_GAMMA},0.05]"],
+    seeds=[0, 1],
+    sweep_S=[1, 4],
+    sweep_beta=[0.1],
+    sweep_sigma=[1.0],
+    resamples=200,
 )
 
+DIAG = ("router=variational", "router.covariance=diag")
+FULL = ("router=variational", "router.covariance=full")
 
-def methods(size: Size) -> list[Method]:
-    diag = ("router=variational", "router.covariance=diag")
-    full = ("router=variational", "router.covariance=full")
-    out = [Method("topk", "lm", ("router=topk",)),
-           Method("variational diag (scratch)", "lm", diag),
-           Method("variational full (scratch)", "lm", full),
-           Method("topk", "mcq", ("router=topk",), parent="topk"),
-           Method("variational diag (scratch)", "mcq", diag, parent="variational diag (scratch)"),
-           Method("variational full (scratch)", "mcq", full, parent="variational full (scratch)")]
-    out += [Method(f"temperature T={t:g}", "mcq", ("router=temperature", f"T={t}"), parent="topk")
-            for t in size.temperatures]
-    out += [Method("mc_dropout", "mcq", ("router=mc_dropout",), parent="topk"),
-            Method("vtsr (post-hoc)", "posthoc", ("router=vtsr",), parent="topk"),
-            Method("variational diag (post-hoc)", "posthoc", diag, parent="topk"),
-            Method("variational full (post-hoc)", "posthoc", full, parent="topk")]
+
+def methods(size: Size, sweep: bool) -> list[Method]:
+    out = [Method("lm_topk", "Top-K language model", "lm", ("router=topk",))]
+    for fmt in FORMATS:
+        fmt_task = (f"task.format={fmt}",)
+        out += [
+            Method(f"{fmt}_topk", "Top-K", "finetune", ("router=topk", *fmt_task), fmt, "lm_topk"),
+            Method(f"{fmt}_mc_dropout", "MC-dropout", "finetune", ("router=mc_dropout", *fmt_task), fmt, "lm_topk"),
+            Method(f"{fmt}_vtsr", "VTSR (post-hoc)", "posthoc", ("router=vtsr", *fmt_task), fmt, f"{fmt}_topk"),
+            Method(f"{fmt}_diag", "variational diag (post-hoc)", "posthoc", (*DIAG, *fmt_task), fmt, f"{fmt}_topk",
+                   evals=tuple((f"eval_S{s}.json", (f"S={s}",)) for s in size.sweep_S) if sweep and fmt == SWEEP_FORMAT
+                   else ()),
+            Method(f"{fmt}_full", "variational full (post-hoc)", "posthoc", (*FULL, *fmt_task), fmt, f"{fmt}_topk"),
+        ]
+    if not sweep:
+        return out
+    fmt, fmt_task = SWEEP_FORMAT, (f"task.format={SWEEP_FORMAT}",)
+    parent = f"{fmt}_topk"
+    out += [Method(f"{fmt}_diag_beta{b:g}", f"variational diag, beta={b:g}", "posthoc", (*DIAG, f"beta={b}", *fmt_task),
+                   fmt, parent, sweep=True) for b in size.sweep_beta]
+    out += [Method(f"{fmt}_diag_sigma{s:g}", f"variational diag, sigma_init={s:g}", "posthoc",
+                   (*DIAG, f"router.sigma_init={s}", *fmt_task), fmt, parent, sweep=True) for s in size.sweep_sigma]
+    out += [Method(f"{fmt}_diag_last", "variational diag, last MoE layer only", "posthoc",
+                   (*DIAG, "router.layers=1", *fmt_task), fmt, parent, sweep=True)]
+    out += [Method("large_lm_topk", "Top-K language model (large)", "lm", ("router=topk",), model="large", sweep=True),
+            Method(f"large_{fmt}_topk", "Top-K (large)", "finetune", ("router=topk", *fmt_task), fmt, "large_lm_topk",
+                   model="large", sweep=True),
+            Method(f"large_{fmt}_diag", "variational diag (post-hoc, large)", "posthoc", (*DIAG, *fmt_task), fmt,
+                   f"large_{fmt}_topk", model="large", sweep=True),
+            Method(f"large_{fmt}_full", "variational full (post-hoc, large)", "posthoc", (*FULL, *fmt_task), fmt,
+                   f"large_{fmt}_topk", model="large", sweep=True)]
     return out
 
 
-def slug(label: str) -> str:
-    return "".join(c if c.isalnum() or c in "._=" else "_" for c in label).strip("_")
+def method_seeds(method: Method, seeds: list[int]) -> list[int]:
+    return seeds[:SWEEP_SEEDS] if method.sweep or method.evals else seeds
 
 
-def run_dir(out: Path, method: Method, seed: int) -> Path:
-    return out / "runs" / method.stage / slug(method.label) / f"seed{seed}"
+def run_dir(out: Path, key: str, seed: int) -> Path:
+    return out / "runs" / key / f"seed{seed}"
 
 
 # ---------------------------------------------------------------------------
-# One job: train a run and evaluate it (in a worker process)
+# One job: train a run (unless done) and evaluate it (in a worker process)
 # ---------------------------------------------------------------------------
 
 @dataclass
 class Job:
-    label: str
-    stage: str
+    key: str
     seed: int
     overrides: list[str]
     run_dir: str
     log: str
     threads: int
+    evals: list[tuple[str, list[str]]] = field(default_factory=list)  # (file name, extra overrides), eval.json last
 
 
 def run_job(job: Job) -> dict[str, Any]:
-    """Train and evaluate one run; its console output goes to ``job.log``."""
-    import torch
-
+    """Train (if not trained yet) and evaluate one run; its console output goes to ``job.log``."""
     torch.set_num_threads(job.threads)
     from vrmoe.compose import compose_config
     from vrmoe.eval.context import check_eval_inputs
     from vrmoe.eval.run import evaluate_run
+    from vrmoe.tracking import read_summary
     from vrmoe.train import train
 
     path = Path(job.run_dir)
     started = time.perf_counter()
     Path(job.log).parent.mkdir(parents=True, exist_ok=True)
-    with open(job.log, "w", encoding="utf-8") as log, contextlib.redirect_stderr(log), contextlib.redirect_stdout(log):
+    with open(job.log, "a", encoding="utf-8") as log, contextlib.redirect_stderr(log), contextlib.redirect_stdout(log):
         app = compose_config(job.overrides)
         check_eval_inputs(app)  # a bad eval setting fails now, not after the training
-        summary = train(app, path)
-        evaluate_run(path, app)  # the training loop does not evaluate; eval.json is written here
-    return {"label": job.label, "stage": job.stage, "seed": job.seed, "run_dir": job.run_dir,
-            "train_wall_s": summary["wall_time_s"], "job_wall_s": time.perf_counter() - started}
+        if (read_summary(path) or {}).get("status") != "completed":
+            train(app, path)
+        for name, extra in job.evals:
+            if not (path / name).exists():
+                evaluate_run(path, compose_config([*job.overrides, *extra]), output=name)
+    return {"key": job.key, "seed": job.seed, "wall_s": time.perf_counter() - started}
+
+
+def run_stage(jobs: list[Job], workers: int) -> list[dict[str, Any]]:
+    if workers <= 1 or len(jobs) <= 1:
+        return [run_job(job) for job in jobs]
+    import multiprocessing
+
+    # spawn: a forked child would inherit the parent's torch thread pool state.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(run_job, jobs))
 
 
 def record_invocation(out: Path, entry: dict[str, Any]) -> list[dict[str, Any]]:
@@ -174,128 +227,264 @@ def record_invocation(out: Path, entry: dict[str, Any]) -> list[dict[str, Any]]:
     return history
 
 
-def run_stage(jobs: list[Job], workers: int) -> list[dict[str, Any]]:
-    if workers <= 1:
-        return [run_job(job) for job in jobs]
-    import multiprocessing
-
-    # spawn: a forked child would inherit the parent's torch thread pool state.
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(run_job, jobs))
-
-
 # ---------------------------------------------------------------------------
-# Aggregation
+# Per-item data of the evaluated runs
 # ---------------------------------------------------------------------------
 
-def own_score_auroc(result: dict[str, Any], ood_set: str) -> float | None:
-    """The AUROC of the router's own uncertainty score, whichever of OWN_SCORES it offers."""
-    return next((value for s in OWN_SCORES if (value := schema.auroc(result, ood_set, s)) is not None), None)
+@dataclass
+class Predictions:
+    """One row of the table: per-seed predictions on the test items and per-seed OOD scores."""
+
+    probs_SNC: torch.Tensor
+    labels_N: torch.Tensor
+    ood: dict[str, tuple[torch.Tensor, torch.Tensor]]  # set -> (in scores S x N, OOD scores S x M)
+    score_name: str  # the OOD score used for ood
+    evaluations: list[dict[str, Any]]
 
 
-def jaccard_near(result: dict[str, Any], gamma: float, key: str = "jaccard") -> float | None:
-    """Mean-over-layers Jaccard at the evaluated noise scale closest to ``gamma``."""
-    gammas, curves = schema.jaccard_curve(result, key)
-    mean = curves.get("mean")
-    if not gammas or not isinstance(mean, list):
-        return None
-    at = min(range(len(gammas)), key=lambda i: abs(gammas[i] - gamma))
-    return schema.number(mean[at]) if at < len(mean) else None
-
-
-def row_numbers(result: dict[str, Any], regime: str) -> dict[str, float | None]:
-    """The table's numbers of one evaluated run: regime "mcq" (hard) or "next_token" (easy)."""
-    numbers: dict[str, float | None] = {
-        name: schema.calibration_number(result, regime, key)
-        for name, key in (("acc", "accuracy"), ("nll", "nll"), ("ece", "ece_10"), ("ece_15", "ece_15"),
-                          ("mce", "mce"))}
-    for ood_set in ("near", "far"):
-        for score in SCORES:
-            numbers[f"auroc_{ood_set}_{score}"] = (own_score_auroc(result, ood_set) if score == "own"
-                                                   else schema.auroc(result, ood_set, score))
-    numbers["jaccard"] = jaccard_near(result, STABILITY_GAMMA)
-    fresh = jaccard_near(result, STABILITY_GAMMA, "jaccard_unmatched")
-    numbers["jaccard_fresh"] = numbers["jaccard"] if fresh is None else fresh
-    numbers["flops_overhead"] = schema.cost_number(result, "router_overhead_vs_topk")
-    numbers["router_share"] = schema.cost_number(result, "router_share")
-    return numbers
-
-
-def mean_std(values: list[float | None]) -> tuple[float, float] | None:
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not values:
-        return None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def cell(stat: tuple[float, float] | None, percent: bool = False) -> str:
-    if stat is None:
-        return "-"
-    mean, std = stat
-    if percent:
-        return f"{100 * mean:+.2f}%"
-    return f"{mean:.3f}±{std:.3f}"
-
-
-COLUMNS = ([("Acc", "acc"), ("NLL", "nll"), ("ECE", "ece"), ("MCE", "mce")]
-           + [(f"AUROC {s} {SCORE_LABELS[k]}", f"auroc_{s}_{k}") for s in ("near", "far") for k in SCORES]
-           + [(f"Jaccard γ={STABILITY_GAMMA:g}", "jaccard"), ("Jaccard fresh", "jaccard_fresh"),
-              ("FLOPs over Top-K", "flops_overhead")])
-
-
-def markdown_table(rows: dict[str, dict[str, tuple[float, float] | None]]) -> str:
-    header = "| Method | " + " | ".join(name for name, _ in COLUMNS) + " |"
-    rule = "|---|" + "|".join("---:" for _ in COLUMNS) + "|"
-    lines = [header, rule]
-    for label, stats in rows.items():
-        lines.append(f"| {label} | " + " | ".join(cell(stats.get(key), percent=key == "flops_overhead")
-                                                 for _, key in COLUMNS) + " |")
-    return "\n".join(lines)
-
-
-def aggregate(results: dict[tuple[str, str, int], dict[str, Any]], regime: str,
-              keys: list[tuple[str, str]]) -> dict[str, dict[str, tuple[float, float] | None]]:
-    rows = {}
-    for stage, label in keys:
-        per_seed = [row_numbers(r, regime) for (st, lb, _), r in sorted(results.items()) if st == stage and lb == label]
-        if per_seed:
-            rows[label] = {k: mean_std([n[k] for n in per_seed]) for k in per_seed[0]}
+def load_rows(out: Path, key: str, seeds: list[int], name: str = EVAL_FILE) -> list[dict[str, Any]]:
+    rows = []
+    for seed in seeds:
+        path = run_dir(out, key, seed) / name
+        result = read_json(path)
+        if result is None:
+            raise SystemExit(f"{path} is missing or unreadable; re-run with --out {out} to evaluate it again")
+        rows.append(result)
     return rows
 
 
-def write_plots(out: Path, results: dict[tuple[str, str, int], dict[str, Any]], hard_keys: list[tuple[str, str]]) -> None:
+def predictions(results: list[dict[str, Any]], predictive: str, score: str) -> Predictions | None:
+    """The per-item predictions of one predictive and the per-item OOD score ``score`` over seeds."""
+    probs, labels = [], None
+    for result in results:
+        recorded = schema.item_predictions(result)
+        if recorded is None or predictive not in recorded[1]:
+            return None
+        labels = torch.tensor(recorded[0])
+        probs.append(torch.tensor(recorded[1][predictive], dtype=torch.float64))
+    ood: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for ood_set in ("near", "far"):
+        per_seed = [schema.ood_scores(r) for r in results]
+        if all(score in s.get("in", {}) and score in s.get(ood_set, {}) for s in per_seed):
+            ood[ood_set] = (torch.tensor([s["in"][score] for s in per_seed], dtype=torch.float64),
+                            torch.tensor([s[ood_set][score] for s in per_seed], dtype=torch.float64))
+    return Predictions(torch.stack(probs), labels, ood, score, results)
+
+
+def ensemble(results: list[dict[str, Any]]) -> Predictions:
+    """The deep ensemble of the seeds: the mean of their predictions, on test and OOD items; its OOD
+    score is the predictive entropy of that mean."""
+    from vrmoe import metrics
+
+    labels, _ = schema.item_predictions(results[0])
+    mean_NC = torch.stack([torch.tensor(schema.item_predictions(r)[1]["routing_mean"], dtype=torch.float64)
+                           for r in results]).mean(0)
+    ood = {}
+    for ood_set in ("near", "far"):
+        sets = [schema.ood_predictions(r).get(ood_set) for r in results]
+        if all(s is not None for s in sets):
+            ood_mean = torch.stack([torch.tensor(s, dtype=torch.float64) for s in sets]).mean(0)
+            ood[ood_set] = (metrics.entropy(mean_NC)[None], metrics.entropy(ood_mean)[None])
+    return Predictions(mean_NC[None], torch.tensor(labels), ood, "predictive_entropy", results)
+
+
+# ---------------------------------------------------------------------------
+# Statistics and the table
+# ---------------------------------------------------------------------------
+
+METRIC_COLUMNS = (("acc", "accuracy"), ("nll", "nll"), ("ece", "ece_10"), ("ece_15", "ece_15"), ("brier", "brier"))
+DIFF_METRICS = ("ece_10", "nll", "accuracy")
+
+
+def row_stats(row: Predictions, base: Predictions, resamples: int) -> dict[str, Any]:
+    """Every number of one row: the metrics (mean over seeds, with single-model intervals), the
+    differences against Top-K (paired intervals) and AUROC (with the paired difference)."""
+    numbers: dict[str, Any] = {"seeds": int(row.probs_SNC.shape[0]), "items": int(row.labels_N.numel()),
+                               "ood_score": row.score_name}
+    for name, metric in METRIC_COLUMNS:
+        numbers[name] = stats.single_interval(metric, row.probs_SNC, row.labels_N, resamples).as_dict()
+    for metric in DIFF_METRICS:
+        numbers[f"d_{metric}"] = stats.paired_difference(metric, row.probs_SNC, base.probs_SNC, row.labels_N,
+                                                         resamples).as_dict()
+    for ood_set, (in_SN, ood_SM) in row.ood.items():
+        numbers[f"auroc_{ood_set}"] = stats.single_auroc_interval(in_SN, ood_SM, resamples).as_dict()
+        if ood_set in base.ood:
+            numbers[f"d_auroc_{ood_set}"] = stats.paired_auroc_difference(
+                in_SN, ood_SM, *base.ood[ood_set], resamples).as_dict()
+    return numbers
+
+
+def mean_over(results: list[dict[str, Any]], read) -> float | None:
+    values = [v for r in results if (v := read(r)) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def fmt_interval(iv: dict[str, Any] | None, signed: bool = False) -> str:
+    if iv is None:
+        return "-"
+    sign = "+" if signed else ""
+    text = f"{iv['estimate']:{sign}.3f} [{iv['low']:{sign}.3f}, {iv['high']:{sign}.3f}]"
+    return f"**{text}**" if signed and iv["excludes_zero"] else text
+
+
+def fmt_number(value: float | None, percent: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:+.2f}%" if percent else f"{value:.3f}"
+
+
+TABLE_HEADER = ("| Method | predictive | split fit on | Acc | NLL | ECE [95% CI] | ΔECE vs Top-K | ΔNLL vs Top-K "
+                "| AUROC near (score) | ΔAUROC near | AUROC far | ΔAUROC far | Jaccard γ=0.01 | FLOPs over Top-K |")
+TABLE_RULE = "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+
+
+def table_line(label: str, predictive: str, fitted: str, numbers: dict[str, Any], extras: dict[str, Any]) -> str:
+    auroc_near = numbers.get("auroc_near")
+    near = "-" if auroc_near is None else f"{fmt_interval(auroc_near)} ({numbers['ood_score']})"
+    return (f"| {label} | {predictive} | {fitted} | {numbers['acc']['estimate']:.3f} | {numbers['nll']['estimate']:.3f} "
+            f"| {fmt_interval(numbers['ece'])} | {fmt_interval(numbers['d_ece_10'], True)} "
+            f"| {fmt_interval(numbers['d_nll'], True)} | {near} | {fmt_interval(numbers.get('d_auroc_near'), True)} "
+            f"| {fmt_interval(numbers.get('auroc_far'))} | {fmt_interval(numbers.get('d_auroc_far'), True)} "
+            f"| {fmt_number(extras.get('jaccard'))} | {fmt_number(extras.get('flops'), percent=True)} |")
+
+
+OWN_SCORE = {"variational": "logit_variance", "vtsr": "temperature"}
+
+
+def rows_for_format(out: Path, fmt: str, all_methods: list[Method], seeds: list[int],
+                    resamples: int) -> tuple[list[str], dict[str, Any]]:
+    """The table lines and numbers of one format's main comparison."""
+    by_key = {m.key: m for m in all_methods}
+    topk_results = load_rows(out, f"{fmt}_topk", seeds)
+    base = predictions(topk_results, "routing_mean", "predictive_entropy")
+    lines, numbers = [], {}
+
+    def add(name: str, label: str, predictive: str, fitted: str, row: Predictions | None,
+            results: list[dict[str, Any]]) -> None:
+        if row is None:
+            return
+        values = row_stats(row, base, resamples)
+        extras = {"jaccard": mean_over(results, lambda r: schema.jaccard_at(r)),
+                  "flops": mean_over(results, lambda r: schema.cost_number(r, "router_overhead_vs_topk"))}
+        numbers[name] = {**values, **extras, "label": label, "predictive": predictive, "fit_on": fitted}
+        lines.append(table_line(label, predictive, fitted, values, extras))
+
+    add("topk", "Top-K", "single pass", "finetune", base, topk_results)
+    add("topk_ts", "Top-K + temperature scaling", "single pass", "finetune + calibration (T)",
+        predictions(topk_results, "ts", "predictive_entropy"), topk_results)
+    add("topk_ensemble", f"Top-K ensemble of {len(seeds)} seeds", "mean of seeds", "finetune",
+        ensemble(topk_results), topk_results)
+    for key in (f"{fmt}_mc_dropout", f"{fmt}_vtsr", f"{fmt}_diag", f"{fmt}_full"):
+        method = by_key[key]
+        results = load_rows(out, key, seeds)
+        fitted = "calibration" if method.stage == "posthoc" else "finetune"
+        router = results[0]["router"]
+        own = OWN_SCORE.get(router)
+        add(key, method.label, "routing mean", fitted,
+            predictions(results, "routing_mean", own or "predictive_entropy"), results)
+        if router != "vtsr":  # VTSR is single-pass by design
+            add(f"{key}_bma", method.label, "BMA", fitted,
+                predictions(results, "bma", "mutual_information"), results)
+    return lines, numbers
+
+
+# ---------------------------------------------------------------------------
+# Sweeps
+# ---------------------------------------------------------------------------
+
+def single(out: Path, key: str, seeds: list[int], predictive: str, resamples: int,
+           name: str = EVAL_FILE) -> tuple[float, float, float] | None:
+    rows = predictions(load_rows(out, key, seeds, name), predictive, "predictive_entropy")
+    if rows is None:
+        return None
+    iv = stats.single_interval("ece_10", rows.probs_SNC, rows.labels_N, resamples)
+    return iv.estimate, iv.low, iv.high
+
+
+def sweep_report(out: Path, size: Size, seeds: list[int], resamples: int) -> tuple[list[str], dict[str, Any]]:
     from vrmoe import plots
 
-    curves: dict[str, list[float]] = {}
-    gammas_kept: list[float] = []
-    for stage, label in hard_keys:
-        runs = [r for (st, lb, _), r in sorted(results.items()) if st == stage and lb == label]
-        if not runs:
-            continue
-        gammas, _ = schema.jaccard_curve(runs[0])
-        keep = [i for i, g in enumerate(gammas) if g > 0]
-        jaccard_means = [curve["mean"] for r in runs if "mean" in (curve := schema.jaccard_curve(r)[1])]
-        if jaccard_means:
-            curves[label] = [statistics.fmean(mean[i] for mean in jaccard_means) for i in keep]
-            gammas_kept = [gammas[i] for i in keep]
-        # Reliability bins pooled over seeds: counts add, bin means weighted by counts.
-        per_run = [bins for r in runs if (bins := schema.reliability_bins(r, "mcq")) is not None]
-        if not per_run:
-            continue
-        confidences, accuracies, counts = zip(*per_run)
-        n_bins = len(counts[0])
-        count = [sum(n[i] for n in counts) for i in range(n_bins)]
+    fmt = SWEEP_FORMAT
+    sweep_seeds = seeds[:SWEEP_SEEDS]
+    ece = lambda key, predictive="routing_mean", name=EVAL_FILE: single(out, key, sweep_seeds, predictive,  # noqa: E731
+                                                                        resamples, name)
+    numbers: dict[str, Any] = {}
+    topk, topk_ts = ece(f"{fmt}_topk"), ece(f"{fmt}_topk", "ts")
 
-        def pooled(means: tuple[list[float | None], ...], i: int) -> float:
-            total = sum(n[i] * m[i] for m, n in zip(means, counts) if n[i])
-            return total / count[i] if count[i] else float("nan")
+    def curve(name: str, xs: list, keys: list[str], xlabel: str, log_x: bool) -> None:
+        series = {"variational diag, routing mean": [ece(k) for k in keys],
+                  "variational diag, BMA": [ece(k, "bma") for k in keys],
+                  "Top-K": [topk] * len(xs), "Top-K + temperature scaling": [topk_ts] * len(xs)}
+        numbers[name] = {"x": xs, "series": series}
+        plots.interval_curves(xs, series, out / f"ece_vs_{name}.png", f"ECE against {name} ({fmt} format)",
+                              xlabel, "ECE (10 bins), 95% CI", log_x)
 
-        plots.reliability_diagram([pooled(confidences, i) for i in range(n_bins)],
-                                  [pooled(accuracies, i) for i in range(n_bins)], count,
-                                  out / f"reliability_{slug(label)}.png", f"MCQ: {label}")
-    if curves:
-        plots.jaccard_plot(gammas_kept, curves, out / "jaccard_vs_gamma.png",
-                           "Top-K Jaccard under noise (MCQ models)")
+    s_series = {"variational diag, routing mean": [ece(f"{fmt}_diag", "routing_mean", f"eval_S{s}.json")
+                                                   for s in size.sweep_S],
+                "variational diag, BMA": [ece(f"{fmt}_diag", "bma", f"eval_S{s}.json") for s in size.sweep_S],
+                "Top-K": [topk] * len(size.sweep_S), "Top-K + temperature scaling": [topk_ts] * len(size.sweep_S)}
+    numbers["S"] = {"x": size.sweep_S, "series": s_series}
+    plots.interval_curves(size.sweep_S, s_series, out / "ece_vs_S.png", f"ECE against S ({fmt} format)",
+                          "S (routing samples at evaluation)", "ECE (10 bins), 95% CI", log_x=True)
+    betas = sorted([0.01, *size.sweep_beta])
+    curve("beta", betas, [f"{fmt}_diag" if b == 0.01 else f"{fmt}_diag_beta{b:g}" for b in betas], "beta", True)
+    sigmas = sorted([0.1, *size.sweep_sigma])
+    curve("sigma_init", sigmas, [f"{fmt}_diag" if s == 0.1 else f"{fmt}_diag_sigma{s:g}" for s in sigmas],
+          "router.sigma_init", True)
+    curve("layers", ["all", "last"], [f"{fmt}_diag", f"{fmt}_diag_last"], "MoE layers with the variational router",
+          False)
+    sizes = ["small", "large"]
+    size_series = {"Top-K": [ece(f"{fmt}_topk"), ece(f"large_{fmt}_topk")],
+                   "Top-K + temperature scaling": [ece(f"{fmt}_topk", "ts"), ece(f"large_{fmt}_topk", "ts")],
+                   "variational diag, routing mean": [ece(f"{fmt}_diag"), ece(f"large_{fmt}_diag")],
+                   "variational diag, BMA": [ece(f"{fmt}_diag", "bma"), ece(f"large_{fmt}_diag", "bma")],
+                   "variational full, BMA": [ece(f"{fmt}_full", "bma"), ece(f"large_{fmt}_full", "bma")]}
+    numbers["model_size"] = {"x": sizes, "series": size_series}
+    plots.interval_curves(sizes, size_series, out / "ece_vs_model_size.png", f"ECE against model size ({fmt} format)",
+                          "model (small: d=64, 2 layers, E=8; large: d=128, 4 layers, E=16)", "ECE (10 bins), 95% CI")
+
+    def cell(p: tuple[float, float, float] | None) -> str:
+        return "-" if p is None else f"{p[0]:.3f} [{p[1]:.3f}, {p[2]:.3f}]"
+
+    lines = [f"## Sweeps ({fmt} format, seeds {sweep_seeds}; ECE of the test split, 95% CI pooled over seeds)", "",
+             f"Top-K: {cell(topk)}; Top-K + temperature scaling: {cell(topk_ts)}.", ""]
+    for name in ("S", "beta", "sigma_init", "layers", "model_size"):
+        block = numbers[name]
+        lines += [f"### {name}", "", "| series | " + " | ".join(str(x) for x in block["x"]) + " |",
+                  "|---|" + "---:|" * len(block["x"])]
+        lines += [f"| {series} | " + " | ".join(cell(p) for p in points) + " |"
+                  for series, points in block["series"].items()]
+        lines += [""]
+    return lines, numbers
+
+
+# ---------------------------------------------------------------------------
+# Posterior diagnostics and the easy regime
+# ---------------------------------------------------------------------------
+
+def diagnostics_lines(out: Path, seeds: list[int]) -> list[str]:
+    lines = ["## Posterior diagnostics at the end of training (mean over seeds, per MoE layer)", "",
+             "flip: how often one routing sample changes the Top-K set of the evaluation selection; z: the gap "
+             "between the K-th and the next mean logit over the standard deviation of their difference.", "",
+             "| run | layer | flip rate | sigma mean | gap mean | z median |", "|---|---|---:|---:|---:|---:|"]
+    for fmt in FORMATS:
+        for key in (f"{fmt}_diag", f"{fmt}_full", f"{fmt}_mc_dropout"):
+            results = load_rows(out, key, seeds)
+            layers = schema.posterior_layers(results[0])
+            for layer in layers:
+                read = lambda name, layer=layer: mean_over(  # noqa: E731
+                    results, lambda r: schema.number(schema.posterior_layers(r).get(layer, {}).get(name)))
+                lines.append(f"| {key} | {layer} | {fmt_number(read('flip_rate'))} | {fmt_number(read('sigma_mean'))} "
+                             f"| {fmt_number(read('gap_mean'))} | {fmt_number(read('z_median'))} |")
+    return lines + [""]
+
+
+def easy_lines(out: Path, seeds: list[int]) -> list[str]:
+    results = load_rows(out, "lm_topk", seeds)
+    read = lambda key: mean_over(results, lambda r: schema.calibration_number(r, "next_token", key))  # noqa: E731
+    return ["## Easy regime: next-token prediction of the Top-K language models", "",
+            f"Accuracy {fmt_number(read('accuracy'))}, NLL {fmt_number(read('nll'))}, "
+            f"ECE {fmt_number(read('ece_10'))} (mean over seeds, validation windows).", ""]
 
 
 # ---------------------------------------------------------------------------
@@ -305,107 +494,84 @@ def write_plots(out: Path, results: dict[tuple[str, str, int], dict[str, Any]], 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny models and a few steps (about 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="tiny models and a few steps (a smoke run)")
+    parser.add_argument("--sweep", action="store_true", help="also the sweeps (S, beta, sigma_init, layers, model size)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default outputs/paper_table/<time>)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2; --quick: 0)")
-    parser.add_argument("--jobs", type=int, default=None,
-                        help="parallel runs (default: one per CPU core, at most 2 with --quick)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0-4; --quick: 0 1)")
+    parser.add_argument("--jobs", type=int, default=None, help="parallel runs (default: one per CPU core)")
     args = parser.parse_args(argv)
 
     size = QUICK if args.quick else DEFAULT
     seeds = args.seeds or size.seeds
     cores = os.cpu_count() or 1
-    workers = max(1, args.jobs or (min(cores, 2) if args.quick else cores))
+    workers = max(1, args.jobs or cores)
     threads = max(1, cores // workers)
     out = args.out or Path("outputs") / "paper_table" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     out.mkdir(parents=True, exist_ok=True)
-    all_methods = methods(size)
-    by_key = {(m.stage, m.label): m for m in all_methods}
-    parent_stage = {"mcq": "lm", "posthoc": "mcq"}
-    started = time.perf_counter()
-    started_at = datetime.now().isoformat(timespec="seconds")
+    all_methods = methods(size, args.sweep)
+    started, started_at = time.perf_counter(), datetime.now().isoformat(timespec="seconds")
     stage_wall: dict[str, float] = {}
-    runs_trained = 0
-    print(f"paper table: {len(all_methods)} methods x {len(seeds)} seeds, {workers} parallel runs of "
-          f"{threads} thread(s) -> {out}", flush=True)
-
+    print(f"study: {len(all_methods)} methods, seeds {seeds}, {workers} parallel runs of {threads} thread(s) -> {out}",
+          flush=True)
     completed = False
     try:
-        for stage in ("lm", "mcq", "posthoc"):
+        for stage in ("lm", "finetune", "posthoc"):
             jobs = []
             for method in (m for m in all_methods if m.stage == stage):
-                for seed in seeds:
-                    path = run_dir(out, method, seed)
-                    if (path / EVAL_FILE).exists():
-                        continue  # finished by an earlier invocation with this --out
-                    overrides = [*size.model, *(getattr(size, stage)), *method.router, *size.eval,
+                for seed in method_seeds(method, seeds):
+                    path = run_dir(out, method.key, seed)
+                    evals = [(name, list(extra)) for name, extra in method.evals] + [(EVAL_FILE, [])]
+                    if all((path / name).exists() for name, _ in evals):
+                        continue  # done by an earlier invocation with this --out
+                    overrides = [*size.models[method.model], *getattr(size, stage), *method.overrides, *size.eval,
                                  f"seed={seed}", "logger=none"]
                     if method.parent is not None:
-                        parent = by_key[(parent_stage[stage], method.parent)]
-                        overrides.append(f"train.init_from={run_dir(out, parent, seed)}")
-                    jobs.append(Job(method.label, stage, seed, overrides, str(path),
-                                    str(out / "logs" / stage / f"{slug(method.label)}_seed{seed}.log"), threads))
+                        overrides.append(f"train.init_from={run_dir(out, method.parent, seed)}")
+                    jobs.append(Job(method.key, seed, overrides, str(path), str(out / "logs" / f"{method.key}_seed{seed}.log"),
+                                    threads, evals))
             t0 = time.perf_counter()
-            done = run_stage(jobs, workers)
-            runs_trained += len(done)
+            run_stage(jobs, workers)
             stage_wall[stage] = time.perf_counter() - t0
-            print(f"stage {stage}: {len(done)} runs in {stage_wall[stage]:.0f}s", flush=True)
+            print(f"stage {stage}: {len(jobs)} runs in {stage_wall[stage]:.0f}s", flush=True)
         completed = True
     finally:
         history = record_invocation(out, {"started": started_at, "wall_s": time.perf_counter() - started,
-                                          "runs_trained": runs_trained, "stage_wall_s": stage_wall,
-                                          "completed": completed, "cores": cores, "workers": workers})
+                                          "stage_wall_s": stage_wall, "completed": completed, "cores": cores,
+                                          "workers": workers, "sweep": args.sweep})
 
-    results: dict[tuple[str, str, int], dict[str, Any]] = {}
-    for method in all_methods:
-        for seed in seeds:
-            path = run_dir(out, method, seed) / EVAL_FILE
-            evaluation = read_json(path)
-            if evaluation is None:
-                raise SystemExit(f"{path} is missing or unreadable; re-run with --out {out} to evaluate it again")
-            results[(method.stage, method.label, seed)] = evaluation
-
-    easy_keys = [(m.stage, m.label) for m in all_methods if m.stage == "lm"]
-    hard_keys = [(m.stage, m.label) for m in all_methods if m.stage != "lm"]
-    easy = aggregate(results, "next_token", easy_keys)
-    hard = aggregate(results, "mcq", hard_keys)
-    write_plots(out, results, hard_keys)
+    t_stats = time.perf_counter()
     wall = sum(entry["wall_s"] for entry in history)
-    if len(history) > 1:
-        timing = (f"Wall time {wall / 60:.1f} min in {len(history)} invocations with this --out ("
-                  + " + ".join(f"{e['wall_s'] / 60:.1f}" for e in history) + " min)")
-    else:
-        timing = f"Wall time {wall / 60:.1f} min"
-
-    lines = [
-        f"# Bayesian routing at small scale ({'quick' if args.quick else 'default'} size)", "",
-        f"Seeds {seeds}; mean ± std over seeds. {timing} on {cores} CPU core(s), {workers} runs in parallel "
-        f"({sum(e['runs_trained'] for e in history)} runs trained and evaluated).",
-        "Command: `python experiments/paper_table.py" + (" --quick" if args.quick else "") + "`.", "",
-        "## Hard regime: 4-way multiple choice after fine-tuning (the paper's setting)", "",
-        "Calibration on held-out items (ECE: 10 equal-width bins); AUROC per item, in-distribution "
-        "= held-out items, near = items from the word-shuffled validation prose, far = items from "
-        "Python source. Scores: PE predictive entropy, MI mutual information over S routing "
-        "samples, GE gate entropy, LV/T the router's own signal (logit variance tr Σ, or VTSR's "
-        "temperature). Jaccard at γ=0.01 with the sampling noise shared between the clean and "
-        "noisy pass; 'fresh' draws new sampling noise for the noisy pass.", "",
-        markdown_table(hard), "",
-        "## Easy regime: next-token prediction of the pretrained language models", "",
-        "Calibration over validation tokens; AUROC per 64-byte window (near: word-shuffled prose, "
-        "far: Python source).", "",
-        markdown_table(easy), "",
-    ]
+    command = "python experiments/paper_table.py" + (" --quick" if args.quick else "") + (" --sweep" if args.sweep else "")
+    lines = [f"# Bayesian routing at small scale ({'quick' if args.quick else 'default'} size)", "",
+             f"Command: `{command}`. Seeds {seeds} ({SWEEP_SEEDS} for the sweeps); wall time {wall / 60:.1f} min "
+             f"on {cores} CPU core(s), {workers} runs in parallel"
+             + (f", in {len(history)} invocations with this --out" if len(history) > 1 else "") + ".", "",
+             "Every number is measured on the **test split** (items from text no model trained on). Intervals: "
+             f"95% percentile bootstrap over test items ({size.resamples} resamples), pooled over seeds; a Δ is "
+             "against Top-K (routing mean, the same seeds), paired by item, and **bold** when its interval "
+             "excludes 0. AUROC: per item, in-distribution = test items, near = items from the word-shuffled test "
+             "text, far = items from Python source; the score is predictive entropy (pe) unless named: mutual "
+             "information over S routing samples for BMA rows, the logit variance tr Σ for variational rows, "
+             "VTSR's temperature. FLOPs: the router's extra work per token.", ""]
+    results_json: dict[str, Any] = {"size": asdict(size), "seeds": seeds, "wall_time_s": wall, "invocations": history,
+                                    "formats": {}}
+    for fmt in FORMATS:
+        table, numbers = rows_for_format(out, fmt, all_methods, seeds, size.resamples)
+        title = {"cloze": "cloze format (softmax over the four sentences' log-likelihoods)",
+                 "letter": "letter format (softmax over the letters' logits at the answer: the paper's)"}[fmt]
+        lines += [f"## Hard regime, {title}", "", TABLE_HEADER, TABLE_RULE, *table, ""]
+        results_json["formats"][fmt] = numbers
+    lines += diagnostics_lines(out, seeds)
+    lines += easy_lines(out, seeds)
+    if args.sweep:
+        sweep_lines, sweep_numbers = sweep_report(out, size, seeds, size.resamples)
+        lines += sweep_lines
+        results_json["sweeps"] = sweep_numbers
+    results_json["stats_wall_s"] = time.perf_counter() - t_stats
     (out / "table.md").write_text("\n".join(lines), encoding="utf-8")
-    serialisable = {"size": asdict(size), "seeds": seeds, "wall_time_s": wall, "invocations": history,
-                    "workers": workers, "threads_per_worker": threads,
-                    "rows": {"hard": hard, "easy": easy},
-                    "runs": {f"{st}/{lb}/seed{sd}": {"run_dir": str(run_dir(out, by_key[(st, lb)], sd)),
-                                                     "hard" if st != "lm" else "easy":
-                                                         row_numbers(r, "mcq" if st != "lm" else "next_token")}
-                             for (st, lb, sd), r in results.items()}}
-    (out / "results.json").write_text(json.dumps(serialisable, indent=2), encoding="utf-8")
+    (out / "results.json").write_text(json.dumps(results_json, indent=1), encoding="utf-8")
     print("\n".join(lines), flush=True)
-    print(f"wrote {out / 'table.md'} ({timing.lower()})", flush=True)
+    print(f"wrote {out / 'table.md'} and {out / 'results.json'}", flush=True)
     return 0
 
 

@@ -63,7 +63,8 @@ def test_eval_cli_writes_every_field_and_only_its_own_files(run_dir, tmp_path):
         assert all(math.isfinite(report[k]) for k in ("accuracy", "nll", "brier", "ece_10", "ece_15", "mce"))
         assert 0 <= report["ece_10"] <= report["mce"] <= 1
         assert sum(report["reliability"]["bin_count"]) == n and len(report["reliability"]["bin_accuracy"]) == 10
-    scores = {"predictive_entropy", "mutual_information", "gate_entropy"}  # Top-K has no own uncertainty
+    # Top-K has no own uncertainty; the BMA predictive (mean of S single-sample passes) adds its entropy
+    scores = {"predictive_entropy", "predictive_entropy_bma", "mutual_information", "gate_entropy"}
     for name in ("near", "far"):
         assert set(result["ood"][name]["auroc"]) == scores == set(result["ood"][name]["auprc"])
         assert all(0 <= v <= 1 for v in result["ood"][name]["auroc"].values())
@@ -224,3 +225,36 @@ def test_paper_table_quick_form(tmp_path, corpus_cache):
         assert row in table
     results = json.loads((tmp_path / "table" / "results.json").read_text())
     assert results["rows"]
+
+
+def test_the_two_predictives_and_temperature_scaling(tmp_path, corpus_cache):
+    """A sampling router's BMA (mean of S single-sample passes) is another prediction than its
+    routing-mean single pass; eval.predictive picks what is scored; another output name keeps eval.json."""
+    from vrmoe import metrics
+    from vrmoe.stats import apply_temperature
+
+    app = make_config(*TINY, "router=variational", "router.sigma_init=2.0", "S=4", "train.max_steps=2",
+                      *SMALL_EVAL, "eval.ood_task=mcq")
+    train(app, tmp_path)
+    result = evaluate_run(tmp_path, app)
+    calibration = result["calibration"]
+    predictions = calibration["predictions"]["mcq"]
+    bma, single = (torch.tensor(predictions[k], dtype=torch.float64) for k in ("bma", "routing_mean"))
+    labels = torch.tensor(predictions["labels"])
+    assert not torch.allclose(bma, single, atol=1e-4)
+    assert calibration["mcq_bma"]["nll"] == pytest.approx(metrics.nll(bma, labels), abs=1e-4)
+    assert calibration["mcq"]["nll"] == pytest.approx(metrics.nll(single, labels), abs=1e-4)
+    assert "predictive_entropy_bma" in result["ood"]["near"]["auroc"]
+    # Temperature scaling divides the option scores: the same ranking, so the same accuracy.
+    assert calibration["mcq_ts"]["accuracy"] == calibration["mcq"]["accuracy"]
+    scaled = torch.tensor(predictions["ts"], dtype=torch.float64)
+    assert torch.equal(scaled.argmax(-1), single.argmax(-1))
+    assert apply_temperature(torch.zeros(1, 4), 2.0).sum() == pytest.approx(1.0)
+
+    only_single = evaluate_run(tmp_path, make_config(*TINY, "router=variational", "router.sigma_init=2.0", "S=4",
+                                                     "train.max_steps=2", *SMALL_EVAL, "eval.ood_task=mcq",
+                                                     "eval.predictive=routing_mean"), output="eval_single.json")
+    assert "mcq_bma" not in only_single["calibration"] and "bma" not in only_single["calibration"]["predictions"]["mcq"]
+    assert json.loads((tmp_path / "eval_single.json").read_text())["calibration"].keys() == \
+        only_single["calibration"].keys()
+    assert "mcq_bma" in json.loads((tmp_path / EVAL_FILE).read_text())["calibration"]

@@ -169,6 +169,6 @@ def test_post_hoc_on_a_multiple_choice_dataset_with_ood_datasets(tiny_models, tm
                       "eval.gammas=[0.01]", f"eval.ood_mcq=[{other}]")
     train(app, tmp_path / "run")
     result = evaluate_run(tmp_path / "run", app)
-    assert result["ood_task"] == "mcq" and set(result["ood"]) == {"other", "scores"}
+    assert result["ood_task"] == "mcq" and set(result["ood"]) == {"other", "scores", "predictions"}
     assert {"logit_variance", "mutual_information"} <= set(result["ood"]["other"]["auroc"])
     assert sum(result["calibration"]["mcq"]["reliability"]["bin_count"]) == 8

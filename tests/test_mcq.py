@@ -126,3 +126,73 @@ def test_fine_tuning_on_mcq_from_a_pretrained_run_overfits_its_items(tmp_path, c
     assert rows[-1]["train/loss"] < 0.5 * rows[0]["train/loss"]  # 8 items, 40 epochs: memorised
     assert 0.0 <= rows[-1]["val/accuracy"] <= 1.0 and math.isfinite(summary["final_val_loss"])
     assert summary["config"]["task"]["name"] == "mcq"
+
+
+# ---------------------------------------------------------------------------
+# Three disjoint splits and the letter format
+# ---------------------------------------------------------------------------
+
+def _questions(items_tensors, tokenizer) -> set[str]:
+    """The prompts (letter format) or the option-0 sentences (cloze) of a set, as text."""
+    if hasattr(items_tensors, "tokens_NL"):
+        rows = [items_tensors.tokens_NL[n, :items_tensors.lengths_N[n]] for n in range(len(items_tensors))]
+    else:
+        rows = [items_tensors.tokens_NOL[n, 0, :items_tensors.lengths_NO[n, 0]] for n in range(len(items_tensors))]
+    return {tokenizer.decode(row) for row in rows}
+
+
+def test_halves_cut_at_a_break_and_share_no_sentence(docs_val_text):
+    from vrmoe.data.mcq import halves
+
+    first, second = halves(docs_val_text)
+    assert first + second == docs_val_text
+    assert abs(len(first) - len(second)) < 0.2 * len(docs_val_text)
+    assert not set(sentences(first)) & set(sentences(second))
+
+
+@pytest.mark.parametrize("fmt", ["cloze", "letter"])
+def test_the_three_splits_are_disjoint_and_validation_never_sees_fitted_or_test_items(fmt, corpus_cache):
+    from vrmoe.data.mcq import split_items
+
+    app = make_config(*TINY, "task=mcq", f"task.format={fmt}", "model.seq_len=128", "task.train_items=40",
+                      "task.val_items=16")
+    corpus = load_corpus(app.data, tokenizer=None)
+    sets = {split: _questions(split_items(app, corpus, split, 60, split), corpus.tokenizer)
+            for split in ("finetune", "calibration", "test")}
+    assert all(len(s) >= 50 for s in sets.values())
+    assert not sets["finetune"] & sets["calibration"] and not sets["finetune"] & sets["test"]
+    assert not sets["calibration"] & sets["test"]
+
+    post_hoc = MCQTask(make_config(*TINY, "task=mcq", f"task.format={fmt}", "model.seq_len=128",
+                                   "task.fit_split=calibration", "task.train_items=40", "task.val_items=16"), corpus)
+    trained, validated = (_questions(s, corpus.tokenizer) for s in (post_hoc.train_set, post_hoc.val_set))
+    assert trained <= sets["calibration"] and not trained & validated and not validated & sets["test"]
+    fine_tune = MCQTask(app, corpus)
+    assert _questions(fine_tune.train_set, corpus.tokenizer) <= sets["finetune"]
+    assert _questions(fine_tune.val_set, corpus.tokenizer) <= sets["calibration"]
+
+
+def test_the_letter_format_asks_the_cloze_item_with_lettered_options(corpus_cache):
+    app = make_config(*TINY, "task=mcq", "task.format=letter", "model.seq_len=128", "task.train_items=8",
+                      "task.val_items=4")
+    corpus = load_corpus(app.data)
+    task = MCQTask(app, corpus)
+    prompt = corpus.tokenizer.decode(task.train_set.tokens_NL[0, :task.train_set.lengths_N[0]])
+    assert prompt.startswith("Question: ") and BLANK in prompt and "\nA. " in prompt and prompt.endswith("Answer: ")
+    assert task.tokens_per_step == app.train.batch_size * task.train_set.tokens_NL.shape[1]
+    batch = task.train_batch(0, torch.device("cpu"))
+    model = build_model(app)
+    out = task.forward(model, batch)
+    assert batch.option_scores(out.logits_BLV).shape == (app.train.batch_size, N_OPTIONS)
+    assert math.isfinite(float(out.loss.detach()))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["task.format=essay"], "task.format='essay' must be auto, cloze or letter"),
+    (["task.fit_split=test"], "task.fit_split='test' must be finetune or calibration"),
+    (["eval.predictive=mode"], "eval.predictive='mode' must be routing_mean, bma or both"),
+    (["eval.calibration_items=0"], "eval.calibration_items=0 must be a positive integer"),
+])
+def test_split_and_format_settings_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        make_config(*TINY, "task=mcq", *overrides)

@@ -125,7 +125,27 @@ def test_native_model_fine_tunes_and_evaluates_on_a_dataset_with_ood_datasets(tm
     assert summary["status"] == "completed" and 0 <= summary["final_val_loss"]
     result = evaluate_run(tmp_path / "run", app)
     assert result["calibration"]["mcq"]["accuracy"] >= 0 and sum(result["calibration"]["mcq"]["reliability"]["bin_count"]) == 8
-    assert set(result["ood"]) == {"other", "scores"}
+    assert set(result["ood"]) == {"other", "scores", "predictions"}
     assert {"predictive_entropy", "mutual_information", "gate_entropy", "logit_variance"} <= \
         set(result["ood"]["other"]["auroc"])
     assert "What is" in questions_text(load_questions(str(data), "train"))
+
+
+def test_a_dataset_has_three_disjoint_splits(tmp_path):
+    from vrmoe.config import DataConfig
+    from vrmoe.data.corpora import mcq_splits
+
+    data = make_dataset(tmp_path / "arith", 20)
+    write_jsonl(data / "test.jsonl", [{"question": "What is 1 plus 1?", "choices": ["2", "3", "4", "5"], "answer": 0}])
+    # No calibration split named: the train split's last fifth, which fine-tuning never sees.
+    splits = mcq_splits(DataConfig(name="mcq", mcq_name=str(data)))
+    train = load_questions(str(data), "train")
+    assert splits["finetune"] == train[:16] and splits["calibration"] == train[16:]
+    assert splits["test"] == load_questions(str(data), "validation")
+    named = mcq_splits(DataConfig(name="mcq", mcq_name=str(data), mcq_calibration_split="validation",
+                                  mcq_eval_split="test"))
+    assert named["finetune"] == train and named["calibration"] == splits["test"] and len(named["test"]) == 1
+    with pytest.raises(ConfigError, match="calibration and test items must be disjoint"):
+        make_config(*TINY, "data=mcq", f"data.mcq_name={data}", "data.mcq_calibration_split=validation")
+    with pytest.raises(ConfigError, match="task.format=cloze needs a text corpus"):
+        make_config(*TINY, "data=mcq", f"data.mcq_name={data}", "task=mcq", "task.format=cloze")

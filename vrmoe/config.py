@@ -96,6 +96,9 @@ class DataConfig:
     mcq_name: Optional[str] = None
     mcq_train_split: str = "train"
     mcq_eval_split: str = "validation"
+    # The calibration split (post-hoc heads and temperature scaling fit on it); null sets aside the
+    # last fifth of mcq_train_split's questions, which fine-tuning then never sees.
+    mcq_calibration_split: Optional[str] = None
     # Where prepared corpora are cached; null means ~/.cache/vrmoe (or $VRMOE_CACHE).
     cache_dir: Optional[str] = None
 
@@ -152,14 +155,26 @@ class LoggerConfig:
 
 @dataclass
 class TaskConfig:
-    # lm: next-token prediction; mcq: 4-way multiple choice made from the text (see vrmoe/mcq.py).
+    # lm: next-token prediction; mcq: 4-way multiple choice (see vrmoe/data/mcq.py).
     name: str = "lm"
-    # mcq: items built from the training split (epochs = max_steps * batch_size / train_items)
-    # and from the validation split (val/loss, val/accuracy).
+    # mcq: the items trained on, from the split fit_split names (epochs = max_steps * batch_size /
+    # train_items), and val_items held-out items of the calibration split (val/loss, val/accuracy).
     train_items: int = 2000
     val_items: int = 256
-    # mcq: longest filled-in sentence in bytes (capped at model.seq_len).
+    # mcq: longest cloze sentence in bytes (capped at model.seq_len).
     item_len: int = 64
+    # mcq: cloze (softmax over the four filled-in sentences' log-likelihoods) or letter (the options
+    # lettered A-D in the prompt, softmax over the four letters' logits at the answer: the paper's form);
+    # auto: cloze for text corpora, letter for data=mcq.
+    format: str = "auto"
+    # mcq: the split trained on: finetune (fine-tuning a base model) or calibration (post-hoc heads
+    # fit on items the base never saw). The test split is only ever scored by vrmoe eval.
+    fit_split: str = "finetune"
+
+    def resolved_format(self, data: "DataConfig") -> str:
+        if self.format != "auto":
+            return self.format
+        return "letter" if data.name == "mcq" else "cloze"
 
 
 PAPER_GAMMAS = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05]
@@ -185,6 +200,11 @@ class EvalConfig:
     stability_windows: int = 16
     # Also measure stability with fresh router sampling noise in the noisy pass.
     stability_unmatched: bool = True
+    # Multiple-choice predictives scored: routing_mean (the paper's single pass, routing averaged over
+    # S samples before Top-K), bma (the mean of S single-sample passes' predictions) or both.
+    predictive: str = "both"
+    # Temperature scaling fits its temperature on this many items of the calibration split.
+    calibration_items: int = 256
 
 
 @dataclass
@@ -257,8 +277,20 @@ def validate(c: AppConfig) -> None:
              "eval.ood_mcq compares multiple-choice datasets; it needs data=mcq data.mcq_name=...")
     for key, value in (("task.train_items", c.task.train_items), ("task.val_items", c.task.val_items),
                        ("eval.windows", c.eval.windows), ("eval.mcq_items", c.eval.mcq_items),
-                       ("eval.batch_size", c.eval.batch_size), ("eval.stability_windows", c.eval.stability_windows)):
+                       ("eval.batch_size", c.eval.batch_size), ("eval.stability_windows", c.eval.stability_windows),
+                       ("eval.calibration_items", c.eval.calibration_items)):
         _require(value >= 1, f"{key}={value} must be a positive integer")
+    _require(c.task.format in ("auto", "cloze", "letter"),
+             f"task.format={c.task.format!r} must be auto, cloze or letter")
+    _require(c.task.resolved_format(d) == "letter" or d.name != "mcq",
+             "task.format=cloze needs a text corpus; data=mcq questions are asked in the letter format")
+    _require(c.task.fit_split in ("finetune", "calibration"),
+             f"task.fit_split={c.task.fit_split!r} must be finetune or calibration")
+    _require(c.eval.predictive in ("routing_mean", "bma", "both"),
+             f"eval.predictive={c.eval.predictive!r} must be routing_mean, bma or both")
+    _require(d.mcq_calibration_split is None or d.mcq_calibration_split != d.mcq_eval_split,
+             f"data.mcq_calibration_split and data.mcq_eval_split are both {d.mcq_eval_split!r}; calibration "
+             "and test items must be disjoint: name another split, or null to set aside part of the train split")
     _require(c.task.item_len >= 16, f"task.item_len={c.task.item_len} must be >= 16 bytes (a sentence around the blank)")
     _require(c.eval.ood_task in ("auto", "lm", "mcq"), f"eval.ood_task={c.eval.ood_task!r} must be auto, lm or mcq")
     _require(all(g >= 0 for g in c.eval.gammas),

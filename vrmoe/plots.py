@@ -89,6 +89,39 @@ def jaccard_plot(gammas: Sequence[float], jaccard_by_layer: Mapping[str, Sequenc
     return _save(fig, path)
 
 
+def interval_curves(xs: Sequence[Any], series: Mapping[str, Sequence[tuple[float, float, float] | None]],
+                    path: str | Path, title: str, xlabel: str, ylabel: str, log_x: bool = False) -> Path:
+    """One line per series through its estimates, with its 95% intervals as error bars
+    (``(estimate, low, high)`` per x; None leaves the point out). Categorical x values (strings)
+    are spaced evenly; series are nudged sideways so their bars do not hide each other."""
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    categorical = any(isinstance(x, str) for x in xs)
+    positions = list(range(len(xs))) if categorical else [float(x) for x in xs]
+    for i, (name, points) in enumerate(series.items()):
+        kept = [(x, p) for x, p in zip(positions, points) if p is not None]
+        if not kept:
+            continue
+        shift = (i - (len(series) - 1) / 2) * 0.06
+        x = [(xv * (1 + shift) if log_x else xv + shift) for xv, _ in kept]
+        est = [p[0] for _, p in kept]
+        # A percentile interval need not contain the estimate (resampled ECE is biased upwards, the
+        # duplicated items sharpening the bins), so a bar may only reach the point.
+        err = [[max(0.0, p[0] - p[1]) for _, p in kept], [max(0.0, p[2] - p[0]) for _, p in kept]]
+        ax.errorbar(x, est, yerr=err, marker="o", ms=4, capsize=3, lw=1.4, label=name)
+    if log_x:
+        ax.set_xscale("log")
+    if categorical:
+        ax.set_xticks(positions, [str(x) for x in xs])
+    elif not log_x:
+        ax.set_xticks(positions)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def utilisation_heatmap(util_LE: Any, layer_names: Sequence[str], path: str | Path,
                         title: str = "Expert utilisation") -> Path:
     """Share of token slots each expert received, one row per MoE layer.

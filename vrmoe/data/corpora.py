@@ -45,7 +45,7 @@ class Corpus:
     train: torch.Tensor  # (N_train,) token ids (uint8 for bytes)
     val: torch.Tensor  # (N_val,)
     tokenizer: Tokenizer = field(default_factory=ByteTokenizer)
-    # data=mcq: the dataset's questions by use ("train", "eval"); None for plain text.
+    # data=mcq: the dataset's questions by split ("finetune", "calibration", "test"); None for plain text.
     questions: dict[str, list[MCQQuestion]] | None = None
 
     def unigram_entropy(self) -> float:
@@ -266,9 +266,8 @@ def load_corpus(cfg: DataConfig, min_tokens: int = 0, tokenizer: Tokenizer | Non
             pass
         return _corpus(cfg.name, train_np, val_np, min_tokens, tokenizer)
     if cfg.name == "mcq":
-        questions = {"train": load_questions(cfg.mcq_name or "", cfg.mcq_train_split),
-                     "eval": load_questions(cfg.mcq_name or "", cfg.mcq_eval_split)}
-        train_b, val_b = (questions_text(questions[use]).encode("utf-8") for use in ("train", "eval"))
+        questions = mcq_splits(cfg)
+        train_b, val_b = (questions_text(questions[use]).encode("utf-8") for use in ("finetune", "test"))
         corpus = _corpus(cfg.name, np.frombuffer(train_b, np.uint8), np.frombuffer(val_b, np.uint8), min_tokens,
                          tokenizer)
         corpus.questions = questions
@@ -281,6 +280,26 @@ def load_corpus(cfg: DataConfig, min_tokens: int = 0, tokenizer: Tokenizer | Non
         raise ConfigError(f"data={cfg.name!r} is unknown; choose one of {', '.join(CORPORA)}")
     train_b, val_b = split_documents(docs, cfg.val_fraction)
     return _corpus(cfg.name, np.frombuffer(train_b, np.uint8), np.frombuffer(val_b, np.uint8), min_tokens, tokenizer)
+
+
+# data=mcq with no calibration split named: this share of the train split's questions (its end) is
+# the calibration split, and fine-tuning uses the rest.
+CALIBRATION_SHARE = 0.2
+
+
+def mcq_splits(cfg: DataConfig) -> dict[str, list[MCQQuestion]]:
+    """A multiple-choice dataset's three disjoint splits: finetune, calibration and test."""
+    name = cfg.mcq_name or ""
+    train = load_questions(name, cfg.mcq_train_split)
+    if cfg.mcq_calibration_split is not None:
+        calibration = load_questions(name, cfg.mcq_calibration_split)
+    else:
+        cut = len(train) - max(1, round(CALIBRATION_SHARE * len(train)))
+        if cut < 1:
+            raise ConfigError(f"data.mcq_name={name}: the {cfg.mcq_train_split} split has {len(train)} question(s), "
+                              "too few to set a calibration split aside; name one with data.mcq_calibration_split")
+        train, calibration = train[:cut], train[cut:]
+    return {"finetune": train, "calibration": calibration, "test": load_questions(name, cfg.mcq_eval_split)}
 
 
 def _corpus(name: str, train: np.ndarray, val: np.ndarray, min_tokens: int,

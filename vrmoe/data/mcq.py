@@ -27,10 +27,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..config import ConfigError
+from .mcq_datasets import LetterTensors, MCQQuestion, encode_questions
 from .tokenizers import ByteTokenizer, Tokenizer
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import AppConfig
+    from .corpora import Corpus
 
 N_OPTIONS = 4
 BLANK = "____"
@@ -203,6 +205,11 @@ class MCQTensors:
     def __len__(self) -> int:
         return self.answers_N.shape[0]
 
+    @property
+    def tokens_per_item(self) -> int:
+        """Model positions one item takes (its four sentences, padded)."""
+        return self.tokens_NOL[0].numel()
+
     def batch(self, index: torch.Tensor, device: torch.device | str = "cpu") -> "MCQBatch":
         return make_batch(self, index, device)
 
@@ -269,14 +276,76 @@ def item_len(app: "AppConfig") -> int:
 
 def items_from_text(text: str, n_items: int, max_len: int, key: str, seed: int = 0,
                     tokenizer: Tokenizer | None = None) -> MCQTensors:
-    """Items as tensors, or a ConfigError naming ``key`` when the text yields none."""
-    items = build_items(text, n_items, max_len, seed)
+    """Cloze items as tensors, or a ConfigError naming ``key`` when the text yields none."""
+    return encode_items(_built(text, n_items, max_len, key, seed), tokenizer)
+
+
+def _built(text: str, n_items: int, max_len: int, key: str, seed: int = 0, skip: int = 0) -> list[MCQItem]:
+    items = build_items(text, skip + n_items, max_len, seed)[skip:]
     if not items:
-        raise ConfigError(f"{key}: the text yields no multiple-choice item (it needs sentences of at least "
-                          f"{_MIN_WORDS} words and a vocabulary with words of similar length); give more text")
-    return encode_items(items, tokenizer)
+        raise ConfigError(f"{key}: the text yields no multiple-choice item{' beyond the first ' + str(skip) if skip else ''}"
+                          f" (it needs sentences of at least {_MIN_WORDS} words and a vocabulary with words of "
+                          "similar length); give more text")
+    return items
+
+
+# ---------------------------------------------------------------------------
+# Splits and formats
+# ---------------------------------------------------------------------------
+
+# Three disjoint splits: fine-tuning makes the base over-confident on its items; post-hoc methods
+# (the Bayesian heads, temperature scaling) fit on calibration items; only evaluation scores test items.
+SPLITS = ("finetune", "calibration", "test")
+
+
+def halves(text: str) -> tuple[str, str]:
+    """``text`` cut in two at the paragraph (or sentence) break nearest its middle, so no sentence
+    is in both halves."""
+    middle = len(text) // 2
+    for breaks in (_PARAGRAPH_BREAK, _SENTENCE_END):
+        cuts = [m.end() for m in breaks.finditer(text)]
+        if cuts:
+            cut = min(cuts, key=lambda c: abs(c - middle))
+            return text[:cut], text[cut:]
+    return text[:middle], text[middle:]
+
+
+def split_text(corpus: "Corpus", split: str) -> str:
+    """The text a split's cloze items come from: finetune the training text; calibration and test the
+    first and the second half of the validation text (text neither the LM nor fine-tuning trained on)."""
+    if split == "finetune":
+        return corpus.tokenizer.decode(corpus.train)
+    first, second = halves(corpus.tokenizer.decode(corpus.val))
+    return first if split == "calibration" else second
+
+
+def as_question(item: MCQItem) -> MCQQuestion:
+    """A cloze item asked in the letter form: the sentence with its blank, the four words lettered."""
+    return MCQQuestion(item.question, item.options, item.answer)
+
+
+def text_items(app: "AppConfig", text: str, n_items: int, key: str, tokenizer: Tokenizer,
+               skip: int = 0) -> MCQTensors | LetterTensors:
+    """Items ``skip`` .. ``skip + n_items`` made from ``text``, in the task's format."""
+    items = _built(text, n_items, item_len(app), key, skip=skip)
+    if app.task.resolved_format(app.data) == "cloze":
+        return encode_items(items, tokenizer)
+    return encode_questions([as_question(i) for i in items], tokenizer, app.model.seq_len, key)
+
+
+def split_items(app: "AppConfig", corpus: "Corpus", split: str, n_items: int, key: str,
+                skip: int = 0) -> MCQTensors | LetterTensors:
+    """Items ``skip`` .. ``skip + n_items`` of one split, in the task's format: a dataset's questions
+    with data=mcq, cloze items made from the split's text otherwise."""
+    if corpus.questions is not None:
+        questions = corpus.questions[split][skip:skip + n_items]
+        if not questions:
+            raise ConfigError(f"{key}: the {split} split has no question beyond the first {skip}; "
+                              "lower the item counts or give a larger split")
+        return encode_questions(questions, corpus.tokenizer, app.model.seq_len, key)
+    return text_items(app, split_text(corpus, split), n_items, key, corpus.tokenizer, skip)
 
 
 __all__ = ["MCQItem", "MCQTensors", "MCQBatch", "N_OPTIONS", "BLANK", "sentences",
            "shuffle_words_within_sentences", "build_items", "encode_items", "make_batch", "option_scores",
-           "item_len", "items_from_text"]
+           "item_len", "items_from_text", "SPLITS", "halves", "split_text", "as_question", "text_items", "split_items"]

@@ -200,6 +200,11 @@ class LetterTensors:
     def __len__(self) -> int:
         return self.answers_N.shape[0]
 
+    @property
+    def tokens_per_item(self) -> int:
+        """Model positions one item takes (its prompt, padded)."""
+        return self.tokens_NL.shape[1]
+
     def batch(self, index: torch.Tensor, device: torch.device | str = "cpu") -> "LetterBatch":
         lengths = self.lengths_N[index]
         width = int(lengths.max())

@@ -41,8 +41,8 @@ from ..checkpoint import load_run_weights
 from ..config import AppConfig, ConfigError, DataConfig
 from ..data.batches import eval_batches
 from ..data.corpora import Corpus, load_corpus
-from ..data.mcq_datasets import encode_questions, load_questions
-from ..data.mcq import MCQTensors, item_len, items_from_text, shuffle_words_within_sentences
+from ..data.mcq_datasets import LetterTensors, encode_questions, load_questions
+from ..data.mcq import MCQTensors, shuffle_words_within_sentences, split_items, split_text, text_items
 from ..device import synchronize
 from ..model import build_model, build_tokenizer
 from ..model.backbone import Backbone
@@ -55,11 +55,15 @@ Windows = list[tuple[torch.Tensor, torch.Tensor]]
 class ScoredSet:
     """Predictive distributions for calibration and per-sequence OOD scores of one text set."""
 
-    probs_NC: torch.Tensor
+    probs_NC: torch.Tensor  # the single pass with routing averaged over S samples (the paper's predictive)
     labels_N: torch.Tensor
     scores: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (n_sequences,)
     tokens: int = 0
     seconds: float = 0.0
+    # The mean of S single-sample passes' predictions (Bayesian model averaging); None without them.
+    bma_probs_NC: torch.Tensor | None = None
+    # Multiple choice: the option scores whose softmax is probs_NC (temperature scaling divides them).
+    logits_NC: torch.Tensor | None = None
 
 
 def check_eval_inputs(app: AppConfig) -> None:
@@ -102,7 +106,8 @@ class EvalContext:
     corpus: Corpus
     unit: str  # "lm" or "mcq": what a sequence is for the OOD scores
     lm_sets: dict[str, Windows]
-    mcq_sets: dict[str, MCQTensors]
+    mcq_sets: dict[str, "MCQTensors | LetterTensors"]  # "in" is the test split
+    calibration_set: "MCQTensors | LetterTensors"  # what temperature scaling fits on
     _scored: dict[tuple[str, str], ScoredSet] = field(default_factory=dict)
 
     @classmethod
@@ -113,27 +118,24 @@ class EvalContext:
         unit = app.task.name if app.eval.ood_task == "auto" else app.eval.ood_task
         corpus = load_corpus(app.data, min_tokens=app.model.seq_len + 2, tokenizer=build_tokenizer(app))
         tokenizer = corpus.tokenizer
-        val_text = tokenizer.decode(corpus.val)
-        max_len = item_len(app)
         lm_sets = {"in": windows(corpus.val, app, app.eval.windows, "the validation split", device)}
-        if corpus.questions is not None:  # data=mcq: the dataset's own questions, answer-letter form
-            mcq_sets = {"in": encode_questions(corpus.questions["eval"][:app.eval.mcq_items], tokenizer,
-                                               app.model.seq_len, f"data.mcq_name={app.data.mcq_name}")}
-        else:
-            mcq_sets = {"in": items_from_text(val_text, app.eval.mcq_items, max_len, "the validation split",
-                                              tokenizer=tokenizer)}
+        mcq_sets = {"in": split_items(app, corpus, "test", app.eval.mcq_items, "eval.mcq_items (test split)")}
+        calibration_set = split_items(app, corpus, "calibration", app.eval.calibration_items,
+                                      "eval.calibration_items (calibration split)")
         if unit == "mcq" and corpus.questions is not None:  # OOD sets: other multiple-choice datasets
             for name in app.eval.ood_mcq:
                 questions = load_questions(name, app.data.mcq_eval_split)[:app.eval.mcq_items]
                 mcq_sets[Path(name).stem] = encode_questions(questions, tokenizer, app.model.seq_len,
                                                              f"eval.ood_mcq: {name}")
         else:
-            for name, (key, text) in ood_texts(app, val_text).items():
+            in_text = tokenizer.decode(corpus.val) if unit == "lm" else split_text(corpus, "test")
+            for name, (key, text) in ood_texts(app, in_text).items():
                 if unit == "lm":
                     lm_sets[name] = windows(tokenizer.encode(text), app, app.eval.windows, key, device)
                 else:
-                    mcq_sets[name] = items_from_text(text, app.eval.mcq_items, max_len, key, tokenizer=tokenizer)
-        return cls(app, Path(run_dir), state, device, model, sampler, corpus, unit, lm_sets, mcq_sets)
+                    mcq_sets[name] = text_items(app, text, app.eval.mcq_items, key, tokenizer)
+        return cls(app, Path(run_dir), state, device, model, sampler, corpus, unit, lm_sets, mcq_sets,
+                   calibration_set)
 
     @property
     def samples(self) -> int:
@@ -147,35 +149,46 @@ class EvalContext:
     def set_names(self) -> list[str]:
         return list(self.lm_sets if self.unit == "lm" else self.mcq_sets)
 
+    @property
+    def predictives(self) -> tuple[str, ...]:
+        """The predictives ``eval.predictive`` asks for: routing_mean, bma or both."""
+        chosen = self.app.eval.predictive
+        return ("routing_mean", "bma") if chosen == "both" else (chosen,)
+
     def scored(self, name: str, kind: str) -> ScoredSet:
-        """Set ``name`` scored as ``kind`` ("lm" windows or "mcq" items), computed once. Mutual
-        information is computed for the OOD unit's sets only (it costs S more passes)."""
+        """Set ``name`` scored as ``kind`` ("lm" windows or "mcq" items; "calibration" is the
+        calibration split's items), computed once. The S single-sample passes (mutual information
+        and the BMA predictive) run for the OOD unit's sets and, when the BMA is asked for, for the
+        in-distribution set of either kind; never for the calibration split."""
         if (name, kind) not in self._scored:
             torch.manual_seed(self.app.seed)  # each set's sampling noise is independent of the order of sets
-            with_mi = self.sampler if kind == self.unit else None
+            sampled = name != "calibration" and (kind == self.unit or (name == "in" and "bma" in self.predictives))
+            with_mi = self.sampler if sampled else None
             here = distributed.env()  # under torchrun each rank scores its block of batches
             if kind == "lm":
                 batches = self.lm_sets[name]
                 result = score_windows(self.model, with_mi, batches[here.block(len(batches))], self.samples,
                                        self.uncertainty_name)
             else:
-                index = list(torch.arange(len(self.mcq_sets[name])).split(self.app.eval.batch_size))
-                result = score_items(self.model, with_mi, self.mcq_sets[name], index[here.block(len(index))],
+                items = self.calibration_set if name == "calibration" else self.mcq_sets[name]
+                index = list(torch.arange(len(items)).split(self.app.eval.batch_size))
+                result = score_items(self.model, with_mi, items, index[here.block(len(index))],
                                      self.samples, self.uncertainty_name, self.device)
             self._scored[(name, kind)] = merge(distributed.gather_objects(result)) if here.enabled else result
         return self._scored[(name, kind)]
 
 
-def ood_texts(app: AppConfig, val_text: str) -> dict[str, tuple[str, str]]:
-    """name -> (config key for errors, text): near, far and the user's files."""
+def ood_texts(app: AppConfig, in_text: str) -> dict[str, tuple[str, str]]:
+    """name -> (config key for errors, text): near (``in_text`` with its words shuffled in each
+    sentence), far and the user's files."""
     far_name = "python_source" if app.data.name != "python_source" else "stdlib_docs"
     far = load_corpus(DataConfig(name=far_name, val_fraction=app.data.val_fraction, cache_dir=app.data.cache_dir))
-    sets = {"near": ("near (word-shuffled validation text)", shuffle_words_within_sentences(val_text)),
+    sets = {"near": ("near (word-shuffled in-distribution text)", shuffle_words_within_sentences(in_text)),
             "far": (f"far ({far_name})", far.tokenizer.decode(far.val))}
     for path_str in app.eval.ood_text:
         name = base = Path(path_str).stem or "ood"
         n = 2
-        while name in sets or name in ("in", "scores"):
+        while name in sets or name in ("in", "scores", "predictions"):
             name, n = f"{base}_{n}", n + 1
         sets[name] = (f"eval.ood_text: {path_str}",
                       Path(path_str).expanduser().read_text(encoding="utf-8", errors="replace"))
@@ -199,9 +212,12 @@ def windows(data: torch.Tensor, app: AppConfig, n_windows: int, key: str, device
 def merge(parts: list[ScoredSet]) -> ScoredSet:
     """The ranks' scored blocks, in rank order: the whole set as one process scores it."""
     parts = [p for p in parts if len(p.labels_N)]
+    joined = lambda name: (None if getattr(parts[0], name) is None  # noqa: E731
+                           else torch.cat([getattr(p, name) for p in parts]))
     return ScoredSet(torch.cat([p.probs_NC for p in parts]), torch.cat([p.labels_N for p in parts]),
                      {k: torch.cat([p.scores[k] for p in parts]) for k in parts[0].scores},
-                     sum(p.tokens for p in parts), max(p.seconds for p in parts))
+                     sum(p.tokens for p in parts), max(p.seconds for p in parts),
+                     joined("bma_probs_NC"), joined("logits_NC"))
 
 
 def router_token_scores(routings: list[Routing], uncertainty_name: str) -> dict[str, torch.Tensor]:
@@ -233,7 +249,7 @@ def _append(store: dict[str, list[torch.Tensor]], values: dict[str, torch.Tensor
 def score_windows(model: Backbone, sampler: Backbone | None, windows: Windows, samples: int,
                   uncertainty_name: str) -> ScoredSet:
     """Next-token predictions on text windows; a sequence is a window (scores are token means)."""
-    probs, labels, scores = [], [], {}
+    probs, labels, scores, bma = [], [], {}, []
     tokens, seconds = 0, 0.0
     for x, y in windows:
         out, dt = _timed(model, x)
@@ -246,12 +262,15 @@ def score_windows(model: Backbone, sampler: Backbone | None, windows: Windows, s
         per_token.update({k: v.reshape(x.shape) for k, v in router_token_scores(out.routings, uncertainty_name).items()})
         if sampler is not None:
             p_SBLV = torch.stack([sampler(x).logits_BLV.float().softmax(-1) for _ in range(samples)])
+            bma_BLV = p_SBLV.mean(0)
+            bma.append(bma_BLV.reshape(-1, bma_BLV.shape[-1]).cpu())
+            per_token["predictive_entropy_bma"] = metrics.entropy(bma_BLV)
             per_token["mutual_information"] = metrics.mutual_information(p_SBLV)
         _append(scores, {k: v.mean(-1) for k, v in per_token.items()})
     if not probs:  # a rank with no batch of this set (more ranks than batches)
         return ScoredSet(torch.zeros(0), torch.zeros(0, dtype=torch.long), {}, 0, 0.0)
     return ScoredSet(torch.cat(probs), torch.cat(labels), {k: torch.cat(v) for k, v in scores.items()},
-                     tokens, seconds)
+                     tokens, seconds, torch.cat(bma) if bma else None)
 
 
 @torch.no_grad()
@@ -259,7 +278,7 @@ def score_items(model: Backbone, sampler: Backbone | None, items: MCQTensors, in
                 samples: int, uncertainty_name: str, device: torch.device) -> ScoredSet:
     """4-way multiple-choice predictions of the items in ``index_batches``; a sequence is an item
     (router scores are averaged over the real tokens of its four filled-in sentences)."""
-    probs, labels, scores = [], [], {}
+    probs, labels, scores, bma, logits = [], [], {}, [], []
     tokens, seconds = 0, 0.0
     for index in index_batches:
         batch = items.batch(index, device)
@@ -267,7 +286,9 @@ def score_items(model: Backbone, sampler: Backbone | None, items: MCQTensors, in
         seconds += dt
         mask = batch.token_mask_NL.reshape(batch.n_items, -1).double()
         tokens += int(mask.sum())
-        p_BO = batch.option_scores(out.logits_BLV).softmax(-1)
+        logits_BO = batch.option_scores(out.logits_BLV)
+        p_BO = logits_BO.softmax(-1)
+        logits.append(logits_BO.cpu())
         probs.append(p_BO.cpu())
         labels.append(batch.answers_B.cpu())
         per_item = {"predictive_entropy": metrics.entropy(p_BO)}
@@ -276,9 +297,11 @@ def score_items(model: Backbone, sampler: Backbone | None, items: MCQTensors, in
         if sampler is not None:
             p_SBO = torch.stack([batch.option_scores(sampler(batch.inputs_NL).logits_BLV).softmax(-1)
                                  for _ in range(samples)])
+            bma.append(p_SBO.mean(0).cpu())
+            per_item["predictive_entropy_bma"] = metrics.entropy(bma[-1])
             per_item["mutual_information"] = metrics.mutual_information(p_SBO)
         _append(scores, per_item)
     if not probs:  # a rank with no batch of this set (more ranks than batches)
         return ScoredSet(torch.zeros(0), torch.zeros(0, dtype=torch.long), {}, 0, 0.0)
     return ScoredSet(torch.cat(probs), torch.cat(labels), {k: torch.cat(v) for k, v in scores.items()},
-                     tokens, seconds)
+                     tokens, seconds, torch.cat(bma) if bma else None, torch.cat(logits))

@@ -28,9 +28,11 @@ from .probes import ordered_probes
 USAGE = """\
 usage: vrmoe eval run=<run dir> [key=value ...]
 
-Calibration (next token and 4-way multiple choice), OOD detection (near: the validation
+Calibration (next token, and 4-way multiple choice on the test split: the routing-mean pass,
+the mean of S single-sample passes (BMA) and temperature scaling fit on the calibration split),
+OOD detection (near: the validation
 prose with words shuffled in each sentence; far: Python source; plus eval.ood_text files),
-routing stability under embedding noise and FLOPs of a trained run. Writes <run>/eval.json
+routing stability under embedding noise, the routing posterior's diagnostics and FLOPs of a trained run. Writes <run>/eval.json
 and PNG plots there.
 
 keys:
@@ -41,9 +43,10 @@ keys:
   model=tiny             must match the checkpoint's model shape
   logger=none            skip the W&B mirror
   train.device=cpu
-  eval.<key>=value       windows, mcq_items, batch_size, ood_task (auto|lm|mcq),
-                         ood_text=[a.txt,b.txt], gammas=[0.001,0.01], stability_windows,
-                         stability_unmatched
+  eval.<key>=value       windows, mcq_items (test split), calibration_items (temperature
+                         scaling's fit), predictive (routing_mean|bma|both), batch_size,
+                         ood_task (auto|lm|mcq), ood_text=[a.txt,b.txt], gammas=[0.001,0.01],
+                         stability_windows, stability_unmatched
 """
 
 # What `vrmoe eval` may change in a run's saved config (keys, and prefixes ending in ".").
@@ -78,8 +81,11 @@ def parse_args(argv: list[str]) -> tuple[str, list[str]]:
     return run, overrides
 
 
-def evaluate_run(run_dir: Path, app: AppConfig, state: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Evaluate ``run_dir``'s checkpoint under ``app``; write eval.json and plots there; return the results."""
+def evaluate_run(run_dir: Path, app: AppConfig, state: dict[str, Any] | None = None,
+                 output: str = EVAL_FILE) -> dict[str, Any]:
+    """Evaluate ``run_dir``'s checkpoint under ``app``; write the results to ``<run_dir>/<output>``
+    (eval.json; another name keeps several evaluations of one run, e.g. a sweep over S) and the plots
+    into the run dir; return the results."""
     run_dir = Path(run_dir)
     if (read_summary(run_dir) or {}).get("status") == "diverged":
         raise ConfigError(f"run={run_dir} diverged ({read_summary(run_dir).get('error', 'non-finite steps')}); "
@@ -101,7 +107,7 @@ def evaluate_run(run_dir: Path, app: AppConfig, state: dict[str, Any] | None = N
     result["wall_time_s"] = time.perf_counter() - t_start
     if not distributed.env().is_main:  # every rank has the numbers; rank 0 writes and shows them
         return result
-    write_json(run_dir / EVAL_FILE, result)
+    write_json(run_dir / output, result)
     images = draw_figures(probes, result, run_dir)
     headline = {"S": result["S"]}
     for probe in probes:

@@ -3,10 +3,18 @@
 ``vrmoe eval`` writes one JSON object per run::
 
     {"run", "router", "router_config", "S", "K", "task", "ood_task", "step", "seed",
-     "calibration": {"next_token": REPORT, "mcq": REPORT},       # metrics.calibration_report
-     "ood": {SET: {"auroc": {SCORE: x}, "auprc": {SCORE: x}}, ..., "scores": {SET: {SCORE: [...]}}},
+     "calibration": {"next_token": REPORT, "mcq": REPORT,        # metrics.calibration_report: routing mean
+                     "next_token_bma": REPORT, "mcq_bma": REPORT,  # mean of S single-sample passes
+                     "mcq_ts": REPORT + {"temperature", "fit_items"},  # temperature scaling
+                     "predictions": {"mcq": {"labels": [...], "routing_mean": [[p]], "bma": ..., "ts": ...}}},
+     "ood": {SET: {"auroc": {SCORE: x}, "auprc": {SCORE: x}}, ..., "scores": {SET: {SCORE: [...]}},
+             "predictions": {SET: [[p]]}},                  # multiple-choice runs: OOD items' predictions
      "stability": {"gammas": [...], "embedding_norm": x, "jaccard": {LAYER: [...], "mean": [...]},
                    "jaccard_unmatched": {...}},
+     "posterior": {"tokens": n, "draws": d, "layers": {LAYER: {"flip_rate": x, "sample_jaccard": x,
+                   "sigma_mean": x, "gap_mean": x, "sd_gap_mean": x, "z_median": x, "eval_vs_mean_flip": x,
+                   "flip_rate_by_z": {"edges": [...], "flip_rate": [...], "count": [...]}}},
+                   "deterministic_layers": [...], "note": "..."},  # variational-only keys: sigma_mean .. by_z
      "cost": {"flops_per_token": {...}, "router_share": x, "router_overhead_vs_topk": x, "tokens_per_s": x},
      "wall_time_s": x}
 
@@ -24,6 +32,8 @@ from typing import Any, Callable
 JACCARD_GAMMA = 0.01
 CALIBRATION_TASKS = ("next_token", "mcq")
 SCORES_KEY = "scores"  # inside the ood block: per-sequence scores of every set
+PREDICTIONS_KEY = "predictions"  # inside the calibration block: per-item test-split predictions
+PREDICTIVES = {"routing_mean": "", "bma": "_bma", "ts": "_ts"}  # predictive -> calibration report suffix
 
 
 def dig(data: Any, *keys: str) -> Any:
@@ -43,9 +53,19 @@ def calibration(result: dict[str, Any] | None, task: str) -> dict[str, Any] | No
     return dig(result, "calibration", task)
 
 
-def calibration_number(result: dict[str, Any] | None, task: str, key: str) -> float | None:
-    """One number of a calibration report: accuracy, nll, brier, ece_10, ece_15 or mce."""
-    return number(dig(calibration(result, task), key))
+def calibration_number(result: dict[str, Any] | None, task: str, key: str,
+                       predictive: str = "routing_mean") -> float | None:
+    """One number of a calibration report: accuracy, nll, brier, ece_10, ece_15 or mce, of one
+    predictive (routing_mean, bma or ts; see PREDICTIVES)."""
+    return number(dig(calibration(result, task + PREDICTIVES[predictive]), key))
+
+
+def item_predictions(result: dict[str, Any] | None, task: str = "mcq") -> tuple[list[int], dict[str, list]] | None:
+    """(labels, predictive -> per-item probabilities) of the test split, or None when not recorded."""
+    block = dig(result, "calibration", PREDICTIONS_KEY, task)
+    if not isinstance(block, dict) or not isinstance(block.get("labels"), list):
+        return None
+    return block["labels"], {k: v for k, v in block.items() if k in PREDICTIVES and isinstance(v, list)}
 
 
 RELIABILITY_KEYS = ("bin_confidence", "bin_accuracy", "bin_count")
@@ -63,6 +83,12 @@ def reliability_bins(result: dict[str, Any] | None, task: str) -> tuple[list, li
 def ood_scores(result: dict[str, Any] | None) -> dict[str, dict[str, list[float]]]:
     """Per-sequence OOD scores: set -> score name -> values (the in-distribution set is "in")."""
     block = dig(result, "ood", SCORES_KEY)
+    return block if isinstance(block, dict) else {}
+
+
+def ood_predictions(result: dict[str, Any] | None) -> dict[str, list]:
+    """Per-item routing-mean predictions of each multiple-choice OOD set (empty for lm runs)."""
+    block = dig(result, "ood", PREDICTIONS_KEY)
     return block if isinstance(block, dict) else {}
 
 
@@ -103,6 +129,15 @@ def jaccard_at(result: dict[str, Any] | None, gamma: float = JACCARD_GAMMA, key:
     return None
 
 
+def posterior_layers(result: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """The routing-posterior diagnostics per MoE layer: layer -> {"flip_rate", "sample_jaccard", and for a
+    router with a logit posterior "sigma_mean", "gap_mean", "sd_gap_mean", "z_median", "eval_vs_mean_flip",
+    "flip_rate_by_z": {"edges" (lower edges; the last bin is open-ended), "flip_rate", "count"}}; empty
+    when the run has none (a router that does not sample at evaluation, S = 1, or an older eval.json)."""
+    layers = dig(result, "posterior", "layers")
+    return layers if isinstance(layers, dict) else {}
+
+
 def cost_number(result: dict[str, Any] | None, key: str) -> float | None:
     """One number of the cost block: router_share, router_overhead_vs_topk, tokens_per_s."""
     return number(dig(result, "cost", key))
@@ -115,6 +150,8 @@ METRICS: dict[str, Callable[[dict[str, Any] | None], Any]] = {
     "mcq_ece": lambda r: number(dig(calibration(r, "mcq"), "ece_10")),
     "mcq_nll": lambda r: number(dig(calibration(r, "mcq"), "nll")),
     "mcq_accuracy": lambda r: number(dig(calibration(r, "mcq"), "accuracy")),
+    "mcq_ece_bma": lambda r: number(dig(calibration(r, "mcq_bma"), "ece_10")),
+    "mcq_ece_ts": lambda r: number(dig(calibration(r, "mcq_ts"), "ece_10")),
     "auroc_near": lambda r: best_auroc(r, "near")[0],
     "auroc_near_score": lambda r: best_auroc(r, "near")[1],
     "auroc_far": lambda r: best_auroc(r, "far")[0],

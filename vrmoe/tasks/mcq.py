@@ -10,8 +10,7 @@ import torch.nn.functional as F
 
 from .. import distributed
 from ..data.batches import derived_seed
-from ..data.mcq import N_OPTIONS, MCQBatch, item_len, items_from_text
-from ..data.mcq_datasets import encode_questions
+from ..data.mcq import MCQBatch, split_items
 from .base import register_task
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -22,8 +21,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @register_task
 class MCQTask:
-    """Cross-entropy over the four option scores: cloze items built from the training split, or with
-    data=mcq the dataset's questions in the answer-letter form (softmax over the letters' logits).
+    """Cross-entropy over the four option scores of the items of ``task.fit_split``: cloze items
+    (sentence log-likelihoods) or the letter form (the letters' logits); data=mcq: the dataset's
+    questions, in the letter form.
 
     Batches walk the items epoch by epoch, in an order drawn from (seed, epoch), so a
     resumed run sees the same batches as an uninterrupted one."""
@@ -31,22 +31,15 @@ class MCQTask:
     name = "mcq"
 
     def __init__(self, app: "AppConfig", corpus: "Corpus"):
-        max_len = item_len(app)
-        tokenizer = corpus.tokenizer
-        if corpus.questions is not None:  # data=mcq: the dataset's questions, in the answer-letter form
-            self.train_set = encode_questions(corpus.questions["train"][:app.task.train_items], tokenizer,
-                                              app.model.seq_len, "task=mcq")
-            self.val_set = encode_questions(corpus.questions["eval"][:app.task.val_items], tokenizer,
-                                            app.model.seq_len, "task=mcq")
-        else:  # cloze items made from the text
-            self.train_set = items_from_text(tokenizer.decode(corpus.train), app.task.train_items, max_len,
-                                             "task=mcq", tokenizer=tokenizer)
-            self.val_set = items_from_text(tokenizer.decode(corpus.val), app.task.val_items, max_len, "task=mcq",
-                                           tokenizer=tokenizer)
+        fit, n_fit = app.task.fit_split, app.task.train_items
+        self.train_set = split_items(app, corpus, fit, n_fit, f"task.fit_split={fit}")
+        # Validation scores held-out calibration items: never ones trained on, never test items.
+        skip = n_fit if fit == "calibration" else 0
+        self.val_set = split_items(app, corpus, "calibration", app.task.val_items, "task.val_items", skip=skip)
         self.batch_size = app.train.batch_size
         self.seed = app.seed
         self.eval_batch_size = app.train.batch_size
-        self.tokens_per_step = self.batch_size * N_OPTIONS * max_len
+        self.tokens_per_step = self.batch_size * self.train_set.tokens_per_item
         self._orders: dict[int, torch.Tensor] = {}
         self.dist = distributed.env()
 

@@ -1,5 +1,13 @@
 """Calibration: accuracy, NLL, Brier, ECE (10 and 15 bins), MCE and reliability bins, for the
-next token and for the 4-way multiple-choice task built from held-out text."""
+next token and for 4-way multiple choice on the test split, for each predictive asked for
+(``eval.predictive``), plus the temperature-scaling baseline and the per-item predictions the
+study's paired bootstrap and ensembles read.
+
+Reports, by key: ``<task>`` the paper's predictive (one pass, routing averaged over S samples
+before Top-K); ``<task>_bma`` the mean of S single-sample passes' predictions (Bayesian model
+averaging); ``mcq_ts`` the routing-mean prediction with its option scores divided by one
+temperature fit by NLL on the calibration split (the standard post-hoc baseline).
+"""
 
 from __future__ import annotations
 
@@ -8,14 +16,33 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ... import metrics
 from ...console import console
-from ..schema import CALIBRATION_TASKS
+from ...stats import apply_temperature, fit_temperature
+from ..schema import CALIBRATION_TASKS, PREDICTIONS_KEY
 from .base import Probe, fmt, register_probe
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..context import EvalContext
+    from ..context import EvalContext, ScoredSet
 
 _KIND = {"next_token": "lm", "mcq": "mcq"}
 _TITLES = {"next_token": "Next-token prediction", "mcq": "4-way multiple choice"}
+_SUFFIX_TITLES = {"": "", "_bma": ", mean of S single-sample passes", "_ts": ", temperature-scaled"}
+_DIGITS = 6  # per-item probabilities in eval.json
+
+
+def _title(report_name: str) -> str:
+    for task, title in _TITLES.items():
+        if report_name.startswith(task):
+            return title + _SUFFIX_TITLES.get(report_name[len(task):], "")
+    return report_name
+
+
+def _bma(scored: "ScoredSet"):
+    """The BMA predictive; without single-sample passes (S = 1) the one pass is its own average."""
+    return scored.probs_NC if scored.bma_probs_NC is None else scored.bma_probs_NC
+
+
+def _rounded(probs_NC) -> list[list[float]]:
+    return [[round(p, _DIGITS) for p in row] for row in probs_NC.double().tolist()]
 
 
 @register_probe
@@ -24,33 +51,53 @@ class CalibrationProbe(Probe):
     order = 10
 
     def measure(self, ctx: "EvalContext") -> dict[str, Any]:
-        out = {}
+        out: dict[str, Any] = {}
+        predictives = ctx.predictives
         for task in CALIBRATION_TASKS:
             scored = ctx.scored("in", _KIND[task])
-            out[task] = metrics.calibration_report(scored.probs_NC, scored.labels_N)
+            if "routing_mean" in predictives:
+                out[task] = metrics.calibration_report(scored.probs_NC, scored.labels_N)
+            if "bma" in predictives:
+                out[f"{task}_bma"] = metrics.calibration_report(_bma(scored), scored.labels_N)
+        test, fit = ctx.scored("in", "mcq"), ctx.scored("calibration", "mcq")
+        temperature = fit_temperature(fit.logits_NC, fit.labels_N)
+        scaled = apply_temperature(test.logits_NC, temperature)
+        out["mcq_ts"] = {**metrics.calibration_report(scaled, test.labels_N), "temperature": temperature,
+                         "fit_items": len(fit.labels_N)}
+        predictions = {"labels": test.labels_N.tolist(), "routing_mean": _rounded(test.probs_NC),
+                       "ts": _rounded(scaled)}
+        if "bma" in predictives:
+            predictions["bma"] = _rounded(_bma(test))
+        out[PREDICTIONS_KEY] = {"mcq": predictions}
         return out
 
     def headline(self, block: dict[str, Any]) -> dict[str, Any]:
-        return {f"calibration/{task}": {k: v for k, v in report.items() if k != "reliability"}
-                for task, report in block.items()}
+        return {f"calibration/{name}": {k: v for k, v in report.items() if k != "reliability"}
+                for name, report in block.items() if name != PREDICTIONS_KEY}
 
     def figures(self, block: dict[str, Any], run_dir: Path) -> dict[str, Callable[[], Path]]:
         from ... import plots
 
         jobs = {}
-        for task, report in block.items():
+        for name, report in block.items():
+            if name == PREDICTIONS_KEY:
+                continue
             bins = report["reliability"]
-            jobs[f"reliability_{task}"] = lambda b=bins, t=task: plots.reliability_diagram(
-                b["bin_confidence"], b["bin_accuracy"], b["bin_count"], run_dir / f"reliability_{t}.png", _TITLES[t])
+            jobs[f"reliability_{name}"] = lambda b=bins, n=name: plots.reliability_diagram(
+                b["bin_confidence"], b["bin_accuracy"], b["bin_count"], run_dir / f"reliability_{n}.png", _title(n))
         return jobs
 
     def show(self, block: dict[str, Any], result: dict[str, Any]) -> None:
         from rich.table import Table
 
-        table = Table(title="calibration", title_justify="left")
+        table = Table(title="calibration (test split)", title_justify="left")
         columns = ("accuracy", "nll", "brier", "ece_10", "ece_15", "mce")
-        for column in ("task", *columns):
-            table.add_column(column, justify="left" if column == "task" else "right")
-        for task, report in block.items():
-            table.add_row(task, *(fmt(report[k]) for k in columns))
+        for column in ("predictive", *columns):
+            table.add_column(column, justify="left" if column == "predictive" else "right")
+        for name, report in block.items():
+            if name != PREDICTIONS_KEY:
+                table.add_row(name, *(fmt(report[k]) for k in columns))
         console.print(table)
+        if "mcq_ts" in block:
+            console.print(f"temperature scaling: T = {block['mcq_ts']['temperature']:.3f}, fit on "
+                          f"{block['mcq_ts']['fit_items']} calibration-split items")

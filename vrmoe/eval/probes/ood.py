@@ -10,7 +10,7 @@ import torch
 
 from ... import metrics
 from ...console import console
-from ..schema import SCORES_KEY
+from ..schema import PREDICTIONS_KEY, SCORES_KEY
 from .base import Probe, fmt, register_probe
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -37,10 +37,13 @@ class OODProbe(Probe):
                 ood[name]["auroc"][score] = metrics.auroc(values, labels)
                 ood[name]["auprc"][score] = metrics.auprc(values, labels)
         ood[SCORES_KEY] = {name: {k: v.tolist() for k, v in r.scores.items()} for name, r in scored.items()}
+        if ctx.unit == "mcq":  # per-item predictions of the OOD sets (ensembles are scored from them)
+            ood[PREDICTIONS_KEY] = {name: [[round(p, 6) for p in row] for row in r.probs_NC.double().tolist()]
+                                    for name, r in scored.items() if name != "in"}
         return ood
 
     def headline(self, block: dict[str, Any]) -> dict[str, Any]:
-        return {f"ood/{name}": values for name, values in block.items() if name != SCORES_KEY}
+        return {f"ood/{name}": values for name, values in block.items() if name not in (SCORES_KEY, PREDICTIONS_KEY)}
 
     def figures(self, block: dict[str, Any], run_dir: Path) -> dict[str, Callable[[], Path]]:
         from ... import plots
@@ -56,7 +59,7 @@ class OODProbe(Probe):
     def show(self, block: dict[str, Any], result: dict[str, Any]) -> None:
         from rich.table import Table
 
-        sets = [name for name in block if name != SCORES_KEY]
+        sets = [name for name in block if name not in (SCORES_KEY, PREDICTIONS_KEY)]
         if not sets:
             return
         score_names = list(block[sets[0]]["auroc"])
