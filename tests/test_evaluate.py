@@ -214,17 +214,28 @@ def test_user_ood_file_is_its_own_set(run_dir, tmp_path):
 
 @pytest.mark.slow
 def test_paper_table_quick_form(tmp_path, corpus_cache):
+    """The study end to end at CI size: both formats, the baselines, both predictives, the paired
+    intervals, the posterior diagnostics and every sweep with its plot; a second invocation with the
+    same --out trains nothing again."""
     script = Path(__file__).resolve().parents[1] / "experiments" / "paper_table.py"
-    proc = subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path / "table")],
-                          capture_output=True, text=True, timeout=600)
+    command = [sys.executable, str(script), "--quick", "--sweep", "--out", str(tmp_path / "table")]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = (tmp_path / "table" / "table.md").read_text()
-    for column in ("Acc", "NLL", "ECE", "AUROC near", "AUROC far", "Jaccard", "FLOPs"):
-        assert column in table
-    for row in ("topk", "variational"):
-        assert row in table
+    for text in ("cloze format", "letter format", "ΔECE vs Top-K", "ΔAUROC near", "Top-K + temperature scaling",
+                 "Top-K ensemble of 2 seeds", "| BMA |", "variational full (post-hoc)", "Posterior diagnostics",
+                 "### beta", "### model_size"):
+        assert text in table, text
     results = json.loads((tmp_path / "table" / "results.json").read_text())
-    assert results["rows"]
+    diag = results["formats"]["cloze"]["cloze_diag_bma"]
+    assert diag["d_ece_10"]["low"] <= diag["d_ece_10"]["high"] and diag["items"] == 24 and diag["seeds"] == 2
+    assert results["formats"]["letter"]["letter_diag_bma"]["items"] > 0  # prompts too long for the model are left out
+    assert results["formats"]["cloze"]["topk"]["d_ece_10"] == {**results["formats"]["cloze"]["topk"]["d_ece_10"],
+                                                               "estimate": 0.0, "low": 0.0, "high": 0.0}
+    for name in ("S", "beta", "sigma_init", "layers", "model_size"):
+        assert (tmp_path / "table" / f"ece_vs_{name}.png").is_file()
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "stage posthoc: 0 runs" in again.stdout
 
 
 def test_the_two_predictives_and_temperature_scaling(tmp_path, corpus_cache):

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from vrmoe import metrics
+from . import metrics
 
 METRICS = ("ece_10", "ece_15", "nll", "accuracy", "brier")
 N_RESAMPLES = 2000

@@ -49,6 +49,12 @@ def ordered_probes() -> list[Probe]:
     return sorted(PROBES.values(), key=lambda p: p.order)
 
 
+def per_item(probs_NC: Any) -> list[list[float]]:
+    """Per-item probabilities for eval.json: 6 significant digits, so that a small probability of the
+    true answer keeps its NLL (a fixed number of decimals would round it to 0)."""
+    return [[float(f"{p:.6g}") for p in row] for row in probs_NC.double().tolist()]
+
+
 def fmt(value: Any, digits: int = 3) -> str:
     """A number for a console table: 3 decimals, "-" for a missing or NaN value."""
     if value is None or (isinstance(value, float) and math.isnan(value)):

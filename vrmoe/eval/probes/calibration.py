@@ -18,7 +18,7 @@ from ... import metrics
 from ...console import console
 from ...stats import apply_temperature, fit_temperature
 from ..schema import CALIBRATION_TASKS, PREDICTIONS_KEY
-from .base import Probe, fmt, register_probe
+from .base import Probe, fmt, per_item, register_probe
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..context import EvalContext, ScoredSet
@@ -26,7 +26,6 @@ if TYPE_CHECKING:  # pragma: no cover
 _KIND = {"next_token": "lm", "mcq": "mcq"}
 _TITLES = {"next_token": "Next-token prediction", "mcq": "4-way multiple choice"}
 _SUFFIX_TITLES = {"": "", "_bma": ", mean of S single-sample passes", "_ts": ", temperature-scaled"}
-_DIGITS = 6  # per-item probabilities in eval.json
 
 
 def _title(report_name: str) -> str:
@@ -39,10 +38,6 @@ def _title(report_name: str) -> str:
 def _bma(scored: "ScoredSet"):
     """The BMA predictive; without single-sample passes (S = 1) the one pass is its own average."""
     return scored.probs_NC if scored.bma_probs_NC is None else scored.bma_probs_NC
-
-
-def _rounded(probs_NC) -> list[list[float]]:
-    return [[round(p, _DIGITS) for p in row] for row in probs_NC.double().tolist()]
 
 
 @register_probe
@@ -64,10 +59,10 @@ class CalibrationProbe(Probe):
         scaled = apply_temperature(test.logits_NC, temperature)
         out["mcq_ts"] = {**metrics.calibration_report(scaled, test.labels_N), "temperature": temperature,
                          "fit_items": len(fit.labels_N)}
-        predictions = {"labels": test.labels_N.tolist(), "routing_mean": _rounded(test.probs_NC),
-                       "ts": _rounded(scaled)}
+        predictions = {"labels": test.labels_N.tolist(), "routing_mean": per_item(test.probs_NC),
+                       "ts": per_item(scaled)}
         if "bma" in predictives:
-            predictions["bma"] = _rounded(_bma(test))
+            predictions["bma"] = per_item(_bma(test))
         out[PREDICTIONS_KEY] = {"mcq": predictions}
         return out
 

@@ -11,7 +11,7 @@ import torch
 from ... import metrics
 from ...console import console
 from ..schema import PREDICTIONS_KEY, SCORES_KEY
-from .base import Probe, fmt, register_probe
+from .base import Probe, fmt, per_item, register_probe
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..context import EvalContext
@@ -38,8 +38,7 @@ class OODProbe(Probe):
                 ood[name]["auprc"][score] = metrics.auprc(values, labels)
         ood[SCORES_KEY] = {name: {k: v.tolist() for k, v in r.scores.items()} for name, r in scored.items()}
         if ctx.unit == "mcq":  # per-item predictions of the OOD sets (ensembles are scored from them)
-            ood[PREDICTIONS_KEY] = {name: [[round(p, 6) for p in row] for row in r.probs_NC.double().tolist()]
-                                    for name, r in scored.items() if name != "in"}
+            ood[PREDICTIONS_KEY] = {name: per_item(r.probs_NC) for name, r in scored.items() if name != "in"}
         return ood
 
     def headline(self, block: dict[str, Any]) -> dict[str, Any]:
