@@ -372,13 +372,14 @@ TABLE_HEADER = ("| Method | predictive | split fit on | Acc | NLL | ECE [95% CI]
 TABLE_RULE = "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 
 
-def table_line(label: str, predictive: str, fitted: str, numbers: dict[str, Any], extras: dict[str, Any]) -> str:
+def table_line(label: str, predictive: str, fitted: str, numbers: dict[str, Any], extras: dict[str, Any],
+               reference: bool = False) -> str:
     auroc_near = numbers.get("auroc_near")
     near = "-" if auroc_near is None else f"{fmt_interval(auroc_near)} ({numbers['ood_score']})"
+    diff = lambda key: "reference" if reference else fmt_interval(numbers.get(key), True)  # noqa: E731
     return (f"| {label} | {predictive} | {fitted} | {numbers['acc']['estimate']:.3f} | {numbers['nll']['estimate']:.3f} "
-            f"| {fmt_interval(numbers['ece'])} | {fmt_interval(numbers['d_ece_10'], True)} "
-            f"| {fmt_interval(numbers['d_nll'], True)} | {near} | {fmt_interval(numbers.get('d_auroc_near'), True)} "
-            f"| {fmt_interval(numbers.get('auroc_far'))} | {fmt_interval(numbers.get('d_auroc_far'), True)} "
+            f"| {fmt_interval(numbers['ece'])} | {diff('d_ece_10')} | {diff('d_nll')} | {near} | {diff('d_auroc_near')} "
+            f"| {fmt_interval(numbers.get('auroc_far'))} | {diff('d_auroc_far')} "
             f"| {fmt_number(extras.get('jaccard'))} | {fmt_number(extras.get('flops'), percent=True)} |")
 
 
@@ -401,7 +402,7 @@ def rows_for_format(out: Path, fmt: str, all_methods: list[Method], seeds: list[
         extras = {"jaccard": mean_over(results, lambda r: schema.jaccard_at(r)),
                   "flops": mean_over(results, lambda r: schema.cost_number(r, "router_overhead_vs_topk"))}
         numbers[name] = {**values, **extras, "label": label, "predictive": predictive, "fit_on": fitted}
-        lines.append(table_line(label, predictive, fitted, values, extras))
+        lines.append(table_line(label, predictive, fitted, values, extras, reference=row is base))
 
     add("topk", "Top-K", "single pass", "finetune", base, topk_results)
     add("topk_ts", "Top-K + temperature scaling", "single pass", "finetune + calibration (T)",

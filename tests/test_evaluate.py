@@ -269,3 +269,13 @@ def test_the_two_predictives_and_temperature_scaling(tmp_path, corpus_cache):
     assert json.loads((tmp_path / "eval_single.json").read_text())["calibration"].keys() == \
         only_single["calibration"].keys()
     assert "mcq_bma" in json.loads((tmp_path / EVAL_FILE).read_text())["calibration"]
+
+
+def test_per_item_probabilities_keep_the_nll_of_small_ones():
+    from vrmoe import metrics
+    from vrmoe.eval.probes.base import per_item
+
+    probs = torch.tensor([[1 - 3e-12, 1e-12, 1e-12, 1e-12], [0.25, 0.25, 0.25, 0.25]], dtype=torch.float64)
+    labels = torch.tensor([1, 2])
+    stored = torch.tensor(per_item(probs), dtype=torch.float64)
+    assert metrics.nll(stored, labels) == pytest.approx(metrics.nll(probs, labels), rel=1e-6)
