@@ -19,7 +19,7 @@ import transformers  # noqa: E402
 
 from vrmoe.checkpoint import load_checkpoint  # noqa: E402
 from vrmoe.compose import compose_over_saved  # noqa: E402
-from vrmoe.config import ConfigError, ModelConfig  # noqa: E402
+from vrmoe.config import ModelConfig  # noqa: E402
 from vrmoe.data.tokenizers import HFTokenizer  # noqa: E402
 from vrmoe.eval.run import evaluate_run  # noqa: E402
 from vrmoe.data.corpora import load_corpus  # noqa: E402

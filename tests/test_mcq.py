@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from vrmoe.config import ConfigError
-from vrmoe.data.mcq import (BLANK, N_OPTIONS, WORD, build_items, encode_items, items_from_text, make_batch,
+from vrmoe.data.mcq import (BLANK, N_OPTIONS, WORD, build_items, encode_items, make_batch,
                             option_scores, sentences, shuffle_words_within_sentences)
 from vrmoe.tasks.mcq import MCQTask
 from vrmoe.data import load_corpus
+from vrmoe.data.tokenizers import ByteTokenizer
 from vrmoe.model import build_model
 from vrmoe.train import train
 
@@ -82,9 +83,13 @@ def test_shuffled_near_domain_keeps_words_and_layout_but_not_order():
         assert Counter(before.split()) == Counter(after.split())
 
 
-def test_text_without_items_is_a_config_error():
-    with pytest.raises(ConfigError, match="eval.ood_text: x.txt"):
-        items_from_text("too short", 10, 64, "eval.ood_text: x.txt")
+@pytest.mark.parametrize("fmt", ["cloze", "letter"])
+def test_text_without_items_is_a_config_error(fmt):
+    from vrmoe.data.mcq import text_items
+
+    app = make_config(*TINY, "task=mcq", f"task.format={fmt}", "model.seq_len=128")
+    with pytest.raises(ConfigError, match=r"^eval.ood_text: x.txt: the text yields no multiple-choice item"):
+        text_items(app, "too short", 10, "eval.ood_text: x.txt", ByteTokenizer())
 
 
 def test_option_scores_give_the_softmax_over_full_sentence_likelihoods():

@@ -149,3 +149,12 @@ def test_a_dataset_has_three_disjoint_splits(tmp_path):
         make_config(*TINY, "data=mcq", f"data.mcq_name={data}", "data.mcq_calibration_split=validation")
     with pytest.raises(ConfigError, match="task.format=cloze needs a text corpus"):
         make_config(*TINY, "data=mcq", f"data.mcq_name={data}", "task=mcq", "task.format=cloze")
+
+
+def test_prompts_longer_than_the_model_are_left_out_and_said(capsys):
+    short = MCQQuestion("Two?", ("a", "b", "c", "d"), 1)
+    long = MCQQuestion("A question far too long for a sixty-four byte context " * 3, ("a", "b", "c", "d"), 0)
+    tensors = encode_questions([short, long, short], ByteTokenizer(), 64, "task.fit_split=finetune")
+    assert len(tensors) == 2 and tensors.answers_N.tolist() == [1, 1]
+    assert ("task.fit_split=finetune: 1 of 3 prompts are longer than model.seq_len=64 tokens and were left out"
+            in " ".join(capsys.readouterr().err.split()))

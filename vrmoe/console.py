@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 from rich.console import Console
 from rich.markup import escape
@@ -18,7 +19,7 @@ def log_line(message: str) -> None:
     console.print(message, soft_wrap=True)
 
 
-def fail(message: str, code: int = 2) -> "NoReturn":  # noqa: F821
+def fail(message: str, code: int = 2) -> NoReturn:
     """Print one clear error line and exit without a traceback."""
     console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, markup=True, highlight=False)
     sys.exit(code)

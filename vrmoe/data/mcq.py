@@ -274,13 +274,8 @@ def item_len(app: "AppConfig") -> int:
     return min(app.task.item_len, app.model.seq_len)
 
 
-def items_from_text(text: str, n_items: int, max_len: int, key: str, seed: int = 0,
-                    tokenizer: Tokenizer | None = None) -> MCQTensors:
-    """Cloze items as tensors, or a ConfigError naming ``key`` when the text yields none."""
-    return encode_items(_built(text, n_items, max_len, key, seed), tokenizer)
-
-
 def _built(text: str, n_items: int, max_len: int, key: str, seed: int = 0, skip: int = 0) -> list[MCQItem]:
+    """Items ``skip`` .. ``skip + n_items`` of ``text``, or a ConfigError naming ``key`` when it yields none."""
     items = build_items(text, skip + n_items, max_len, seed)[skip:]
     if not items:
         raise ConfigError(f"{key}: the text yields no multiple-choice item{' beyond the first ' + str(skip) if skip else ''}"
@@ -293,9 +288,9 @@ def _built(text: str, n_items: int, max_len: int, key: str, seed: int = 0, skip:
 # Splits and formats
 # ---------------------------------------------------------------------------
 
-# Three disjoint splits: fine-tuning makes the base over-confident on its items; post-hoc methods
-# (the Bayesian heads, temperature scaling) fit on calibration items; only evaluation scores test items.
-SPLITS = ("finetune", "calibration", "test")
+# Three disjoint splits (finetune, calibration, test): fine-tuning makes the base over-confident on
+# its items; post-hoc methods (the Bayesian heads, temperature scaling) fit on calibration items; only
+# evaluation scores test items.
 
 
 def halves(text: str) -> tuple[str, str]:
@@ -348,4 +343,4 @@ def split_items(app: "AppConfig", corpus: "Corpus", split: str, n_items: int, ke
 
 __all__ = ["MCQItem", "MCQTensors", "MCQBatch", "N_OPTIONS", "BLANK", "sentences",
            "shuffle_words_within_sentences", "build_items", "encode_items", "make_batch", "option_scores",
-           "item_len", "items_from_text", "SPLITS", "halves", "split_text", "as_question", "text_items", "split_items"]
+           "item_len", "halves", "split_text", "as_question", "text_items", "split_items"]

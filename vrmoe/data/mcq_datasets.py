@@ -23,6 +23,7 @@ from typing import Any, Iterable
 import torch
 
 from ..config import ConfigError
+from ..console import log_line
 from .tokenizers import ByteTokenizer, Tokenizer
 
 LETTERS = ("A", "B", "C", "D")
@@ -244,6 +245,9 @@ def encode_questions(questions: list[MCQQuestion], tokenizer: Tokenizer | None, 
             answers.append(question.answer)
     if not encoded:
         raise ConfigError(f"{key}: no question fits in {max_len} tokens; raise model.seq_len")
+    if len(encoded) < len(questions):  # fewer items than asked for: say so, the counts matter for a study
+        log_line(f"[yellow]warning:[/] {key}: {len(questions) - len(encoded)} of {len(questions)} prompts are longer "
+                 f"than model.seq_len={max_len} tokens and were left out")
     tokens = torch.zeros(len(encoded), max(len(ids) for ids in encoded), dtype=torch.long)
     for n, ids in enumerate(encoded):
         tokens[n, :len(ids)] = ids
