@@ -279,3 +279,20 @@ def test_per_item_probabilities_keep_the_nll_of_small_ones():
     labels = torch.tensor([1, 2])
     stored = torch.tensor(per_item(probs), dtype=torch.float64)
     assert metrics.nll(stored, labels) == pytest.approx(metrics.nll(probs, labels), rel=1e-6)
+
+
+def test_temperature_scaling_is_skipped_with_a_warning_when_a_score_is_not_finite(capsys):
+    from types import SimpleNamespace
+
+    from vrmoe.eval.context import ScoredSet
+    from vrmoe.eval.probes.calibration import CalibrationProbe
+
+    labels = torch.tensor([0, 1])
+    logits = torch.tensor([[0.0, -1.0, -2.0, float("-inf")], [1.0, 0.0, 0.0, 0.0]])
+    mcq = ScoredSet(logits.softmax(-1), labels, logits_NC=logits)
+    lm = ScoredSet(torch.full((3, 5), 0.2), torch.tensor([0, 1, 2]))
+    ctx = SimpleNamespace(predictives=("routing_mean",),
+                          scored=lambda name, kind: lm if kind == "lm" else mcq)
+    block = CalibrationProbe().measure(ctx)
+    assert "mcq_ts" not in block and "ts" not in block["predictions"]["mcq"] and "mcq" in block
+    assert "temperature scaling skipped" in capsys.readouterr().err

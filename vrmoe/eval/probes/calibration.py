@@ -14,8 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+import torch
+
 from ... import metrics
-from ...console import console
+from ...console import console, log_line
 from ...stats import apply_temperature, fit_temperature
 from ..schema import CALIBRATION_TASKS, PREDICTIONS_KEY
 from .base import Probe, fmt, per_item, register_probe
@@ -55,12 +57,15 @@ class CalibrationProbe(Probe):
             if "bma" in predictives:
                 out[f"{task}_bma"] = metrics.calibration_report(_bma(scored), scored.labels_N)
         test, fit = ctx.scored("in", "mcq"), ctx.scored("calibration", "mcq")
-        temperature = fit_temperature(fit.logits_NC, fit.labels_N)
-        scaled = apply_temperature(test.logits_NC, temperature)
-        out["mcq_ts"] = {**metrics.calibration_report(scaled, test.labels_N), "temperature": temperature,
-                         "fit_items": len(fit.labels_N)}
-        predictions = {"labels": test.labels_N.tolist(), "routing_mean": per_item(test.probs_NC),
-                       "ts": per_item(scaled)}
+        predictions = {"labels": test.labels_N.tolist(), "routing_mean": per_item(test.probs_NC)}
+        if bool(torch.isfinite(fit.logits_NC).all() and torch.isfinite(test.logits_NC).all()):
+            temperature = fit_temperature(fit.logits_NC, fit.labels_N)
+            scaled = apply_temperature(test.logits_NC, temperature)
+            out["mcq_ts"] = {**metrics.calibration_report(scaled, test.labels_N), "temperature": temperature,
+                             "fit_items": len(fit.labels_N)}
+            predictions["ts"] = per_item(scaled)
+        else:  # an option score of -inf (a token the model gives probability 0) has no finite temperature
+            log_line("[yellow]warning:[/] temperature scaling skipped: some option scores are not finite")
         if "bma" in predictives:
             predictions["bma"] = per_item(_bma(test))
         out[PREDICTIONS_KEY] = {"mcq": predictions}
