@@ -7,7 +7,11 @@
 Every ratio compares contenders measured in the same process, run in turns (A, B, C, B, C,
 A, ..., the order rotating every round): the "ms" column is a contender's median time, the
 ratio the median over rounds of its time over the baseline's in the same round, so load
-from other processes on a shared machine hits every contender alike. The rows:
+from other processes on a shared machine hits every contender alike. Next to it, a 95%
+interval of that median (distribution-free, from the order statistics of the rounds'
+ratios), and the verdict reads it: ``yes`` when the whole interval is within the target,
+``NO`` when all of it is beyond, ``~yes`` / ``~NO`` (the median's side) when the target lies
+inside the interval, where this many rounds on this machine cannot tell. The rows:
 
 * **MoE layer**: forward + backward of one MoE layer (Top-K router, SwiGLU experts) against
   a dense SwiGLU *floor* with the same active FLOPs (hidden K*F), and the peer, Hugging Face's
@@ -18,7 +22,10 @@ from other processes on a shared machine hits every contender alike. The rows:
   (forward, backward, AdamW): each Bayesian router's training step against Top-K's;
   evaluation with S = 32 routing samples against S = 1, next to its *floor* (S = 1 plus
   drawing the S x T x E standard normals alone, per routed layer: what no implementation on
-  torch's generator can go below); the peak memory of evaluation, S = 32 against S = 1.
+  torch's generator can go below); the variational router's training step next to its
+  floor (Top-K's step plus the forward and backward of the variational heads alone: what
+  no implementation of those heads can go below); the peak memory of evaluation, S = 32
+  against S = 1.
 
 Each row with a target (``LAYER_TARGET`` and the other constants below) says whether it is met.
 * **On CUDA only**: the three GPU layer shapes in bf16, and the model FLOPs utilisation (MFU)
@@ -96,7 +103,7 @@ class Sizes:
     k: int = 2
     model: str = "small"
     samples: int = 32
-    repeats: int = 7
+    repeats: int = 11
     warmup: int = 2
     # The router overheads at the layer again with more experts (label -> router overrides), so
     # that the scaling with E shows: the full covariance's head has E(E+1)/2 outputs.
@@ -124,12 +131,20 @@ class Row:
     target: float | None = None  # the ratio should be at most this
     memory_mb: float | None = None
     note: str = ""
+    interval: tuple[float, float] | None = None  # a 95% interval of the ratio (median over rounds)
 
     @property
     def verdict(self) -> str:
+        """yes / NO when the interval is on one side of the target; ~yes / ~NO (the median's side)
+        when the target lies inside it; without an interval, the median's side."""
         if self.ratio is None or self.target is None:
             return ""
-        return "yes" if self.ratio <= self.target else "NO"
+        low, high = self.interval or (self.ratio, self.ratio)
+        if high <= self.target:
+            return "yes"
+        if low > self.target:
+            return "NO"
+        return "~yes" if self.ratio <= self.target else "~NO"
 
 
 # ---------------------------------------------------------------------------
@@ -156,11 +171,33 @@ def interleaved_times(contenders: dict[str, Callable[[], Any]], repeats: int, wa
     return times
 
 
-def paired_ratio(times: dict[str, list[float]], name: str, baseline: str) -> float:
-    """The median over rounds of ``name``'s time over ``baseline``'s in the same round: two
-    calls a moment apart see the same background load, so their ratio is steadier than the
-    ratio of the medians when the load drifts."""
-    return statistics.median(a / b for a, b in zip(times[name], times[baseline]))
+def round_ratios(times: dict[str, list[float]], name: str, baseline: str) -> list[float]:
+    """``name``'s time over ``baseline``'s in each round. Two calls a moment apart see the same
+    background load, so the median of these ratios is steadier than the ratio of the medians
+    when the load drifts."""
+    return [a / b for a, b in zip(times[name], times[baseline])]
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free interval for the median of ``values`` (independent rounds): the j-th
+    smallest and j-th largest value, j the largest with P(Binomial(n, 1/2) < j) <= (1 -
+    confidence) / 2, so that it covers the median at least ``confidence`` of the time. With
+    few values (n <= 8 at 95%) it is the whole range, which covers less than that when n < 6."""
+    ordered, n = sorted(values), len(values)
+    alpha = (1 - confidence) / 2
+
+    def below(j: int) -> float:  # P(B < j), B ~ Binomial(n, 1/2)
+        return sum(math.comb(n, i) for i in range(j)) / 2 ** n
+
+    j = 1
+    while j + 1 <= (n + 1) // 2 and below(j + 1) <= alpha:
+        j += 1
+    return ordered[j - 1], ordered[n - j]
+
+
+def ratio_fields(ratios: list[float]) -> dict[str, Any]:
+    """A Row's ratio (the median of the rounds' ratios) and its 95% interval."""
+    return {"ratio": statistics.median(ratios), "interval": median_interval(ratios)}
 
 
 def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float | None:
@@ -300,6 +337,36 @@ class _PeerInput(torch.nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
 
+#: The contender that times the variational heads alone (the training floor).
+HEADS = "variational heads"
+
+
+def floor_label(variants: list[tuple[str, list[str]]]) -> str | None:
+    """The variant whose floors are measured: the first variational one (diag by default)."""
+    return next((label for label, overrides in variants if router_name(overrides) == "variational"), None)
+
+
+def heads_step(routers: list[torch.nn.Module], inputs: list[torch.Tensor], device: torch.device) -> Callable[[], None]:
+    """Forward and backward of the variational routers' heads alone (``VariationalRouter.heads``),
+    each on its input, against unit output gradients: what a variational training step adds to
+    Top-K's in matmuls and GELUs, whatever else its implementation does. The gate's logits,
+    which Top-K's step computes too, run again (D x E of the heads' D x (D/2 + E) + ...) but
+    take no gradient."""
+    params = [p for router in routers for p in router.parameters() if p.requires_grad]
+
+    def step() -> None:
+        for t in [*params, *inputs]:
+            t.grad = None
+        outputs = []
+        with autocast_for(device):
+            for router, u_TD in zip(routers, inputs):
+                _, residual_TE, scale_raw = router.heads(u_TD)
+                outputs += [residual_TE, scale_raw]
+        torch.autograd.backward(outputs, [torch.ones_like(o) for o in outputs])
+
+    return step
+
+
 def train_step(app: AppConfig, model, idx: torch.Tensor, device: torch.device, forward=None) -> Callable[[], None]:
     """One training step exactly as ``vrmoe train`` takes it (the loop's :class:`TrainStep`):
     forward, task + router loss, backward, clipping, AdamW."""
@@ -345,9 +412,10 @@ def moe_layer_rows(tokens: int, d_model: int, hidden: int, n_experts: int, k: in
     notes = {"dense SwiGLU floor": f"hidden K*F = {k * hidden}: the same active FLOPs",
              "vrmoe MoE layer": f"{kernel} dispatch, Top-K router",
              "HF Mixtral sparse block": "peer (transformers, eager experts)"}
-    rows = [Row(section, name, 1e3 * statistics.median(times[name]), paired_ratio(times, name, "dense SwiGLU floor"),
-                LAYER_TARGET if name == "vrmoe MoE layer" else None,
-                peak_memory_mb(steps[name], device), notes[name]) for name in steps]
+    rows = [Row(section, name, 1e3 * statistics.median(times[name]),
+                target=LAYER_TARGET if name == "vrmoe MoE layer" else None,
+                memory_mb=peak_memory_mb(steps[name], device), note=notes[name],
+                **ratio_fields(round_ratios(times, name, "dense SwiGLU floor"))) for name in steps]
     if peer is None:
         rows.append(Row(section, "HF Mixtral sparse block", note="skipped: transformers is not installed "
                                                                    "(pip install 'vrmoe[bench]')"))
@@ -373,8 +441,11 @@ def router_layer_rows(sizes: Sizes, device: torch.device, n_experts: int | None 
                          "auto").to(device)
 
     layers = {"topk": layer(["router=topk"]), **{label: layer(o) for label, o in variants}}
-    train = interleaved_times({name: layer_train_step(m, x_TD, device) for name, m in layers.items()},
-                              sizes.repeats, sizes.warmup, device)
+    train_steps = {name: layer_train_step(m, x_TD, device) for name, m in layers.items()}
+    floor = floor_label(variants)
+    if floor is not None:
+        train_steps[HEADS] = heads_step([layers[floor].router], [x_TD], device)
+    train = interleaved_times(train_steps, sizes.repeats, sizes.warmup, device)
     evals = {label: {s: layer_eval_step(with_samples(layers[label], s), x_TD, device) for s in (1, sizes.samples)}
              for label, _ in variants}
     normals = (sizes.samples, sizes.tokens, n_experts)
@@ -400,6 +471,12 @@ def router_model_rows(sizes: Sizes, device: torch.device) -> list[Row]:
     for name, model in models.items():
         model.train()
         steps[name] = train_step(apps[name], model, idx, device)
+    floor = floor_label(variants)
+    if floor is not None:  # the heads of every routed layer, each on a batch of router inputs
+        torch.manual_seed(0)
+        routers = [layer.router for layer in models[floor].moe_layers]
+        inputs = [torch.randn(idx.numel(), base.model.d_model, device=device, requires_grad=True) for _ in routers]
+        steps[HEADS] = heads_step(routers, inputs, device)
     train = interleaved_times(steps, sizes.repeats, sizes.warmup, device)
     evals = {label: {s: layer_eval_step(with_samples(models[label], s), idx, device) for s in (1, sizes.samples)}
              for label, _ in variants}
@@ -428,7 +505,13 @@ def _router_rows(section: str, variants: list[tuple[str, list[str]]], train: dic
     rows = [Row(section, "train step: topk", 1e3 * statistics.median(train["topk"]), 1.0, note="the baseline")]
     for label, overrides in variants:
         rows.append(Row(section, f"train step: {label} / topk", 1e3 * statistics.median(train[label]),
-                        paired_ratio(train, label, "topk"), target(train_targets, overrides)))
+                        target=target(train_targets, overrides), **ratio_fields(round_ratios(train, label, "topk"))))
+    floor_base = floor_label(variants)
+    if HEADS in train:
+        rows.append(Row(section, f"floor: topk + the {floor_base} heads' fwd+bwd / topk",
+                        1e3 * statistics.median(train[HEADS]),
+                        **ratio_fields([(a + b) / a for a, b in zip(train["topk"], train[HEADS])]),
+                        note="the heads' matmuls and GELUs alone"))
 
     def draw_normals() -> None:
         for shape in normal_draws:
@@ -437,19 +520,19 @@ def _router_rows(section: str, variants: list[tuple[str, list[str]]], train: dic
     contenders = {f"{label} S={s}": step for label, by_s in evals.items() for s, step in by_s.items()}
     contenders["normals"] = draw_normals
     times = interleaved_times(contenders, sizes.repeats, sizes.warmup, device)
-    floor_base = next((label for label, o in variants if router_name(o) == "variational"), None)
     for label, overrides in variants:
         many, one = f"{label} S={samples}", f"{label} S=1"
         sampled = samples_at_eval(overrides)
         rows.append(Row(section, f"eval: {label} S={samples} / S=1", 1e3 * statistics.median(times[many]),
-                        paired_ratio(times, many, one), target(eval_targets, overrides) if sampled else None,
-                        note="" if sampled else "S is unused at evaluation"))
+                        target=target(eval_targets, overrides) if sampled else None,
+                        note="" if sampled else "S is unused at evaluation",
+                        **ratio_fields(round_ratios(times, many, one))))
     if floor_base is not None:
         one = times[f"{floor_base} S=1"]
-        floor = statistics.median((a + b) / a for a, b in zip(one, times["normals"]))
         per_normal_ns = 1e9 * statistics.median(times["normals"]) / sum(math.prod(d) for d in normal_draws)
         rows.append(Row(section, f"floor: {floor_base} S=1 + drawing S={samples} normals / S=1",
-                        1e3 * statistics.median(times["normals"]), floor,
+                        1e3 * statistics.median(times["normals"]),
+                        **ratio_fields([(a + b) / a for a, b in zip(one, times["normals"])]),
                         note=f"torch's generator alone: {per_normal_ns:.1f} ns a normal, "
                              f"{len(normal_draws)} x {'x'.join(map(str, normal_draws[0]))}"))
     for label, overrides in variants:
@@ -572,15 +655,20 @@ def _cell(value: float | None, spec: str) -> str:
 
 def table_cells(row: Row) -> list[str]:
     target = f"<= {row.target:.2f}" if row.target is not None else ""
+    interval = f"{row.interval[0]:.3f}-{row.interval[1]:.3f}" if row.interval is not None else ""
     return [row.name, _cell(row.time_ms, ".1f"), _cell(row.ratio, ".3f") and _cell(row.ratio, ".3f") + "x",
-            target, row.verdict, _cell(row.memory_mb, ".1f"), row.note]
+            interval, target, row.verdict, _cell(row.memory_mb, ".1f"), row.note]
 
 
-HEADERS = ["measurement", "ms", "ratio", "target", "met", "peak MB", "note"]
+HEADERS = ["measurement", "ms", "ratio", "95% interval", "target", "met", "peak MB", "note"]
+VERDICT_LEGEND = ("ratio: the median over rounds of the same-round ratios; 95% interval: of that median; met: "
+                  "yes / NO when the whole interval is within / beyond the target, ~yes / ~NO (the median's side) "
+                  "when the target lies inside it")
+VERDICT_STYLES = {"yes": "[green]yes[/]", "NO": "[red]NO[/]", "~yes": "[yellow]~yes[/]", "~NO": "[yellow]~NO[/]"}
 
 
 def render_markdown(rows: list[Row], title: str) -> str:
-    lines = [f"**{title}**", ""]
+    lines = [f"**{title}**", "", VERDICT_LEGEND, ""]
     for section in dict.fromkeys(r.section for r in rows):
         lines += [f"*{section}*", "", "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
         lines += ["| " + " | ".join(table_cells(r)) + " |" for r in rows if r.section == section]
@@ -597,13 +685,14 @@ def render_rich(rows: list[Row], title: str) -> None:
     if not out.is_terminal:
         out = Console(highlight=False, width=160)
     out.print(f"[bold]{title}[/]")
+    out.print(VERDICT_LEGEND)
     for section in dict.fromkeys(r.section for r in rows):
         table = Table(title=section, title_justify="left", title_style="bold")
         for header in HEADERS:
             table.add_column(header, justify="right" if header in ("ms", "ratio", "peak MB") else "left")
         for r in (r for r in rows if r.section == section):
             cells = table_cells(r)
-            cells[4] = {"yes": "[green]yes[/]", "NO": "[red]NO[/]"}.get(cells[4], cells[4])
+            cells[5] = VERDICT_STYLES.get(cells[5], cells[5])
             table.add_row(*cells)
         out.print(table)
 
@@ -684,5 +773,5 @@ def main(argv: list[str]) -> None:
     sys.stdout.flush()
 
 
-__all__ = ["main", "run_benchmarks", "Sizes", "QUICK", "TINY", "Row", "interleaved_times", "paired_ratio", "peak_memory_mb",
+__all__ = ["main", "run_benchmarks", "Sizes", "QUICK", "TINY", "Row", "interleaved_times", "round_ratios", "median_interval", "peak_memory_mb",
            "graph_breaks", "model_throughput", "compose_config", "render_markdown"]
