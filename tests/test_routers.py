@@ -16,7 +16,8 @@ from torch.distributions import MultivariateNormal, Normal, kl_divergence
 import vrmoe.checkpoint as checkpoint_module
 from vrmoe.config import ConfigError
 from vrmoe.model.routers import ROUTERS, build_router, renormalised_topk, router_config
-from vrmoe.model.routers.base import SoftmaxMean, sample_chunks, token_chunks
+from vrmoe.model.routers.base import (SoftmaxMean, expert_softmax, sample_chunks, standard_exponential_like,
+                                      token_chunks)
 from vrmoe.model.routers.mc_dropout import GeometricGaps
 from vrmoe.model.routers.topk import TopKRouter
 from vrmoe.model.routers.variational import VariationalRouter
@@ -591,3 +592,27 @@ def test_edge_shapes_one_expert_k_equals_e_one_token_and_bf16(name, fields, n_ex
         assert torch.isfinite(routing.aux_loss) and all(torch.isfinite(v).all() for v in routing.stats.values())
         (routing.aux_loss + routing.gates_TK.float().square().sum()).backward()
         assert torch.isfinite(u_TD.grad).all()
+
+
+@pytest.mark.parametrize("shape, dtype", [((4096, 8), torch.float32), ((7, 3), torch.float32), ((5,), torch.float64)])
+def test_exponential_draws_are_torchs_own_numbers(shape, dtype):
+    """The vectorised inversion draws what exponential_() draws: the same numbers, and the
+    generator left in the same state (so training's noise, and the golden records, are unchanged)."""
+    x = torch.zeros(shape, dtype=dtype)
+    torch.manual_seed(3)
+    want, want_state = torch.empty_like(x).exponential_(), torch.get_rng_state()
+    torch.manual_seed(3)
+    got, got_state = standard_exponential_like(x), torch.get_rng_state()
+    assert got.dtype == dtype and torch.equal(got, want) and torch.equal(got_state, want_state)
+
+
+@pytest.mark.parametrize("n_experts", [2, 8, 64])
+def test_expert_softmax_is_the_softmax_forward_and_backward(n_experts):
+    scores = (3 * torch.randn(512, n_experts, dtype=torch.float64)).float().requires_grad_()
+    upstream = torch.randn(512, n_experts)
+    got = expert_softmax(scores)
+    (grad_got,) = torch.autograd.grad(got, scores, upstream)
+    want = scores.softmax(-1)
+    (grad_want,) = torch.autograd.grad(want, scores, upstream)
+    assert torch.allclose(got, want, rtol=0, atol=1e-6) and torch.allclose(grad_got, grad_want, rtol=0, atol=1e-5)
+    assert torch.allclose(got.sum(-1), torch.ones(512))

@@ -8,7 +8,7 @@ import torch
 
 from ...config import ConfigError, ModelConfig, RouterConfig
 from ..flops import GUMBEL_FLOPS_PER_CLASS, SOFTMAX_FLOPS_PER_CLASS, linear_flops
-from .base import Router, Routing, gumbel_perturbed, register_router, topk_overlap
+from .base import Router, Routing, expert_softmax, gumbel_perturbed, register_router, topk_overlap
 
 
 @dataclass
@@ -45,10 +45,10 @@ class TemperatureRouter(Router):
     def forward(self, u_TD: torch.Tensor) -> Routing:
         logits_TE = self.gate(u_TD).float()
         scaled_TE = logits_TE / self.cfg.temperature
-        probs_TE = scaled_TE.softmax(-1)
+        probs_TE = expert_softmax(scaled_TE)
         choose_from_TE = gumbel_perturbed(scaled_TE) if self.training or self.cfg.eval_mode == "sample" else scaled_TE
         ids_TK = choose_from_TE.topk(self.k, dim=-1).indices
-        gates_TK = scaled_TE.gather(-1, ids_TK).softmax(-1)
+        gates_TK = expert_softmax(scaled_TE.gather(-1, ids_TK))
         return Routing(ids_TK, gates_TK.to(u_TD.dtype), probs_TE, self.balance_terms(logits_TE, probs_TE, ids_TK),
                        {"topk_overlap": topk_overlap(ids_TK, logits_TE)})
 

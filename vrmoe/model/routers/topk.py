@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ...config import RouterConfig
-from .base import Router, Routing, register_router, renormalised_topk
+from .base import Router, Routing, expert_softmax, register_router, renormalised_topk
 
 
 @dataclass
@@ -24,7 +24,7 @@ class TopKRouter(Router):
 
     def forward(self, u_TD: torch.Tensor) -> Routing:
         logits_TE = self.gate(u_TD).float()
-        probs_TE = logits_TE.softmax(-1)
+        probs_TE = expert_softmax(logits_TE)
         ids_TK, gates_TK = renormalised_topk(probs_TE, self.k)
         return Routing(ids_TK, gates_TK.to(u_TD.dtype), probs_TE,
                        self.balance_terms(logits_TE, probs_TE, ids_TK))

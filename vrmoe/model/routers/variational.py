@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from ...config import ConfigError, ModelConfig, RouterConfig
 from ..flops import SOFTMAX_FLOPS_PER_CLASS, linear_flops
-from .base import (Router, Routing, SoftmaxMean, check_head_ratio, register_router, renormalised_topk, token_chunks,
-                   topk_overlap, zero_init_head)
+from .base import (Router, Routing, SoftmaxMean, check_head_ratio, expert_softmax, register_router, renormalised_topk,
+                   token_chunks, topk_overlap, zero_init_head)
 
 MAX_FULL_COVARIANCE_EXPERTS = 64
 
@@ -218,7 +218,7 @@ class VariationalRouter(Router):
         post = self.posterior(u_TD)
         sample_probs_STE = None
         if self.training:  # one reparameterised sample, differentiable
-            probs_TE = post.sample(1)[0].softmax(-1)
+            probs_TE = expert_softmax(post.sample(1)[0])
         else:
             mean = post.mean_softmax(self.cfg.samples, keep=self.keep_samples)
             probs_TE, sample_probs_STE = mean.mean_TE(), mean.samples_STE()

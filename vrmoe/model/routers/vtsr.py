@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from ...config import ConfigError, ModelConfig, RouterConfig
 from ..flops import SOFTMAX_FLOPS_PER_CLASS, linear_flops
-from .base import (Router, Routing, check_head_ratio, gumbel_perturbed, inverse_softplus, register_router,
-                   topk_overlap, zero_init_head)
+from .base import (Router, Routing, check_head_ratio, expert_softmax, gumbel_perturbed, inverse_softplus,
+                   register_router, topk_overlap, zero_init_head)
 
 
 @dataclass
@@ -70,16 +70,16 @@ class VTSRRouter(Router):
         logits_TE = self.gate(u_TD).float()
         temperature_TX = self.temperature(u_TD)
         scaled_TE = logits_TE / temperature_TX
-        probs_TE = scaled_TE.softmax(-1)
+        probs_TE = expert_softmax(scaled_TE)
         if self.training:
             perturbed_TE = gumbel_perturbed(scaled_TE)
             ids_TK = perturbed_TE.topk(self.k, dim=-1).indices
-            hard_TK = scaled_TE.gather(-1, ids_TK).softmax(-1)
-            relaxed_TK = perturbed_TE.softmax(-1).gather(-1, ids_TK)
+            hard_TK = expert_softmax(scaled_TE.gather(-1, ids_TK))
+            relaxed_TK = expert_softmax(perturbed_TE).gather(-1, ids_TK)
             gates_TK = hard_TK.detach() + (relaxed_TK - relaxed_TK.detach())  # value hard, gradient relaxed
         else:
             ids_TK = scaled_TE.topk(self.k, dim=-1).indices
-            gates_TK = scaled_TE.gather(-1, ids_TK).softmax(-1)
+            gates_TK = expert_softmax(scaled_TE.gather(-1, ids_TK))
         aux = (self.balance_terms(logits_TE, probs_TE, ids_TK)
                + self.cfg.temperature_reg * (-temperature_TX.log()).mean())
         temperature = temperature_TX.detach()
