@@ -8,7 +8,7 @@ Writes ``<out>/bench.md`` (the tables, for the README) and ``<out>/bench.json`` 
 number), default ``outputs/bench/<date>_<time>``. On top of the quick bench it measures:
 
 * every ``vrmoe bench`` section (the router overheads at E = 8, 16 and 64 included) with 15
-  interleaved rounds instead of 7, once per thread count asked for;
+  interleaved rounds instead of 11, once per thread count asked for;
 * the tokens/s of the default ``vrmoe train`` (model=small, router=topk) over a 60-step
   run: the median of its logged intervals (the first, warm-up interval left out) and the
   whole run's figure from summary.json (which includes the closing validation and checkpoint).
