@@ -350,8 +350,8 @@ def heads_step(routers: list[torch.nn.Module], inputs: list[torch.Tensor], devic
     """Forward and backward of the variational routers' heads alone (``VariationalRouter.heads``),
     each on its input, against unit output gradients: what a variational training step adds to
     Top-K's in matmuls and GELUs, whatever else its implementation does. The gate's logits,
-    which Top-K's step computes too, run again (D x E of the heads' D x (D/2 + E) + ...) but
-    take no gradient."""
+    which Top-K's step computes too, run again (D x E multiply-adds per token against the
+    heads' D x D/2) but take no gradient."""
     params = [p for router in routers for p in router.parameters() if p.requires_grad]
 
     def step() -> None:
