@@ -195,6 +195,12 @@ def median_interval(values: list[float], confidence: float = 0.95) -> tuple[floa
     return ordered[j - 1], ordered[n - j]
 
 
+def floor_ratios(times: dict[str, list[float]], base: str, extra: str) -> list[float]:
+    """(``base`` + ``extra``) / ``base`` in each round: a floor's ratio, ``extra`` being the work
+    that no implementation can avoid adding to ``base``."""
+    return [(a + b) / a for a, b in zip(times[base], times[extra])]
+
+
 def ratio_fields(ratios: list[float]) -> dict[str, Any]:
     """A Row's ratio (the median of the rounds' ratios) and its 95% interval."""
     return {"ratio": statistics.median(ratios), "interval": median_interval(ratios)}
@@ -415,7 +421,8 @@ def moe_layer_rows(tokens: int, d_model: int, hidden: int, n_experts: int, k: in
     rows = [Row(section, name, 1e3 * statistics.median(times[name]),
                 target=LAYER_TARGET if name == "vrmoe MoE layer" else None,
                 memory_mb=peak_memory_mb(steps[name], device), note=notes[name],
-                **ratio_fields(round_ratios(times, name, "dense SwiGLU floor"))) for name in steps]
+                **(ratio_fields(round_ratios(times, name, "dense SwiGLU floor")) if name != "dense SwiGLU floor"
+                   else {"ratio": 1.0})) for name in steps]
     if peer is None:
         rows.append(Row(section, "HF Mixtral sparse block", note="skipped: transformers is not installed "
                                                                    "(pip install 'vrmoe[bench]')"))
@@ -510,7 +517,7 @@ def _router_rows(section: str, variants: list[tuple[str, list[str]]], train: dic
     if HEADS in train:
         rows.append(Row(section, f"floor: topk + the {floor_base} heads' fwd+bwd / topk",
                         1e3 * statistics.median(train[HEADS]),
-                        **ratio_fields([(a + b) / a for a, b in zip(train["topk"], train[HEADS])]),
+                        **ratio_fields(floor_ratios(train, "topk", HEADS)),
                         note="the heads' matmuls and GELUs alone"))
 
     def draw_normals() -> None:
@@ -528,11 +535,10 @@ def _router_rows(section: str, variants: list[tuple[str, list[str]]], train: dic
                         note="" if sampled else "S is unused at evaluation",
                         **ratio_fields(round_ratios(times, many, one))))
     if floor_base is not None:
-        one = times[f"{floor_base} S=1"]
         per_normal_ns = 1e9 * statistics.median(times["normals"]) / sum(math.prod(d) for d in normal_draws)
         rows.append(Row(section, f"floor: {floor_base} S=1 + drawing S={samples} normals / S=1",
                         1e3 * statistics.median(times["normals"]),
-                        **ratio_fields([(a + b) / a for a, b in zip(one, times["normals"])]),
+                        **ratio_fields(floor_ratios(times, f"{floor_base} S=1", "normals")),
                         note=f"torch's generator alone: {per_normal_ns:.1f} ns a normal, "
                              f"{len(normal_draws)} x {'x'.join(map(str, normal_draws[0]))}"))
     for label, overrides in variants:
