@@ -23,8 +23,8 @@ inside the interval, where this many rounds on this machine cannot tell. The row
   evaluation with S = 32 routing samples against S = 1, next to its *floor* (S = 1 plus
   drawing the S x T x E standard normals alone, per routed layer: what no implementation on
   torch's generator can go below); the variational router's training step next to its
-  floor (Top-K's step plus the forward and backward of the variational heads alone: what
-  no implementation of those heads can go below); the peak memory of evaluation, S = 32
+  floor, and VTSR's (Top-K's step plus the forward and backward of the router's heads alone:
+  what no implementation of those heads can go below); the peak memory of evaluation, S = 32
   against S = 1.
 
 Each row with a target (``LAYER_TARGET`` and the other constants below) says whether it is met.
@@ -343,21 +343,32 @@ class _PeerInput(torch.nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
 
-#: The contender that times the variational heads alone (the training floor).
-HEADS = "variational heads"
-
-
 def floor_label(variants: list[tuple[str, list[str]]]) -> str | None:
-    """The variant whose floors are measured: the first variational one (diag by default)."""
+    """The variant whose evaluation floor is measured: the first variational one (diag by default)."""
     return next((label for label, overrides in variants if router_name(overrides) == "variational"), None)
 
 
+def heads_contender(label: str) -> str:
+    """The name under which a variant's heads alone are timed (its training floor)."""
+    return f"{label} heads"
+
+
+def heads_floor_labels(variants: list[tuple[str, list[str]]], routers: dict[str, torch.nn.Module]) -> list[str]:
+    """The variants whose training floor is measured: the first variant of each router that has
+    heads (``Router.head_outputs``; ``routers`` maps a variant to one of its routers)."""
+    labels, seen = [], set()
+    for label, overrides in variants:
+        name = router_name(overrides)
+        if name not in seen and routers[label].head_flops_per_token() > 0:
+            seen.add(name)
+            labels.append(label)
+    return labels
+
+
 def heads_step(routers: list[torch.nn.Module], inputs: list[torch.Tensor], device: torch.device) -> Callable[[], None]:
-    """Forward and backward of the variational routers' heads alone (``VariationalRouter.heads``),
-    each on its input, against unit output gradients: what a variational training step adds to
-    Top-K's in matmuls and GELUs, whatever else its implementation does. The gate's logits,
-    which Top-K's step computes too, run again (D x E multiply-adds per token against the
-    heads' D x D/2) but take no gradient."""
+    """Forward and backward of routers' heads alone (``Router.head_outputs``), each router on its
+    input, against unit output gradients: what the router's training step adds to Top-K's in
+    matmuls and activations, whatever else its implementation does."""
     params = [p for router in routers for p in router.parameters() if p.requires_grad]
 
     def step() -> None:
@@ -366,8 +377,7 @@ def heads_step(routers: list[torch.nn.Module], inputs: list[torch.Tensor], devic
         outputs = []
         with autocast_for(device):
             for router, u_TD in zip(routers, inputs):
-                _, residual_TE, scale_raw = router.heads(u_TD)
-                outputs += [residual_TE, scale_raw]
+                outputs += router.head_outputs(u_TD)
         torch.autograd.backward(outputs, [torch.ones_like(o) for o in outputs])
 
     return step
@@ -449,9 +459,8 @@ def router_layer_rows(sizes: Sizes, device: torch.device, n_experts: int | None 
 
     layers = {"topk": layer(["router=topk"]), **{label: layer(o) for label, o in variants}}
     train_steps = {name: layer_train_step(m, x_TD, device) for name, m in layers.items()}
-    floor = floor_label(variants)
-    if floor is not None:
-        train_steps[HEADS] = heads_step([layers[floor].router], [x_TD], device)
+    for label in heads_floor_labels(variants, {label: layers[label].router for label, _ in variants}):
+        train_steps[heads_contender(label)] = heads_step([layers[label].router], [x_TD], device)
     train = interleaved_times(train_steps, sizes.repeats, sizes.warmup, device)
     evals = {label: {s: layer_eval_step(with_samples(layers[label], s), x_TD, device) for s in (1, sizes.samples)}
              for label, _ in variants}
@@ -478,12 +487,12 @@ def router_model_rows(sizes: Sizes, device: torch.device) -> list[Row]:
     for name, model in models.items():
         model.train()
         steps[name] = train_step(apps[name], model, idx, device)
-    floor = floor_label(variants)
-    if floor is not None:  # the heads of every routed layer, each on a batch of router inputs
-        torch.manual_seed(0)
-        routers = [layer.router for layer in models[floor].moe_layers]
-        inputs = [torch.randn(idx.numel(), base.model.d_model, device=device, requires_grad=True) for _ in routers]
-        steps[HEADS] = heads_step(routers, inputs, device)
+    # The heads of every routed layer, each on a batch of router inputs.
+    torch.manual_seed(0)
+    inputs = [torch.randn(idx.numel(), base.model.d_model, device=device, requires_grad=True)
+              for _ in models["topk"].moe_layers]
+    for label in heads_floor_labels(variants, {label: models[label].moe_layers[0].router for label, _ in variants}):
+        steps[heads_contender(label)] = heads_step([layer.router for layer in models[label].moe_layers], inputs, device)
     train = interleaved_times(steps, sizes.repeats, sizes.warmup, device)
     evals = {label: {s: layer_eval_step(with_samples(models[label], s), idx, device) for s in (1, sizes.samples)}
              for label, _ in variants}
@@ -513,12 +522,13 @@ def _router_rows(section: str, variants: list[tuple[str, list[str]]], train: dic
     for label, overrides in variants:
         rows.append(Row(section, f"train step: {label} / topk", 1e3 * statistics.median(train[label]),
                         target=target(train_targets, overrides), **ratio_fields(round_ratios(train, label, "topk"))))
+    for label, _ in variants:
+        heads = heads_contender(label)
+        if heads in train:
+            rows.append(Row(section, f"floor: topk + the {label} heads' fwd+bwd / topk",
+                            1e3 * statistics.median(train[heads]), **ratio_fields(floor_ratios(train, "topk", heads)),
+                            note="the heads' matmuls and activations alone"))
     floor_base = floor_label(variants)
-    if HEADS in train:
-        rows.append(Row(section, f"floor: topk + the {floor_base} heads' fwd+bwd / topk",
-                        1e3 * statistics.median(train[HEADS]),
-                        **ratio_fields(floor_ratios(train, "topk", HEADS)),
-                        note="the heads' matmuls and GELUs alone"))
 
     def draw_normals() -> None:
         for shape in normal_draws:
@@ -738,7 +748,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--format", choices=("table", "markdown"), default="table",
                         help="a rich table (default) or a markdown table for the README")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes and one repeat (a smoke test)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per contender (default 7)")
+    parser.add_argument("--repeats", type=int, default=None, help=f"timed rounds per contender (default {QUICK.repeats})")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto (CUDA when present), cpu or cuda")

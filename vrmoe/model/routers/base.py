@@ -16,7 +16,8 @@ one YAML file in ``conf/router/``. The class owns everything about itself:
 * ``uncertainty_signal``: the name of its own per-token uncertainty
   (``Routing.uncertainty_T``) as an OOD score, or None;
 * ``Config.samples_at_eval()``: whether evaluation averages S routing samples;
-* ``bench_variants``: the configurations ``vrmoe bench`` measures.
+* ``bench_variants``: the configurations ``vrmoe bench`` measures;
+* ``head_outputs(u)``: its heads' outputs, if it has heads (the bench's training floor).
 
 Routers that average S routing samples share :class:`SoftmaxMean`: the samples are drawn and
 turned into routing distributions a chunk at a time and only their running sum is kept, so
@@ -90,6 +91,12 @@ class Router(nn.Module):
 
     def forward(self, u_TD: torch.Tensor) -> Routing:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def head_outputs(self, u_TD: torch.Tensor) -> list[torch.Tensor]:
+        """The outputs of the router's own heads (its layers besides the gate) for ``u_TD``: the
+        matmuls its training step adds to Top-K's, which ``vrmoe bench`` times alone as the
+        router's training floor. A router without heads has none."""
+        return []
 
     def topk_flops_per_token(self) -> float:
         """What deterministic Top-K on the same gate costs: the logit layer, the softmax and the

@@ -177,7 +177,8 @@ class VariationalRouter(Router):
             self.scale_head = zero_init_head(d_model, cfg.head_hidden_ratio, scale_outputs, scale_bias)
 
     def posterior(self, u_TD: torch.Tensor) -> LogitPosterior:
-        base_TE, residual_TE, raw = self.heads(u_TD)
+        base_TE = self.gate(u_TD).float()
+        residual_TE, raw = self.head_outputs(u_TD)
         if not self.full_covariance:
             return LogitPosterior(base_TE + residual_TE, residual_TE, raw)
         n_tokens, n_experts = base_TE.shape
@@ -186,23 +187,22 @@ class VariationalRouter(Router):
         return LogitPosterior(base_TE + residual_TE, residual_TE, raw[:, self.diag_positions_E],
                               chol_TEE.view(n_tokens, n_experts, n_experts), entries_TP)
 
-    def heads(self, u_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The gate's logits, the residual and the scale head's raw outputs (fp32).
+    def head_outputs(self, u_TD: torch.Tensor) -> list[torch.Tensor]:
+        """The residual and the scale head's raw outputs (fp32).
 
         The first layers of both heads read the same u: they run as one matmul over their
         concatenated weights (the same maths as two, one pass over u and a better-shaped product,
         forward and backward) and one GELU covers both hidden layers. The parameters stay where
         they are, so checkpoints are unchanged."""
-        base_TE = self.gate(u_TD).float()
         if self.cfg.shared_hidden:
             hidden_TH = self.shared_hidden_layer(u_TD)
-            return base_TE, self.residual_head(hidden_TH).float(), self.scale_head(hidden_TH).float()
+            return [self.residual_head(hidden_TH).float(), self.scale_head(hidden_TH).float()]
         first = self._first_layers()
         if first is None:
-            return base_TE, self.residual_head(u_TD).float(), self.scale_head(u_TD).float()
+            return [self.residual_head(u_TD).float(), self.scale_head(u_TD).float()]
         hidden_r, hidden_s = self.residual_head[1](F.linear(u_TD, *first)).split(
             [self.residual_head[0].out_features, self.scale_head[0].out_features], dim=1)
-        return base_TE, self.residual_head[2](hidden_r).float(), self.scale_head[2](hidden_s).float()
+        return [self.residual_head[2](hidden_r).float(), self.scale_head[2](hidden_s).float()]
 
     def _first_layers(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Both heads' first layers as one (weight, bias), or None where they cannot be fused (layers

@@ -64,7 +64,10 @@ class VTSRRouter(Router):
 
     def temperature(self, u_TD: torch.Tensor) -> torch.Tensor:
         """``T_phi(u)``: shape (T, 1), or (T, E) with per-expert temperatures."""
-        return F.softplus(self.temperature_head(u_TD).float()) + self.cfg.min_temperature
+        return F.softplus(self.head_outputs(u_TD)[0]) + self.cfg.min_temperature
+
+    def head_outputs(self, u_TD: torch.Tensor) -> list[torch.Tensor]:
+        return [self.temperature_head(u_TD).float()]
 
     def forward(self, u_TD: torch.Tensor) -> Routing:
         logits_TE = self.gate(u_TD).float()
