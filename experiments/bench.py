@@ -19,7 +19,6 @@ runs as in ``vrmoe bench``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 
 from vrmoe.bench import QUICK, Row, device_name, render_markdown, render_rich, run_benchmarks, shared_cpu_warning
-from vrmoe.console import log_line
+from vrmoe.console import CommandParser, log_line, run_command
 from vrmoe.device import resolve_device
 from vrmoe.tracking import read_metrics, read_summary
 
@@ -62,7 +61,7 @@ def train_throughput(out: Path, steps: int) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="experiments/bench.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/bench") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
     parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()],
                         help="torch CPU thread counts to measure the CPU rows with")
@@ -97,4 +96,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command("experiments/bench.py", main)

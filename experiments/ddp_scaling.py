@@ -9,7 +9,6 @@ first steps included). Run it on an otherwise idle machine.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -17,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from vrmoe.console import CommandParser, run_command
 
 
 def run(cmd: list[str], cwd: Path) -> float:
@@ -26,9 +27,11 @@ def run(cmd: list[str], cwd: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="experiments/ddp_scaling.py", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
     args = parser.parse_args()
+    if args.steps < 1:
+        parser.error(f"--steps {args.steps}: must be at least 1")
     overrides = ["logger=none", f"train.max_steps={args.steps}", f"train.eval_every={args.steps}",
                  f"train.ckpt_every={args.steps}", "train.eval_batches=1", "hydra.run.dir=run"]
     vrmoe = str(Path(sys.executable).with_name("vrmoe"))
@@ -47,4 +50,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command("experiments/ddp_scaling.py", main)

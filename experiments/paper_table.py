@@ -49,6 +49,8 @@ from typing import Any
 import torch
 
 from vrmoe import stats
+from vrmoe.config import ConfigError
+from vrmoe.console import CommandParser, run_command
 from vrmoe.eval import schema
 from vrmoe.tracking import EVAL_FILE, read_json
 
@@ -526,8 +528,8 @@ def easy_lines(out: Path, seeds: list[int]) -> list[str]:
 # ---------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(prog="experiments/paper_table.py", description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny models and a few steps (a smoke run)")
     parser.add_argument("--gpu", action="store_true", help="gpt_small-sized models with 16 experts on a CUDA GPU")
     parser.add_argument("--sweep", action="store_true", help="also the sweeps (S, beta, sigma_init, layers, model size)")
@@ -538,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
 
     size = QUICK if args.quick else GPU if args.gpu else DEFAULT
     if args.gpu and not torch.cuda.is_available():
-        raise SystemExit("--gpu needs a CUDA GPU (torch.cuda.is_available() is False); run without --gpu on a CPU")
+        raise ConfigError("--gpu needs a CUDA GPU (torch.cuda.is_available() is False); run without --gpu on a CPU")
     seeds = args.seeds or size.seeds
     cores = os.cpu_count() or 1
     workers = max(1, args.jobs or cores)
@@ -615,4 +617,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command("experiments/paper_table.py", main))

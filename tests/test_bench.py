@@ -3,6 +3,10 @@ performance targets live in the benchmark's output, not in tests."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,6 +16,8 @@ from vrmoe.bench import main as bench_main
 from vrmoe.config import ConfigError
 
 from conftest import run_cli
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
 def test_tiny_bench_prints_every_row_as_markdown(tmp_path):
@@ -55,8 +61,12 @@ def test_tiny_bench_prints_every_row_as_markdown(tmp_path):
     low, high = map(float, cells("eval: mc_dropout S=4 / S=1")[0][3].split("-"))
     assert low <= float(cells("eval: mc_dropout S=4 / S=1")[0][2].rstrip("x")) <= high
     assert cells("peak memory: eval mc_dropout S=4 / S=1")[0][3] == ""
-    # The training floor: Top-K's step plus the heads alone, at the layer and over the model.
+    # The training floor: Top-K's step plus the heads alone, at the layer and over the model, for
+    # each router with heads (one variant each); the routers without heads have none.
     assert len(cells("floor: topk + the variational diag heads' fwd+bwd / topk")) == 3
+    assert len(cells("floor: topk + the vtsr heads' fwd+bwd / topk")) == 2
+    assert not cells("floor: topk + the variational full heads' fwd+bwd / topk")
+    assert "mc_dropout heads" not in out and "temperature heads" not in out
 
 
 def test_bench_prints_a_rich_table_for_one_section(tmp_path):
@@ -70,6 +80,19 @@ def test_bad_argument_is_one_line_and_exit_code_2(tmp_path):
     proc = run_cli("bench", "--repeats", "0", cwd=tmp_path, check=False)
     assert proc.returncode == 2
     assert "--repeats 0: must be at least 1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("bench.py", ["--repeats", "0"], "--repeats, --threads and --train-steps must be at least 1"),
+    ("ddp_scaling.py", ["--steps", "0"], "--steps 0: must be at least 1"),
+    ("paper_table.py", ["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_experiment_scripts_report_bad_arguments_in_one_line(tmp_path, script, args, message):
+    proc = subprocess.run([sys.executable, str(EXPERIMENTS / script), *args], cwd=tmp_path, capture_output=True,
+                          text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: experiments/{script}: {message} "
+                                                f"(see experiments/{script} --help)"]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .config import AppConfig, ConfigError, ModelConfig, to_dict
+from .config import AppConfig, ConfigError, ModelConfig, dotted_keys, to_dict
 from .console import log_line
 from .model.routers import ROUTERS
 from .tracking import CHECKPOINT_FILE, atomic_write
@@ -159,21 +159,11 @@ _RESUME_FREE = {"train.resume", "train.max_steps", "train.device", "train.compil
                 "data.cache_dir", "model.dispatch"}
 
 
-def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
 def resume_differences(saved: dict[str, Any], app: AppConfig) -> list[str]:
     """Training keys whose value differs from the checkpoint's (the seed, the schedule, the data,
     the task, the model and the router with its keys); logging and evaluation settings may change."""
-    now = _flat({k: v for k, v in to_dict(app).items() if k not in ("logger", "eval")})
-    before = _flat({k: v for k, v in saved.items() if k not in ("logger", "eval")})
+    now = dotted_keys({k: v for k, v in to_dict(app).items() if k not in ("logger", "eval")})
+    before = dotted_keys({k: v for k, v in saved.items() if k not in ("logger", "eval")})
     return [f"{key}: {before.get(key)} there, {now[key]} here" for key in now
             if key not in _RESUME_FREE and key in before and before[key] != now[key]]
 

@@ -12,7 +12,7 @@ import importlib
 import sys
 
 from .config import ConfigError
-from .console import fail
+from .console import fail, run_command
 
 USAGE = """\
 usage: vrmoe <command> [arguments]
@@ -81,12 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         func = getattr(importlib.import_module(module_name), func_name)
     except ImportError as exc:  # a missing optional dependency, or a command not installed
         fail(f"vrmoe {command} is unavailable here ({exc})")
-    try:
-        func(rest)
-    except ConfigError as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        fail(f"vrmoe {command} interrupted", code=130)
+    run_command(f"vrmoe {command}", func, rest)
 
 
 __all__ = ["main", "SUBCOMMANDS"]

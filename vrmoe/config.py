@@ -163,9 +163,10 @@ class TaskConfig:
     val_items: int = 256
     # mcq: longest cloze sentence in bytes (capped at model.seq_len).
     item_len: int = 64
-    # mcq: cloze (softmax over the four filled-in sentences' log-likelihoods) or letter (the options
-    # lettered A-D in the prompt, softmax over the four letters' logits at the answer: the paper's form);
-    # auto: cloze for text corpora, letter for data=mcq.
+    # The form of multiple-choice items: cloze (softmax over the four filled-in sentences'
+    # log-likelihoods) or letter (the options lettered A-D in the prompt, softmax over the four
+    # letters' logits at the answer: the paper's form); auto: cloze for text corpora, letter for
+    # data=mcq. task=mcq trains on such items; vrmoe eval scores them whatever the task.
     format: str = "auto"
     # mcq: the split trained on: finetune (fine-tuning a base model) or calibration (post-hoc heads
     # fit on items the base never saw). The test split is only ever scored by vrmoe eval.
@@ -304,3 +305,14 @@ def validate(c: AppConfig) -> None:
 def to_dict(app: AppConfig) -> dict[str, Any]:
     """Plain-dict form for records (summary.json, checkpoints, W&B)."""
     return OmegaConf.to_container(OmegaConf.structured(app))  # type: ignore[return-value]
+
+
+def dotted_keys(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as one level of dotted keys (``train.lr``): its leaves only."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(dotted_keys(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import NoReturn
+from typing import Any, Callable, NoReturn
 
 from rich.console import Console
 from rich.markup import escape
@@ -23,6 +23,17 @@ def fail(message: str, code: int = 2) -> NoReturn:
     """Print one clear error line and exit without a traceback."""
     console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, markup=True, highlight=False)
     sys.exit(code)
+
+
+def run_command(name: str, func: Callable[..., Any], *args: Any) -> Any:
+    """Run a command's entry point: bad input (:class:`ConfigError`) ends in one error line and
+    exit code 2, Ctrl-C in one line and exit code 130."""
+    try:
+        return func(*args)
+    except ConfigError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail(f"{name} interrupted", code=130)
 
 
 class CommandParser(argparse.ArgumentParser):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..config import ConfigError
+from ..config import ConfigError, dotted_keys
 from ..console import log_line
 from ..tracking import RunLock, EVAL_FILE, METRICS_FILE, SUMMARY_FILE, read_json, read_metrics
 
@@ -104,16 +104,6 @@ def load_runs(paths: Sequence[str | Path]) -> list[Run]:
 # What a run was trained with
 # ---------------------------------------------------------------------------
 
-def _flatten_config(config: Any, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if isinstance(config, dict):
-        for key, value in config.items():
-            out.update(_flatten_config(value, f"{prefix}{key}."))
-    else:
-        out[prefix[:-1]] = config
-    return out
-
-
 def override_values(run: Run) -> dict[str, str]:
     """The run's command-line overrides as key -> value text (``+key`` counts as ``key``)."""
     values: dict[str, str] = {}
@@ -133,7 +123,7 @@ def config_value(run: Run, key: str) -> Any:
     config = run.summary.get("config")
     if not isinstance(config, dict):
         return None
-    flat = _flatten_config(config)
+    flat = dotted_keys(config)
     if key in flat:
         value = flat[key]
         return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
