@@ -69,8 +69,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-steps", type=int, default=60)
     parser.add_argument("--skip-train", action="store_true")
     args = parser.parse_args(argv)
-    if args.repeats < 1 or min(args.threads) < 1 or args.train_steps < 1:
-        parser.error("--repeats, --threads and --train-steps must be at least 1")
+    for option, value in (("--repeats", args.repeats), ("--threads", min(args.threads)),
+                          ("--train-steps", args.train_steps)):
+        if value < 1:
+            parser.error(f"{option} {value}: must be at least 1")
     device = resolve_device("auto")
     sizes = dataclasses.replace(LONG, repeats=args.repeats)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -83,7 +83,8 @@ def test_bad_argument_is_one_line_and_exit_code_2(tmp_path):
 
 
 @pytest.mark.parametrize("script, args, message", [
-    ("bench.py", ["--repeats", "0"], "--repeats, --threads and --train-steps must be at least 1"),
+    ("bench.py", ["--repeats", "0"], "--repeats 0: must be at least 1"),
+    ("bench.py", ["--threads", "2", "-1"], "--threads -1: must be at least 1"),
     ("ddp_scaling.py", ["--steps", "0"], "--steps 0: must be at least 1"),
     ("paper_table.py", ["--bogus"], "unrecognized arguments: --bogus"),
 ])

@@ -165,6 +165,31 @@ def test_evaluation_routes_on_the_mean_of_S_softmaxes(name):
     assert router(u).sample_probs_STE is None
 
 
+@pytest.mark.parametrize("name", sorted(ROUTERS))
+def test_head_outputs_are_every_layer_besides_the_gate(name):
+    """``head_outputs`` (what ``vrmoe bench`` times as a router's training floor) reaches every
+    parameter but the gate's, and a router has heads exactly when it counts head FLOPs (the
+    bench picks the routers to floor by that count)."""
+    router = make_router(name)
+    outputs = router.head_outputs(tokens().requires_grad_())
+    assert bool(outputs) == (router.head_flops_per_token() > 0)
+    heads = [p for n, p in router.named_parameters() if not n.startswith("gate.")]
+    if outputs:
+        grads = torch.autograd.grad(sum(o.sum() for o in outputs), heads, allow_unused=True)
+        assert all(g is not None for g in grads)
+    else:
+        assert not heads
+
+
+def test_vtsr_temperature_comes_from_its_head():
+    router = make_router("vtsr", min_temperature=0.1)
+    with torch.no_grad():
+        router.temperature_head[-1].weight.normal_(std=0.3)
+    u = tokens()
+    torch.testing.assert_close(router.temperature(u),
+                               torch.nn.functional.softplus(router.temperature_head(u)) + 0.1)
+
+
 @pytest.mark.parametrize("covariance", ["diag", "full"])
 def test_fused_head_layers_compute_what_the_heads_do(covariance):
     """The heads' first layers run as one matmul: the same outputs and the same gradients as the
