@@ -257,7 +257,13 @@ def run_stage(jobs: list[Job], workers: int) -> list[dict[str, Any]]:
 def record_invocation(out: Path, entry: dict[str, Any]) -> list[dict[str, Any]]:
     """Append this invocation's timing to ``<out>/invocations.json``; return the whole history."""
     path = out / INVOCATIONS_FILE
-    history = json.loads(path.read_text(encoding="utf-8")) if path.exists() else []
+    try:
+        history = json.loads(path.read_text(encoding="utf-8")) if path.exists() else []
+    except (OSError, ValueError):
+        history = None
+    if not isinstance(history, list):  # unreadable: the runs are on disk, only earlier timings are lost
+        print(f"note: {path} is unreadable; the wall time counts this invocation only", flush=True)
+        history = []
     history.append(entry)
     path.write_text(json.dumps(history, indent=2), encoding="utf-8")
     return history
@@ -283,8 +289,9 @@ def load_rows(out: Path, key: str, seeds: list[int], name: str = EVAL_FILE) -> l
     for seed in seeds:
         path = run_dir(out, key, seed) / name
         result = read_json(path)
-        if result is None:
-            raise SystemExit(f"{path} is missing or unreadable; re-run with --out {out} to evaluate it again")
+        if result is None or schema.item_predictions(result) is None:
+            what = "is missing or unreadable" if result is None else "has no per-item predictions (an older vrmoe eval)"
+            raise ConfigError(f"{path} {what}; delete it and re-run with --out {out} to evaluate it again")
         rows.append(result)
     return rows
 
@@ -530,13 +537,18 @@ def easy_lines(out: Path, seeds: list[int]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = CommandParser(prog="experiments/paper_table.py", description=__doc__.split("\n\n")[0],
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny models and a few steps (a smoke run)")
-    parser.add_argument("--gpu", action="store_true", help="gpt_small-sized models with 16 experts on a CUDA GPU")
+    size_group = parser.add_mutually_exclusive_group()
+    size_group.add_argument("--quick", action="store_true", help="tiny models and a few steps (a smoke run)")
+    size_group.add_argument("--gpu", action="store_true", help="gpt_small-sized models with 16 experts on a CUDA GPU")
     parser.add_argument("--sweep", action="store_true", help="also the sweeps (S, beta, sigma_init, layers, model size)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default outputs/paper_table/<time>)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0-4; --quick: 0 1)")
     parser.add_argument("--jobs", type=int, default=None, help="parallel runs (default: one per CPU core)")
     args = parser.parse_args(argv)
+    if args.seeds is not None and len(set(args.seeds)) < len(args.seeds):
+        parser.error(f"--seeds {' '.join(map(str, args.seeds))}: a seed is repeated; each seed is one run")
+    if args.jobs is not None and args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: must be at least 1")
 
     size = QUICK if args.quick else GPU if args.gpu else DEFAULT
     if args.gpu and not torch.cuda.is_available():
@@ -546,7 +558,10 @@ def main(argv: list[str] | None = None) -> int:
     workers = max(1, args.jobs or cores)
     threads = max(1, cores // workers)
     out = args.out or Path("outputs") / "paper_table" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot make the folder ({exc.strerror}); name a writable folder") from None
     all_methods = methods(size, args.sweep)
     started, started_at = time.perf_counter(), datetime.now().isoformat(timespec="seconds")
     stage_wall: dict[str, float] = {}
@@ -560,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
                 for seed in method_seeds(method, seeds):
                     path = run_dir(out, method.key, seed)
                     evals = method_evals(method, seed, seeds)
-                    if all((path / name).exists() for name, _ in evals):
+                    if all(read_json(path / name) is not None for name, _ in evals):
                         continue  # done by an earlier invocation with this --out
                     overrides = [*size.models[method.model], *getattr(size, stage), *method.overrides, *size.eval,
                                  *method.eval_overrides, f"seed={seed}", "logger=none"]

@@ -87,6 +87,8 @@ def test_bad_argument_is_one_line_and_exit_code_2(tmp_path):
     ("bench.py", ["--threads", "2", "-1"], "--threads -1: must be at least 1"),
     ("ddp_scaling.py", ["--steps", "0"], "--steps 0: must be at least 1"),
     ("paper_table.py", ["--bogus"], "unrecognized arguments: --bogus"),
+    ("paper_table.py", ["--jobs", "0"], "--jobs 0: must be at least 1"),
+    ("paper_table.py", ["--seeds", "0", "0"], "--seeds 0 0: a seed is repeated; each seed is one run"),
 ])
 def test_experiment_scripts_report_bad_arguments_in_one_line(tmp_path, script, args, message):
     proc = subprocess.run([sys.executable, str(EXPERIMENTS / script), *args], cwd=tmp_path, capture_output=True,

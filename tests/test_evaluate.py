@@ -238,6 +238,33 @@ def test_paper_table_quick_form(tmp_path, corpus_cache):
     assert again.returncode == 0 and "stage posthoc: 0 runs" in again.stdout
 
 
+def paper_table_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "paper_table.py"
+    spec = importlib.util.spec_from_file_location("paper_table", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paper_table_refuses_evaluations_it_cannot_read_and_survives_a_bad_history(tmp_path):
+    """An --out whose eval.json is unreadable or lacks per-item predictions stops with one line
+    that says what to delete (an unreadable one is evaluated again on the next invocation); an
+    unreadable invocations.json costs the earlier timings, not the study."""
+    paper_table = paper_table_module()
+    run = paper_table.run_dir(tmp_path, "cloze_topk", 0)
+    run.mkdir(parents=True)
+    for text, what in (("{}", "has no per-item predictions"), ("{corrupt", "is missing or unreadable")):
+        (run / "eval.json").write_text(text)
+        with pytest.raises(ConfigError, match=f"eval.json {what}.*; delete it and re-run with --out"):
+            paper_table.load_rows(tmp_path, "cloze_topk", [0])
+    (tmp_path / paper_table.INVOCATIONS_FILE).write_text("{corrupt")
+    assert paper_table.record_invocation(tmp_path, {"wall_s": 1.0}) == [{"wall_s": 1.0}]
+    assert paper_table.record_invocation(tmp_path, {"wall_s": 2.0}) == [{"wall_s": 1.0}, {"wall_s": 2.0}]
+
+
 def test_the_two_predictives_and_temperature_scaling(tmp_path, corpus_cache):
     """A sampling router's BMA (mean of S single-sample passes) is another prediction than its
     routing-mean single pass; eval.predictive picks what is scored; another output name keeps eval.json."""
