@@ -265,6 +265,20 @@ def test_paper_table_refuses_evaluations_it_cannot_read_and_survives_a_bad_histo
     assert paper_table.record_invocation(tmp_path, {"wall_s": 2.0}) == [{"wall_s": 1.0}, {"wall_s": 2.0}]
 
 
+def test_every_gpu_study_run_composes(tmp_path):
+    """The --gpu form cannot run here; every run it would launch, sweeps included, composes into a
+    valid config (what a run refuses first)."""
+    from vrmoe.compose import compose_config
+
+    paper_table = paper_table_module()
+    size = paper_table.GPU
+    for method in paper_table.methods(size, True):
+        app = compose_config([*size.models[method.model], *getattr(size, method.stage), *method.overrides,
+                              *size.eval, *method.eval_overrides, "seed=0", "logger=none",
+                              *([f"train.init_from={tmp_path}"] if method.parent else [])])
+        assert app.model.n_experts >= 16, method.key
+
+
 def test_the_two_predictives_and_temperature_scaling(tmp_path, corpus_cache):
     """A sampling router's BMA (mean of S single-sample passes) is another prediction than its
     routing-mean single pass; eval.predictive picks what is scored; another output name keeps eval.json."""
