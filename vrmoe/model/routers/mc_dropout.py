@@ -160,14 +160,19 @@ class MCDropoutRouter(Router):
             acc.add_samples(self.gate(u_CTD).float().transpose(1, 2))
 
     def _masked_passes(self, u_TD: torch.Tensor, acc: SoftmaxMean) -> None:
-        """S differentiable passes through keep masks filled from the sparse draw: ``1 / (1 - p)``
-        everywhere but 0 at the dropped features, as ``F.dropout`` scales them."""
+        """S differentiable passes of ``u * m``, m the keep mask ``1 / (1 - p)`` everywhere but 0 at
+        the features the sparse draw drops, as ``F.dropout`` scales them: computed as ``u / (1 - p)``
+        with the dropped entries zeroed (the same products; no mask tensor, and the backward
+        zeroes the same entries of the scaled gradient)."""
         p = self.cfg.dropout
         gaps = self._gaps(p, u_TD.device)
+        keep_scale = 1.0 / (1.0 - p)
         for size in sample_chunks(acc.n_samples, u_TD.numel()):
-            mask = torch.full((size * u_TD.numel(),), 1.0 / (1.0 - p), device=u_TD.device, dtype=u_TD.dtype)
-            mask.index_fill_(0, gaps.ones(mask.numel(), p).long(), 0.0)
-            acc.add_samples(self.gate(u_TD * mask.view(size, *u_TD.shape)).float().transpose(1, 2))
+            # A fresh tensor, not a view, so that zeroing it in place is not a copy of its base.
+            scaled = u_TD.reshape(-1) * keep_scale if size == 1 else \
+                u_TD.expand(size, *u_TD.shape).reshape(-1) * keep_scale
+            dropped_u = scaled.index_fill_(0, gaps.ones(scaled.numel(), p).long(), 0.0)
+            acc.add_samples(self.gate(dropped_u.view(size, *u_TD.shape)).float().transpose(1, 2))
 
     def _sparse_passes(self, u_TD: torch.Tensor, clean_logits_TE: torch.Tensor, acc: SoftmaxMean) -> None:
         """S passes from the dropped features alone (no gradients).
