@@ -1,14 +1,14 @@
 """The long form of ``vrmoe bench``: more repeats, thread counts, a real training run.
 
-    python experiments/bench.py                      # about 15 minutes on 2 CPU cores
+    python experiments/bench.py                      # about 25 minutes on 2 CPU cores
     python experiments/bench.py --threads 1 2        # the CPU rows once per thread count
     python experiments/bench.py --skip-train         # without the 60-step training run
 
 Writes ``<out>/bench.md`` (the tables, for the README) and ``<out>/bench.json`` (every
 number), default ``outputs/bench/<date>_<time>``. On top of the quick bench it measures:
 
-* every ``vrmoe bench`` section (the router overheads at E = 8, 16 and 64 included) with 15
-  interleaved rounds instead of 11, once per thread count asked for;
+* every ``vrmoe bench`` section (the router overheads at E = 8, 16 and 64 included) with 41
+  interleaved rounds instead of 21, once per thread count asked for;
 * the tokens/s of the default ``vrmoe train`` (model=small, router=topk) over a 60-step
   run: the median of its logged intervals (the first, warm-up interval left out) and the
   whole run's figure from summary.json (which includes the closing validation and checkpoint).
@@ -35,7 +35,7 @@ from vrmoe.console import CommandParser, log_line, run_command
 from vrmoe.device import resolve_device
 from vrmoe.tracking import read_metrics, read_summary
 
-LONG = dataclasses.replace(QUICK, repeats=15, warmup=3)
+LONG = dataclasses.replace(QUICK, repeats=41, warmup=3)
 
 
 def train_throughput(out: Path, steps: int) -> list[Row]:

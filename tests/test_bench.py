@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vrmoe.bench import (TINY, Row, gpu_rows, interleaved_times, median_interval, peak_memory_mb, ratio_fields,
-                         render_markdown, round_ratios)
+from vrmoe.bench import (TINY, Row, gpu_rows, interleaved_times, median_interval, parts_ratios, peak_memory_mb,
+                         ratio_fields, render_markdown, round_ratios)
 from vrmoe.bench import main as bench_main
 from vrmoe.config import ConfigError
 
@@ -67,6 +67,11 @@ def test_tiny_bench_prints_every_row_as_markdown(tmp_path):
     assert len(cells("floor: topk + the vtsr heads' fwd+bwd / topk")) == 2
     assert not cells("floor: topk + the variational full heads' fwd+bwd / topk")
     assert "mc_dropout heads" not in out and "temperature heads" not in out
+    # Every router's step by parts, at the layer and over the model, under the whole step's target.
+    for label in ("mc_dropout", "temperature", "variational diag", "variational full", "vtsr"):
+        assert [c[4] for c in cells(f"train step by parts: {label} / topk")] == \
+            [c[4] for c in cells(f"train step: {label} / topk")]
+    assert [c[4] for c in cells("train step by parts: variational diag / topk")] == ["<= 1.05", "<= 1.05", "<= 1.03"]
 
 
 def test_bench_prints_a_rich_table_for_one_section(tmp_path):
@@ -114,6 +119,28 @@ def test_contenders_run_in_rotating_turns():
     times = interleaved_times(contenders, repeats=3, warmup=1, device=torch.device("cpu"))
     assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3, "c": 3}
     assert calls == list("abc") + list("abc") + list("bca") + list("cab")
+
+
+def test_a_step_by_parts_swaps_the_routers_time():
+    # Top-K's step took 10 (its routers 1 of it); another router alone took 1.5: 10.5 / 10.
+    times = {"step": [10.0, 20.0, 10.0], "topk routers": [1.0, 2.0, 1.0], "other routers": [1.5, 3.0, 1.2]}
+    assert parts_ratios(times, "step", "other routers", "topk routers") == pytest.approx([1.05, 1.05, 1.02])
+
+
+@pytest.mark.parametrize("name", ["topk", "temperature", "mc_dropout", "vtsr", "variational"])
+def test_router_step_trains_the_router_alone(name):
+    """The by-parts contender runs the router in training mode and back-propagates into every one
+    of its parameters and into its input, as the layer's step does."""
+    from vrmoe.bench import router_config, router_step
+    from vrmoe.model.routers import build_router
+
+    router = build_router(16, 4, router_config([f"router={name}"], 2))
+    router.eval()
+    u_TD = torch.randn(32, 16, requires_grad=True)
+    router_step([router], [u_TD], torch.device("cpu"))()
+    assert router.training
+    assert u_TD.grad is not None and u_TD.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in router.parameters())
 
 
 def test_ratio_is_the_median_of_same_round_ratios():

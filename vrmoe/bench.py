@@ -1,6 +1,6 @@
 """``vrmoe bench``: performance ratios on the current device, as one table.
 
-    vrmoe bench                        # about three minutes on 2 CPU cores
+    vrmoe bench                        # about five minutes on 2 CPU cores
     vrmoe bench --format markdown      # the same table, for the README
     vrmoe bench --tiny                 # tiny shapes and one repeat: a smoke test in seconds
 
@@ -26,6 +26,13 @@ inside the interval, where this many rounds on this machine cannot tell. The row
   floor, and VTSR's (Top-K's step plus the forward and backward of the router's heads alone:
   what no implementation of those heads can go below); the peak memory of evaluation, S = 32
   against S = 1.
+* **Training steps by parts**: a whole training step varies by 10-25% from round to round on a
+  shared CPU, too much to tell a router that adds 1-3%. So each router is also timed alone,
+  forward and backward in training mode on every routed layer's input (:func:`router_step`),
+  interleaved with the steps, and its step *by parts* is Top-K's step with Top-K's routers'
+  time swapped for this router's: the rest of the step (experts, attention, optimiser) is the
+  same work whatever the router. Its interval is that of a short contender, a few times
+  narrower; the whole step's row stays beside it as the check.
 
 Each row with a target (``LAYER_TARGET`` and the other constants below) says whether it is met.
 * **On CUDA only**: the three GPU layer shapes in bf16, and the model FLOPs utilisation (MFU)
@@ -103,7 +110,7 @@ class Sizes:
     k: int = 2
     model: str = "small"
     samples: int = 32
-    repeats: int = 11
+    repeats: int = 21
     warmup: int = 2
     # The router overheads at the layer again with more experts (label -> router overrides), so
     # that the scaling with E shows: the full covariance's head has E(E+1)/2 outputs.
@@ -383,6 +390,47 @@ def heads_step(routers: list[torch.nn.Module], inputs: list[torch.Tensor], devic
     return step
 
 
+def router_contender(label: str) -> str:
+    """The name under which a variant's routers alone are timed (its step by parts)."""
+    return f"{label} routers"
+
+
+def router_step(routers: list[torch.nn.Module], inputs: list[torch.Tensor], device: torch.device) -> Callable[[], None]:
+    """Forward and backward of routers alone, in training mode, each on its input, as an MoE
+    layer's training step runs them: the routing, the layer's routing statistics, and the
+    backward of the gates (against a fixed gradient) and of the router's loss terms into the
+    input and the router's parameters. What a router's step adds to the experts', attention's
+    and the optimiser's, which are the same whatever the router."""
+    from .model.moe import routing_stats
+
+    params = [p for router in routers for p in router.parameters() if p.requires_grad]
+    generator = torch.Generator().manual_seed(0)
+    grad_gates = [torch.randn(u.shape[0], router.k, generator=generator).to(device)
+                  for router, u in zip(routers, inputs)]
+    for router in routers:
+        router.train()
+
+    def step() -> None:
+        for t in [*params, *inputs]:
+            t.grad = None
+        outputs, grads = [], []
+        with autocast_for(device):
+            for router, u_TD, grad in zip(routers, inputs, grad_gates):
+                routing = router(u_TD)
+                routing_stats(routing, router.n_experts, over_ranks=True)
+                outputs += [routing.gates_TK, routing.aux_loss]
+                grads += [grad.to(routing.gates_TK.dtype), torch.ones_like(routing.aux_loss)]
+        torch.autograd.backward(outputs, grads)
+
+    return step
+
+
+def parts_ratios(times: dict[str, list[float]], base: str, extra: str, reference: str) -> list[float]:
+    """(``base`` + ``extra`` - ``reference``) / ``base`` in each round: ``base``'s step with the
+    part ``reference`` replaced by ``extra`` (a step by parts)."""
+    return [(b + e - r) / b for b, e, r in zip(times[base], times[extra], times[reference])]
+
+
 def train_step(app: AppConfig, model, idx: torch.Tensor, device: torch.device, forward=None) -> Callable[[], None]:
     """One training step exactly as ``vrmoe train`` takes it (the loop's :class:`TrainStep`):
     forward, task + router loss, backward, clipping, AdamW."""
@@ -461,6 +509,8 @@ def router_layer_rows(sizes: Sizes, device: torch.device, n_experts: int | None 
     train_steps = {name: layer_train_step(m, x_TD, device) for name, m in layers.items()}
     for label in heads_floor_labels(variants, {label: layers[label].router for label, _ in variants}):
         train_steps[heads_contender(label)] = heads_step([layers[label].router], [x_TD], device)
+    for name, m in layers.items():
+        train_steps[router_contender(name)] = router_step([m.router], [x_TD], device)
     train = interleaved_times(train_steps, sizes.repeats, sizes.warmup, device)
     evals = {label: {s: layer_eval_step(with_samples(layers[label], s), x_TD, device) for s in (1, sizes.samples)}
              for label, _ in variants}
@@ -487,12 +537,14 @@ def router_model_rows(sizes: Sizes, device: torch.device) -> list[Row]:
     for name, model in models.items():
         model.train()
         steps[name] = train_step(apps[name], model, idx, device)
-    # The heads of every routed layer, each on a batch of router inputs.
+    # The routers (and their heads) of every routed layer, each on a batch of router inputs.
     torch.manual_seed(0)
     inputs = [torch.randn(idx.numel(), base.model.d_model, device=device, requires_grad=True)
               for _ in models["topk"].moe_layers]
     for label in heads_floor_labels(variants, {label: models[label].moe_layers[0].router for label, _ in variants}):
         steps[heads_contender(label)] = heads_step([layer.router for layer in models[label].moe_layers], inputs, device)
+    for name, model in models.items():
+        steps[router_contender(name)] = router_step([layer.router for layer in model.moe_layers], inputs, device)
     train = interleaved_times(steps, sizes.repeats, sizes.warmup, device)
     evals = {label: {s: layer_eval_step(with_samples(models[label], s), idx, device) for s in (1, sizes.samples)}
              for label, _ in variants}
@@ -522,6 +574,12 @@ def _router_rows(section: str, variants: list[tuple[str, list[str]]], train: dic
     for label, overrides in variants:
         rows.append(Row(section, f"train step: {label} / topk", 1e3 * statistics.median(train[label]),
                         target=target(train_targets, overrides), **ratio_fields(round_ratios(train, label, "topk"))))
+    for label, overrides in variants:
+        rows.append(Row(section, f"train step by parts: {label} / topk",
+                        1e3 * statistics.median(train[router_contender(label)]),
+                        target=target(train_targets, overrides),
+                        **ratio_fields(parts_ratios(train, "topk", router_contender(label), router_contender("topk"))),
+                        note="topk's step, its routers' fwd+bwd swapped for these (timed alone)"))
     for label, _ in variants:
         heads = heads_contender(label)
         if heads in train:
