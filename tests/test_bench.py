@@ -163,6 +163,23 @@ def test_median_interval_covers_the_median_as_often_as_it_says():
     assert covered / 4000 >= 0.975  # n = 11: the 2nd and 10th values cover 98.8% of the time
 
 
+@pytest.mark.parametrize("load, policy, says", [(0.1, "PASSIVE", "OMP_WAIT_POLICY=PASSIVE on an idle CPU"),
+                                                (0.1, None, None), (9.0, None, "the CPU is shared"),
+                                                (9.0, "PASSIVE", None)])
+def test_the_wait_policy_that_misleads_is_named(monkeypatch, load, policy, says):
+    from vrmoe.bench import shared_cpu_warning
+
+    monkeypatch.setattr("os.getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr("torch.get_num_threads", lambda: 2)
+    if policy is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    warning = shared_cpu_warning(torch.device("cpu"))
+    assert (warning is None) if says is None else (says in warning)
+
+
 def test_peak_memory_sees_a_transient_allocation():
     def allocate_then_free():
         torch.ones(4 * 2**20)  # 16 MiB, freed at once

@@ -711,16 +711,22 @@ def device_name(device: torch.device) -> str:
 
 
 def shared_cpu_warning(device: torch.device) -> str | None:
-    """On a CPU that other processes keep busy, spinning OpenMP barriers make every parallel op
-    wait for a descheduled thread; many small ops (an expert loop) suffer far more than few
-    large ones, and the ratios then measure the neighbours."""
+    """The OpenMP wait policy that misleads on this CPU, if any. On a CPU that other processes
+    keep busy, spinning OpenMP barriers make every parallel op wait for a descheduled thread;
+    many small ops (an expert loop) suffer far more than few large ones, and the ratios then
+    measure the neighbours. On an idle CPU, OMP_WAIT_POLICY=PASSIVE is the opposite mistake:
+    the sleeping thread is woken for each of those small ops."""
     if device.type != "cpu" or not hasattr(os, "getloadavg") or torch.get_num_threads() < 2:
         return None
     load = os.getloadavg()[0]
-    if load <= (os.cpu_count() or 1) or os.environ.get("OMP_WAIT_POLICY", "").lower() == "passive":
-        return None
-    return (f"the CPU is shared (load {load:.1f} on {os.cpu_count()} cores): multi-threaded timings suffer from "
-            "spinning OpenMP barriers; rerun with OMP_WAIT_POLICY=PASSIVE or --threads 1")
+    passive = os.environ.get("OMP_WAIT_POLICY", "").lower() == "passive"
+    if load > (os.cpu_count() or 1) and not passive:
+        return (f"the CPU is shared (load {load:.1f} on {os.cpu_count()} cores): multi-threaded timings suffer "
+                "from spinning OpenMP barriers; rerun with OMP_WAIT_POLICY=PASSIVE or --threads 1")
+    if load < 0.5 * (os.cpu_count() or 1) and passive:
+        return (f"OMP_WAIT_POLICY=PASSIVE on an idle CPU (load {load:.1f} on {os.cpu_count()} cores): every parallel "
+                "op wakes a sleeping thread, which slows the expert loop's many small ops; unset it here")
+    return None
 
 
 def _cell(value: float | None, spec: str) -> str:
