@@ -31,7 +31,7 @@ inside the interval, where this many rounds on this machine cannot tell. The row
   forward and backward in training mode on every routed layer's input (:func:`router_step`),
   interleaved with the steps, and its step *by parts* is Top-K's step with Top-K's routers'
   time swapped for this router's: the rest of the step (experts, attention, optimiser) is the
-  same work whatever the router. Its interval is that of a short contender, a few times
+  same work whatever the router. Its interval is that of a short contender, about ten times
   narrower; the whole step's row stays beside it as the check.
 
 Each row with a target (``LAYER_TARGET`` and the other constants below) says whether it is met.
