@@ -1,6 +1,6 @@
 """The long form of ``vrmoe bench``: more repeats, thread counts, a real training run.
 
-    python experiments/bench.py                      # about 25 minutes on 2 CPU cores
+    python experiments/bench.py                      # about twice vrmoe bench's time, plus training
     python experiments/bench.py --threads 1 2        # the CPU rows once per thread count
     python experiments/bench.py --skip-train         # without the 60-step training run
 

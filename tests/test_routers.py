@@ -285,6 +285,29 @@ def test_mc_dropout_every_path_samples_dropout(path):
         assert_uncorrelated(contrasts(probs[0]), contrasts(probs[1]))
 
 
+@pytest.mark.parametrize("samples", [1, 4])
+def test_mc_dropout_masked_passes_are_u_times_the_keep_mask(samples):
+    """The differentiable passes zero the drawn features of u / (1 - p) in place: the same logits
+    and the same input gradient as multiplying u by the keep mask built from the same draw."""
+    p = 0.3
+    router = make_router("mc_dropout", samples=samples, dropout=p)
+    u = tokens(16).requires_grad_()
+    torch.manual_seed(5)
+    acc = SoftmaxMean(samples, keep=True)
+    router._masked_passes(u, acc)
+    probs = acc.samples_STE() if samples > 1 else acc.mean_TE().unsqueeze(0)
+    (grad,) = torch.autograd.grad((probs * torch.arange(probs.numel()).view_as(probs)).sum(), u)
+
+    torch.manual_seed(5)
+    mask = torch.full((samples * u.numel(),), 1.0 / (1.0 - p))
+    mask.index_fill_(0, router._gaps(p, u.device).ones(mask.numel(), p).long(), 0.0)
+    expected = router.gate(u * mask.view(samples, *u.shape)).float().softmax(-1)
+    (expected_grad,) = torch.autograd.grad((expected * torch.arange(expected.numel()).view_as(expected)).sum(), u)
+    assert (mask == 0).any() and (mask != 0).any()
+    torch.testing.assert_close(probs, expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
+
+
 def test_mc_dropout_sparse_path_with_a_biased_gate_and_a_width_not_a_power_of_two():
     """D = 20 is padded to 32 feature positions (the extra ones are zeros); a pretrained gate's
     bias is not scaled by 1 / (1 - p)."""

@@ -1,6 +1,6 @@
 """``vrmoe bench``: performance ratios on the current device, as one table.
 
-    vrmoe bench                        # about five minutes on 2 CPU cores
+    vrmoe bench                        # about four minutes on 2 CPU cores
     vrmoe bench --format markdown      # the same table, for the README
     vrmoe bench --tiny                 # tiny shapes and one repeat: a smoke test in seconds
 

@@ -168,9 +168,8 @@ class MCDropoutRouter(Router):
         gaps = self._gaps(p, u_TD.device)
         keep_scale = 1.0 / (1.0 - p)
         for size in sample_chunks(acc.n_samples, u_TD.numel()):
-            # A fresh tensor, not a view, so that zeroing it in place is not a copy of its base.
-            scaled = u_TD.reshape(-1) * keep_scale if size == 1 else \
-                u_TD.expand(size, *u_TD.shape).reshape(-1) * keep_scale
+            # The product is a fresh tensor, not a view, so zeroing it in place copies no base.
+            scaled = u_TD.expand(size, *u_TD.shape).reshape(-1) * keep_scale
             dropped_u = scaled.index_fill_(0, gaps.ones(scaled.numel(), p).long(), 0.0)
             acc.add_samples(self.gate(dropped_u.view(size, *u_TD.shape)).float().transpose(1, 2))
 
