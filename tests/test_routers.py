@@ -18,7 +18,7 @@ from vrmoe.config import ConfigError
 from vrmoe.model.routers import ROUTERS, build_router, renormalised_topk, router_config
 from vrmoe.model.routers.base import (SoftmaxMean, expert_softmax, sample_chunks, standard_exponential_like,
                                       token_chunks)
-from vrmoe.model.routers.mc_dropout import GeometricGaps
+from vrmoe.model.routers.mc_dropout import GeometricGaps, Scratch, shared_scratch
 from vrmoe.model.routers.topk import TopKRouter
 from vrmoe.model.routers.variational import VariationalRouter
 from vrmoe.checkpoint import load_checkpoint
@@ -361,6 +361,25 @@ def test_bernoulli_positions_are_independent_draws_of_p(margin, slack):
     rows = counts.numel()
     assert abs(float(counts.mean()) - width * p) <= 5 * math.sqrt(width * p * (1 - p) / rows)
     assert abs(float(counts.var()) / (width * p * (1 - p)) - 1) <= 5 * math.sqrt(2 / rows)
+
+
+@pytest.mark.parametrize("margin, slack", [(8.0, 64), (0.0, 1)])
+def test_bernoulli_positions_in_scratch_buffers_are_the_same_draws(margin, slack):
+    """Drawn into reused buffers, the positions are the ones a fresh draw gives from the same seed
+    (also when a round's buffers are overwritten by the next round), and a second draw of the
+    same size allocates nothing new."""
+    p, n = 0.05, 1 << 20
+    gaps = GeometricGaps(p, torch.device("cpu"))
+    scratch = Scratch(torch.device("cpu"))
+    torch.manual_seed(3)
+    fresh = [gaps.ones(n, p, margin, slack) for _ in range(2)]
+    torch.manual_seed(3)
+    first = gaps.ones(n, p, margin, slack, scratch=scratch).clone()
+    pointers = {name: buffer.data_ptr() for name, buffer in scratch.buffers.items()}
+    second = gaps.ones(n, p, margin, slack, scratch=scratch)
+    assert torch.equal(first, fresh[0]) and torch.equal(second, fresh[1])
+    assert {name: buffer.data_ptr() for name, buffer in scratch.buffers.items()} == pointers
+    assert shared_scratch(torch.device("cpu")) is shared_scratch(torch.device("cpu"))
 
 
 def test_bernoulli_positions_with_a_vanishing_p_and_an_empty_range():
