@@ -379,6 +379,11 @@ def test_bernoulli_positions_in_scratch_buffers_are_the_same_draws(margin, slack
     second = gaps.ones(n, p, margin, slack, scratch=scratch)
     assert torch.equal(first, fresh[0]) and torch.equal(second, fresh[1])
     assert {name: buffer.data_ptr() for name, buffer in scratch.buffers.items()} == pointers
+    torch.manual_seed(4)  # a larger draw grows the buffers and is still the fresh draw
+    fresh_larger = gaps.ones(4 * n, p, margin, slack)
+    torch.manual_seed(4)
+    assert torch.equal(gaps.ones(4 * n, p, margin, slack, scratch=scratch), fresh_larger)
+    assert scratch.buffers[("gaps", torch.int32)].numel() > first.numel()
     assert shared_scratch(torch.device("cpu")) is shared_scratch(torch.device("cpu"))
 
 

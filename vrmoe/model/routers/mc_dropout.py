@@ -47,8 +47,9 @@ class Scratch:
 
     Its per-chunk arrays are a few MB each. Fresh ones are faulted in a 4 KB page at a time on
     every chunk, because the allocator hands blocks that large back to the system when they are
-    freed; reused ones are not. A buffer grows when a chunk needs more and is never shrunk. :func:`shared_scratch` keeps one set per thread and device, shared by
-    every layer's router (they run one after another)."""
+    freed; reused ones are not. A buffer grows when a chunk needs more and is never shrunk.
+    :func:`shared_scratch` keeps one set per thread and device, shared by every layer's router
+    (they run one after another)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -246,7 +247,8 @@ class MCDropoutRouter(Router):
             # Bag (token, sample) = position >> feature bits; the bags are consecutive runs.
             bag = torch.bitwise_right_shift(positions, feature_bits, out=scratch.get("bag", n_dropped, positions.dtype))
             if sample_bits:  # the (token, feature) element of u: the bag's token, then the feature
-                element = torch.bitwise_right_shift(bag, sample_bits, out=scratch.get("element", n_dropped, positions.dtype))
+                element = torch.bitwise_right_shift(bag, sample_bits,
+                                                    out=scratch.get("element", n_dropped, positions.dtype))
                 element.bitwise_left_shift_(feature_bits).bitwise_or_(feature)
             else:
                 element = positions
