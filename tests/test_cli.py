@@ -100,6 +100,18 @@ def test_dashboard_to_an_existing_directory_is_one_line(tmp_path):
     assert_one_line_error(proc, "is a directory")
 
 
+@pytest.mark.parametrize("name", ["summary.json", "checkpoint.pt", "report"])
+def test_dashboard_never_writes_over_a_file_that_is_not_html(tmp_path, name):
+    run = tmp_path / "runs" / "a"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text('{"status": "completed"}')
+    (run / "checkpoint.pt").write_bytes(b"weights")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    proc = run_cli("dashboard", str(tmp_path / "runs"), "-o", str(run / name), cwd=tmp_path, check=False)
+    assert_one_line_error(proc, "ending in .html")
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
 def test_a_non_ascii_value_gets_the_quoting_hint(tmp_path):
     proc = run_cli("train", *TINY, "hydra.run.dir=runs/çà", cwd=tmp_path, check=False)
     assert_one_line_error(proc, "must be quoted", "hydra.run.dir='runs/çà'")
@@ -114,3 +126,27 @@ def test_eval_of_a_text_file_says_it_is_not_a_run_dir(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     proc = run_cli("eval", f"run={tmp_path / 'notes.txt'}", cwd=tmp_path, check=False)
     assert_one_line_error(proc, "is a file, not a run dir")
+
+
+@pytest.mark.parametrize("error", [RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                                                "1600000000000 bytes.\nmore detail"), MemoryError()])
+def test_running_out_of_memory_is_one_line(error, capsys):
+    from vrmoe.console import run_command
+
+    def command():
+        raise error
+
+    with pytest.raises(SystemExit) as info:
+        run_command("vrmoe eval", command)
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 1 and len(err.splitlines()) == 1 and "ran out of memory" in err and "lower S" in err
+
+
+def test_other_runtime_errors_are_not_taken_for_memory():
+    from vrmoe.console import run_command
+
+    def command():
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        run_command("vrmoe eval", command)

@@ -56,6 +56,12 @@ def test_defaults_are_the_documented_ones():
     ("train.max_steps=0", ["train.max_steps=0"]),
     ("train.lr=0", ["train.lr=0"]),
     ("train.lr=-1e-3", ["train.lr"]),
+    ("train.lr=inf", ["train.lr=inf", "finite"]),  # inf passes a "> 0" check
+    ("T=inf", ["T=inf", "finite"]),
+    ("eval.gammas=[0,inf]", ["eval.gammas", "finite"]),
+    ("seed=99999999999999999999", ["seed=", "2^40"]),
+    ("model.dropout=2", ["model.dropout=2", "[0, 1)"]),
+    ("train.weight_decay=-1", ["train.weight_decay", ">= 0"]),
 ])
 def test_bad_values_give_one_line_naming_the_key(override, words):
     with pytest.raises(ConfigError) as info:
@@ -85,3 +91,9 @@ def test_a_value_of_the_wrong_type_is_one_line_before_hydra(override):
     with pytest.raises(ConfigError) as info:
         check_overrides([override])
     assert "could not be converted" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_model_hf_without_a_name_says_so_before_looking_anything_up():
+    with pytest.raises(ConfigError) as info:
+        make_config("model=hf")
+    assert str(info.value) == "model=hf needs model.hf_name=<hub id or local directory>"

@@ -194,6 +194,7 @@ def test_a_diverging_run_stops_as_diverged_with_a_finite_checkpoint(tmp_path):
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 3 and "Traceback" not in proc.stderr
     assert err[-1].startswith("error: training diverged at step") and "train.lr" in err[-1]
+    assert err[-1].endswith("checkpoint.pt holds the last finite weights") and "Warning" not in proc.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "diverged" and summary["skipped_steps"] == 3 and summary["step"] < 40
     state = load_checkpoint(tmp_path / "run", "run")
@@ -291,8 +292,13 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     assert load_checkpoint(tmp_path, "run")["step"] == 4 and (tmp_path / "checkpoint.1.pt").exists()
     (tmp_path / "checkpoint.pt").write_bytes(b"torn")
     assert load_checkpoint(tmp_path, "train.resume")["step"] == 2
-    summary = train(make_config(*TINY, "train.max_steps=6", "train.ckpt_every=2", f"train.resume={tmp_path}"), tmp_path)
+    # One save after the resume: the torn file must not be rotated over the checkpoint resumed from.
+    summary = train(make_config(*TINY, "train.max_steps=6", "train.ckpt_every=100", f"train.resume={tmp_path}"),
+                    tmp_path)
     assert summary["status"] == "completed" and summary["step"] == 6
+    assert (tmp_path / "checkpoint.pt.unreadable").read_bytes() == b"torn"
+    assert torch.load(tmp_path / "checkpoint.1.pt", weights_only=False)["step"] == 2
+    assert load_checkpoint(tmp_path, "run")["step"] == 6
 
 
 @pytest.mark.slow

@@ -43,6 +43,11 @@ def checkpoint_paths(run_dir: Path) -> list[Path]:
 def load_checkpoint(run_dir: str | Path, key: str) -> dict[str, Any]:
     """Read a run's newest readable checkpoint (falling back to an older one, with a warning, when
     the newest is unreadable); ``key`` is the config key that named the run (for the message)."""
+    return read_newest_checkpoint(run_dir, key)[0]
+
+
+def read_newest_checkpoint(run_dir: str | Path, key: str) -> tuple[dict[str, Any], list[Path]]:
+    """:func:`load_checkpoint`, and the newer checkpoints it had to pass over as unreadable."""
     path = Path(run_dir).expanduser()
     if path.is_file():
         if path.suffix != ".pt":
@@ -55,15 +60,17 @@ def load_checkpoint(run_dir: str | Path, key: str) -> dict[str, Any]:
     if not candidates:
         raise ConfigError(f"{key}={run_dir}: no {CHECKPOINT_FILE} there; point it at a run dir that finished "
                           "at least one checkpoint")
-    problems = []
+    problems, unreadable = [], []
     for candidate in candidates:
         try:
             state = torch.load(candidate, map_location="cpu", weights_only=False)
         except Exception as exc:  # pickle, zip and torch errors all mean the same to a user
             problems.append(f"{candidate.name} is corrupt or unreadable ({type(exc).__name__})")
+            unreadable.append(candidate)
             continue
         if not isinstance(state, dict) or "model" not in state or "config" not in state:
             problems.append(f"{candidate.name} is not a vrmoe checkpoint")
+            unreadable.append(candidate)
             continue
         if problems:
             log_line(f"[yellow]warning:[/] {'; '.join(problems)}; using {candidate.name} (step {state.get('step')})")
@@ -72,7 +79,17 @@ def load_checkpoint(run_dir: str | Path, key: str) -> dict[str, Any]:
         raise ConfigError(f"{key}={run_dir}: {'; '.join(problems)}; re-run the training that wrote it")
     if int(state.get("version", 1)) < 2:
         state["config"] = _config_from_v1(state["config"])
-    return state
+    return state, unreadable
+
+
+def set_aside_unreadable(paths: list[Path]) -> None:
+    """Rename checkpoints a resume passed over to ``<name>.unreadable``. Left in place, the next
+    save would move the unreadable checkpoint.pt over checkpoint.1.pt, the readable one the run
+    resumed from; renamed, they are kept for a look and no longer count as checkpoints."""
+    for path in paths:
+        aside = path.with_name(f"{path.name}.unreadable")
+        os.replace(path, aside)
+        log_line(f"[yellow]warning:[/] moved the unreadable {path.name} aside to {aside.name}")
 
 
 def _config_from_v1(config: dict[str, Any]) -> dict[str, Any]:
@@ -245,5 +262,6 @@ class Checkpointer:
         })
 
 
-__all__ = ["CHECKPOINT_VERSION", "save_checkpoint", "load_checkpoint", "shape_mismatch", "load_weights_from_run",
+__all__ = ["CHECKPOINT_VERSION", "save_checkpoint", "load_checkpoint", "read_newest_checkpoint",
+           "set_aside_unreadable", "shape_mismatch", "load_weights_from_run",
            "load_run_weights", "check_resumable", "freeze_loaded", "restore_rng", "Checkpointer"]

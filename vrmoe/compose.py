@@ -69,7 +69,9 @@ def load_config(cfg: DictConfig | dict[str, Any]) -> AppConfig:
         app: AppConfig = OmegaConf.to_object(OmegaConf.merge(schema, raw))  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         cause = exc.__cause__ or exc.__context__
-        if isinstance(cause, ConfigError):  # raised by a resolver (a model=hf checkpoint that cannot be read)
+        while cause is not None and not isinstance(cause, ConfigError):  # nested interpolations wrap it
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:  # raised by a resolver (a model=hf checkpoint that cannot be read)
             raise cause from None
         raise ConfigError(f"invalid config: {_one_line(exc)}") from None
     if app.data.name not in CORPORA:
@@ -226,9 +228,11 @@ def _check_type(parsed, key: str, declared_in: type) -> None:
 # Hydra
 # ---------------------------------------------------------------------------
 
-def _hf_config_value(name: str, key: str):
+def _hf_config_value(name: str | None, key: str):
     from .model.hf import config_value
 
+    if name is None or str(name) in ("", "???"):  # not set: the schema's None, or the YAML's ???
+        raise ConfigError("model=hf needs model.hf_name=<hub id or local directory>")
     return config_value(str(name), str(key))
 
 

@@ -10,6 +10,7 @@ and what is allowed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
@@ -224,6 +225,9 @@ class AppConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+MAX_SEED = 1 << 40
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -234,6 +238,13 @@ def validate(c: AppConfig) -> None:
     keys; the names of routers, corpora and tasks are checked against their registries where
     the config is loaded (``vrmoe.compose``)."""
     m, t, d = c.model, c.train, c.data
+    # inf passes every "> 0" check below (NaN fails them): one rule for every number of the config.
+    for key, value in dotted_keys(to_dict(c)).items():
+        values = value if isinstance(value, list) else [value]
+        _require(not any(isinstance(v, float) and math.isinf(v) for v in values),
+                 f"{key}={value} is out of range; it must be a finite number")
+    # Seeds of derived streams are seed * 1,000,003 + index, which torch takes up to 2^63.
+    _require(abs(c.seed) < MAX_SEED, f"seed={c.seed} is out of range; it must be an integer below 2^40 in size")
     for key, value in (("model.d_model", m.d_model), ("model.n_layers", m.n_layers),
                        ("model.n_heads", m.n_heads), ("model.seq_len", m.seq_len),
                        ("model.n_experts", m.n_experts), ("model.expert_hidden", m.expert_hidden)):
@@ -243,6 +254,7 @@ def validate(c: AppConfig) -> None:
                  f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads} into an even head size")
     _require(m.backbone != "hf" or bool(m.hf_name), "model=hf needs model.hf_name=<hub id or local directory>")
     _require(m.moe_every >= 0, f"model.moe_every={m.moe_every} must be >= 0 (0 = no MoE layers)")
+    _require(0 <= m.dropout < 1, f"model.dropout={m.dropout} must be in [0, 1)")
     _require(m.dispatch in ("auto", "loop", "grouped_mm"),
              f"model.dispatch={m.dispatch!r} must be one of auto, loop, grouped_mm")
     _require(c.T > 0, f"T={c.T} is out of range; it must be > 0")
@@ -251,6 +263,7 @@ def validate(c: AppConfig) -> None:
     _require(t.max_steps >= 1, f"train.max_steps={t.max_steps} must be a positive integer")
     _require(t.batch_size >= 1, f"train.batch_size={t.batch_size} must be a positive integer")
     _require(t.lr > 0, f"train.lr={t.lr} must be > 0")
+    _require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
     _require(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
     _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
     _require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")

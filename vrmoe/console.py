@@ -27,13 +27,27 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
 def run_command(name: str, func: Callable[..., Any], *args: Any) -> Any:
     """Run a command's entry point: bad input (:class:`ConfigError`) ends in one error line and
-    exit code 2, Ctrl-C in one line and exit code 130."""
+    exit code 2, running out of memory in one line and exit code 1, Ctrl-C in one line and exit
+    code 130."""
     try:
         return func(*args)
     except ConfigError as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         fail(f"{name} interrupted", code=130)
+    except (MemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        fail(f"{name} ran out of memory ({detail}); lower S or the batch size (train.batch_size, "
+             "eval.batch_size), or use a smaller model", code=1)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An allocation that failed: torch's OutOfMemoryError (a RuntimeError), its CPU allocator's
+    RuntimeError, or Python's MemoryError."""
+    return (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in str(exc))
 
 
 class CommandParser(argparse.ArgumentParser):

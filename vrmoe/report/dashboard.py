@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 from ..config import ConfigError
 from ..console import CommandParser, log_line
-from ..tracking import unwritable_reason
+from ..tracking import atomic_write_text, unwritable_reason
 from ..eval import schema
 from .compare import (Comparison, add_selection_arguments, compare, display_cell, display_columns,
                       is_numeric_column)
@@ -289,7 +289,7 @@ def write_dashboard(paths: Sequence[str | Path], out: str | Path, title: str = "
                         figures="\n".join(parts))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page, encoding="utf-8")
+    atomic_write_text(out, page)
     return out, len(figures)
 
 
@@ -303,6 +303,9 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if Path(args.output).is_dir():
         raise ConfigError(f"-o {args.output} is a directory; give a file name, e.g. -o {Path(args.output) / 'report.html'}")
+    if Path(args.output).suffix.lower() not in (".html", ".htm"):  # never a run's summary.json or checkpoint.pt
+        raise ConfigError(f"-o {args.output}: the report is an HTML page; give a name ending in .html, "
+                          f"e.g. -o {Path(args.output).with_suffix('.html')}")
     if reason := unwritable_reason(Path(args.output).expanduser().resolve().parent):
         raise ConfigError(f"-o {args.output} cannot be written ({reason}); choose a writable place")
     out, n_plots = write_dashboard(args.dirs, args.output, title=args.title, sort=args.sort, filters=args.filter)

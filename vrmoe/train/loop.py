@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import (Checkpointer, check_resumable, freeze_loaded, load_checkpoint, load_run_weights,
-                          load_weights_from_run, restore_rng)
+from ..checkpoint import (Checkpointer, check_resumable, checkpoint_paths, freeze_loaded, load_run_weights,
+                          load_weights_from_run, read_newest_checkpoint, restore_rng, set_aside_unreadable)
 from ..config import AppConfig, ConfigError, to_dict
 from ..console import console, log_line
 from ..data.corpora import Corpus, load_corpus
@@ -77,6 +77,9 @@ def train(app: AppConfig, run_dir: Path, overrides: list[str] | None = None,
         raise
     except Diverged as exc:
         status = "diverged"
+        saved = checkpoint_paths(run.run_dir)  # weights are only ever updated by finite steps
+        exc.args = (f"{exc}; " + (f"{saved[0].name} holds the last finite weights" if saved
+                                  else "it diverged before its first checkpoint"),)
         run.summary["error"] = str(exc)
         raise
     finally:
@@ -120,7 +123,7 @@ class TrainingRun:
         here = distributed.env()
         device = distributed.device_for(here, resolve_device(app.train.device))
         distributed.check_batch(here, app.train.batch_size)
-        resume = load_checkpoint(app.train.resume, "train.resume") if app.train.resume else None
+        resume, unreadable = read_newest_checkpoint(app.train.resume, "train.resume") if app.train.resume else (None, [])
         overridden = check_resumable(resume, app) if resume is not None else []
         corpus = load_corpus(app.data, min_tokens=app.model.seq_len + 2, tokenizer=build_tokenizer(app))
         if corpus.tokenizer.vocab_size > app.model.vocab_size:
@@ -149,6 +152,8 @@ class TrainingRun:
             torch.manual_seed(derived_seed(app.seed, RANK_STREAM + here.rank * app.train.max_steps + start_step))
 
         lock = claim_run_dir(run_dir, resuming=resume is not None) if here.is_main else None
+        if here.is_main:  # before the first save, which would move them over the checkpoint resumed from
+            set_aside_unreadable([path for path in unreadable if path.parent.resolve() == run_dir.resolve()])
         config = to_dict(app)
         logger = make_logger(app.logger.name, run_dir, config, app.logger.project, app.logger.mode,
                              app.logger.entity, app.logger.group or group, run_name or run_name_from(overrides),

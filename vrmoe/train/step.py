@@ -73,9 +73,9 @@ class TrainStep:
             self.bad_in_a_row += 1
             self.skipped += 1
             if self.bad_in_a_row >= self.cfg.max_bad_steps:
-                raise Diverged(f"training diverged at step {step + 1}: loss {float(loss):.4g}, gradient norm "
-                               f"{float(norm):.4g}, {self.bad_in_a_row} non-finite steps in a row; the last "
-                               "checkpoint holds finite weights (lower train.lr or set train.grad_clip)")
+                raise Diverged(f"training diverged at step {step + 1}: loss {float(loss.detach()):.4g}, gradient "
+                               f"norm {float(norm):.4g}, {self.bad_in_a_row} non-finite steps in a row (lower "
+                               "train.lr or set train.grad_clip)")
             return out
         self.bad_in_a_row = 0
         self.optimizer.step()
