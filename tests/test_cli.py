@@ -150,3 +150,8 @@ def test_other_runtime_errors_are_not_taken_for_memory():
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
         run_command("vrmoe eval", command)
+
+
+def test_routers_help_is_usage_not_an_error(tmp_path):
+    proc = run_cli("routers", "--help", cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: vrmoe routers")

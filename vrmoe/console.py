@@ -36,18 +36,21 @@ def run_command(name: str, func: Callable[..., Any], *args: Any) -> Any:
     except KeyboardInterrupt:
         fail(f"{name} interrupted", code=130)
     except (MemoryError, RuntimeError) as exc:
-        if not is_out_of_memory(exc):
+        message = out_of_memory_message(name, exc)
+        if message is None:
             raise
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        fail(f"{name} ran out of memory ({detail}); lower S or the batch size (train.batch_size, "
-             "eval.batch_size), or use a smaller model", code=1)
+        fail(message, code=1)
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    """An allocation that failed: torch's OutOfMemoryError (a RuntimeError), its CPU allocator's
-    RuntimeError, or Python's MemoryError."""
-    return (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
-            or "can't allocate memory" in str(exc))
+def out_of_memory_message(name: str, exc: BaseException) -> str | None:
+    """One line for an allocation that failed (torch's OutOfMemoryError, a RuntimeError, its CPU
+    allocator's RuntimeError, or Python's MemoryError); None for any other error."""
+    if not (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in str(exc)):
+        return None
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (f"{name} ran out of memory ({detail}); lower S or the batch size (train.batch_size, "
+            "eval.batch_size), or use a smaller model")
 
 
 class CommandParser(argparse.ArgumentParser):

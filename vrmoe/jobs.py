@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import distributed
 from .compose import load_config, prepare_hydra
 from .config import AppConfig, ConfigError
-from .console import fail, log_line
+from .console import fail, log_line, out_of_memory_message
 from .train.step import Diverged
 from .tracking import CHECKPOINT_FILE, EVAL_FILE, SUMMARY_FILE, read_json, read_summary, write_json
 
@@ -69,10 +69,13 @@ def train_job(cfg: DictConfig) -> float:
             return math.nan
         fail(str(exc), code=3)
     except Exception as exc:
+        out_of_memory = out_of_memory_message("vrmoe train", exc)
         if not multirun:
+            if out_of_memory:
+                fail(out_of_memory, code=1)
             raise
-        record_failed_job(run_dir, overrides, f"{type(exc).__name__}: {exc}", hc.job.num,
-                          traceback=traceback.format_exc())
+        record_failed_job(run_dir, overrides, out_of_memory or f"{type(exc).__name__}: {exc}", hc.job.num,
+                          traceback=None if out_of_memory else traceback.format_exc())
         return math.nan
 
 

@@ -30,6 +30,10 @@ def main(argv: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    if argv and argv[0] in ("-h", "--help"):
+        print("usage: vrmoe routers [--markdown]\n\nThe registered routers (router=<name>), their keys and "
+              "defaults, and their uncertainty signals; --markdown prints the table as Markdown.")
+        return
     if argv and argv[0] not in ("--markdown",):
         raise ConfigError(f"vrmoe routers: unknown argument {argv[0]!r}; use --markdown or nothing")
     rows = router_rows()
