@@ -154,4 +154,5 @@ def test_other_runtime_errors_are_not_taken_for_memory():
 
 def test_routers_help_is_usage_not_an_error(tmp_path):
     proc = run_cli("routers", "--help", cwd=tmp_path)
-    assert proc.returncode == 0 and proc.stdout.startswith("usage: vrmoe routers")
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: vrmoe routers") and "--markdown" in proc.stdout
+    assert_one_line_error(run_cli("routers", "--tsv", cwd=tmp_path, check=False), "vrmoe routers", "--tsv")

@@ -58,6 +58,7 @@ def test_defaults_are_the_documented_ones():
     ("train.lr=-1e-3", ["train.lr"]),
     ("train.lr=inf", ["train.lr=inf", "finite"]),  # inf passes a "> 0" check
     ("T=inf", ["T=inf", "finite"]),
+    ("beta=nan", ["beta=nan", "finite"]),
     ("eval.gammas=[0,inf]", ["eval.gammas", "finite"]),
     ("seed=99999999999999999999", ["seed=", "2^40"]),
     ("model.dropout=2", ["model.dropout=2", "[0, 1)"]),

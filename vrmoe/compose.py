@@ -21,7 +21,7 @@ from typing import Any, Iterable
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import AppConfig, ConfigError, RouterConfig, to_dict, validate
+from .config import HF_NAME_NEEDED, AppConfig, ConfigError, RouterConfig, to_dict, validate
 from .data.corpora import CORPORA
 from .model.routers import ROUTERS, router_class
 from .tasks import TASKS
@@ -232,7 +232,7 @@ def _hf_config_value(name: str | None, key: str):
     from .model.hf import config_value
 
     if name is None or str(name) in ("", "???"):  # not set: the schema's None, or the YAML's ???
-        raise ConfigError("model=hf needs model.hf_name=<hub id or local directory>")
+        raise ConfigError(HF_NAME_NEEDED)
     return config_value(str(name), str(key))
 
 

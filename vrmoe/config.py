@@ -226,6 +226,7 @@ class AppConfig:
 
 
 MAX_SEED = 1 << 40
+HF_NAME_NEEDED = "model=hf needs model.hf_name=<hub id or local directory>"
 
 
 def _require(ok: bool, message: str) -> None:
@@ -238,10 +239,10 @@ def validate(c: AppConfig) -> None:
     keys; the names of routers, corpora and tasks are checked against their registries where
     the config is loaded (``vrmoe.compose``)."""
     m, t, d = c.model, c.train, c.data
-    # inf passes every "> 0" check below (NaN fails them): one rule for every number of the config.
+    # inf passes a "> 0" check and NaN a key without one: one rule for every number of the config.
     for key, value in dotted_keys(to_dict(c)).items():
         values = value if isinstance(value, list) else [value]
-        _require(not any(isinstance(v, float) and math.isinf(v) for v in values),
+        _require(all(math.isfinite(v) for v in values if isinstance(v, float)),
                  f"{key}={value} is out of range; it must be a finite number")
     # Seeds of derived streams are seed * 1,000,003 + index, which torch takes up to 2^63.
     _require(abs(c.seed) < MAX_SEED, f"seed={c.seed} is out of range; it must be an integer below 2^40 in size")
@@ -252,7 +253,7 @@ def validate(c: AppConfig) -> None:
     if m.backbone == "native":  # a pretrained backbone keeps its checkpoint's attention
         _require(m.d_model % m.n_heads == 0 and (m.d_model // m.n_heads) % 2 == 0,
                  f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads} into an even head size")
-    _require(m.backbone != "hf" or bool(m.hf_name), "model=hf needs model.hf_name=<hub id or local directory>")
+    _require(m.backbone != "hf" or bool(m.hf_name), HF_NAME_NEEDED)
     _require(m.moe_every >= 0, f"model.moe_every={m.moe_every} must be >= 0 (0 = no MoE layers)")
     _require(0 <= m.dropout < 1, f"model.dropout={m.dropout} must be in [0, 1)")
     _require(m.dispatch in ("auto", "loop", "grouped_mm"),

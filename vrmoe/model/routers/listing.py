@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 
-from ...config import ConfigError, RouterConfig
+from ...config import RouterConfig
 from .base import ROUTERS
 
 
@@ -30,14 +30,14 @@ def main(argv: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    if argv and argv[0] in ("-h", "--help"):
-        print("usage: vrmoe routers [--markdown]\n\nThe registered routers (router=<name>), their keys and "
-              "defaults, and their uncertainty signals; --markdown prints the table as Markdown.")
-        return
-    if argv and argv[0] not in ("--markdown",):
-        raise ConfigError(f"vrmoe routers: unknown argument {argv[0]!r}; use --markdown or nothing")
+    from ...console import CommandParser
+
+    parser = CommandParser(prog="vrmoe routers", description="The registered routers (router=<name>), their own "
+                           "keys and defaults, whether they average S samples at evaluation, and their OOD signals.")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown (the README's)")
+    args = parser.parse_args(argv)
     rows = router_rows()
-    if argv:
+    if args.markdown:
         headers = list(rows[0])
         print("| " + " | ".join(headers) + " |\n|" + "---|" * len(headers))
         for row in rows:
