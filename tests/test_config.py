@@ -98,3 +98,12 @@ def test_model_hf_without_a_name_says_so_before_looking_anything_up():
     with pytest.raises(ConfigError) as info:
         make_config("model=hf")
     assert str(info.value) == "model=hf needs model.hf_name=<hub id or local directory>"
+
+
+def test_posthoc_heads_train_on_the_papers_objective_unless_told_otherwise():
+    # The Switch balance loss is for routers trained from scratch; post-hoc heads on a frozen
+    # pretrained router train on L_task + beta * KL alone, unless the user sets the weight.
+    assert make_config("router=variational").router.load_balance_weight == 0.01
+    posthoc = ("router=variational", "train.freeze=backbone", "train.init_from=somewhere")
+    assert make_config(*posthoc).router.load_balance_weight == 0.0
+    assert make_config(*posthoc, "router.load_balance_weight=0.05").router.load_balance_weight == 0.05

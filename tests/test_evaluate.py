@@ -16,7 +16,7 @@ from vrmoe.cli import main as cli_main
 from vrmoe.config import PAPER_GAMMAS, ConfigError
 from vrmoe.eval.run import evaluate_run
 from vrmoe.jobs import run_job
-from vrmoe.eval.context import score_windows, single_sample_copy
+from vrmoe.eval.context import SingleSample, score_items, score_windows
 from vrmoe.eval.probes.cost import cost_summary
 from vrmoe.eval.probes.stability import routing_stability
 from vrmoe.model import build_model
@@ -142,7 +142,7 @@ def test_mutual_information_is_zero_exactly_for_deterministic_routing(overrides,
     model = build_model(app).eval()
     x = torch.randint(0, 256, (4, 32))
     torch.manual_seed(0)
-    scored = score_windows(model, single_sample_copy(model, app), [(x, x)], 4, "u")
+    scored = score_windows(model, SingleSample(model), [(x, x)], 4, "u")
     mi = scored.scores["mutual_information"]
     if deterministic:
         assert torch.equal(mi, torch.zeros_like(mi))
@@ -337,3 +337,158 @@ def test_temperature_scaling_is_skipped_with_a_warning_when_a_score_is_not_finit
     block = CalibrationProbe().measure(ctx)
     assert "mcq_ts" not in block and "ts" not in block["predictions"]["mcq"] and "mcq" in block
     assert "temperature scaling skipped" in capsys.readouterr().err
+
+
+def old_single_sample_copy(model, app):
+    """What evaluation built for the single-sample passes before they ran on the model itself: a
+    second model with router.samples=1 and the same weights."""
+    import dataclasses
+
+    copy = build_model(dataclasses.replace(app, router=dataclasses.replace(app.router, samples=1)))
+    copy.load_state_dict(model.state_dict())
+    return copy.eval()
+
+
+@pytest.mark.parametrize("overrides", ["router=variational router.sigma_init=1.0",
+                                       "router=variational router.covariance=full router.sigma_init=0.5",
+                                       "router=mc_dropout router.dropout=0.3", "router=temperature"])
+def test_single_sample_passes_on_the_model_itself_equal_a_second_copy_bitwise(overrides):
+    from vrmoe.data.mcq_datasets import MCQQuestion, encode_questions
+
+    app = make_config(*TINY, *overrides.split(), "S=3", "model.seq_len=64")  # room for a lettered prompt
+    model = build_model(app).eval()
+    copy = old_single_sample_copy(model, app)
+    x = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+    questions = [MCQQuestion(f"{a}+{a}?", tuple(str(2 * a + d) for d in range(4)), a % 4) for a in range(6)]
+    items = encode_questions(questions, None, app.model.seq_len, "test")
+    assert len(items) == 6
+    index = list(torch.arange(len(items)).split(4))
+    got = {}
+    for name, sampler in (("copy", copy), ("same modules", SingleSample(model))):
+        torch.manual_seed(0)
+        lm = score_windows(model, sampler, [(x[:2], x[:2]), (x[2:], x[2:])], 3, "u")
+        torch.manual_seed(0)
+        mcq = score_items(model, sampler, items, index, 3, "u", torch.device("cpu"))
+        got[name] = (lm, mcq)
+    for old, new in zip(got["copy"], got["same modules"]):
+        for field in ("probs_NC", "bma_probs_NC", "labels_N", "logits_NC"):
+            assert (getattr(old, field) is None) == (getattr(new, field) is None)
+            if getattr(old, field) is not None:
+                assert torch.equal(getattr(old, field), getattr(new, field)), field
+        assert old.scores.keys() == new.scores.keys() and "mutual_information" in new.scores
+        assert all(torch.equal(old.scores[k], new.scores[k]) for k in old.scores)
+    assert not torch.equal(got["copy"][1].bma_probs_NC, got["copy"][1].probs_NC)  # the passes do sample
+    # The routers are back at S = 3 afterwards.
+    assert {layer.router.cfg.samples for layer in model.moe_layers} == {3}
+
+
+HF_RUN = ["logger=none", "model.seq_len=64", "train.batch_size=4", "train.log_every=2", "train.eval_every=2",
+          "train.eval_batches=1", "train.warmup_steps=1", "train.max_steps=2"]
+HF_EVAL = ["eval.windows=2", "eval.stability_windows=1", "eval.gammas=[0.01]", "eval.batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def hf_mcq_run(tmp_path_factory, corpus_cache):
+    """A post-hoc variational run on a tiny OLMoE stand-in (context 128 tokens, fine-tuned on 64),
+    on a dataset whose test split has law-like prompts of up to about 200 tokens, with an OOD
+    dataset in MedMCQA's columns whose test split has no answers."""
+    pytest.importorskip("transformers")
+    from hf_models import save_tiny_model
+    from test_mcq_datasets import make_dataset, make_law_split, make_medmcqa
+
+    root = tmp_path_factory.mktemp("hf_eval")
+    data = make_dataset(root / "law", 12)
+    law = make_law_split(data / "validation.jsonl")
+    medmcqa = make_medmcqa(root / "medmcqa")
+    overrides = ["model=hf", f"model.hf_name={save_tiny_model('olmoe', root / 'olmoe')}", "router=variational",
+                 "train.freeze=backbone", "data=mcq", f"data.mcq_name={data}", "task=mcq", *HF_RUN,
+                 f"eval.ood_mcq=[{medmcqa}:test]"]
+    train(make_config(*overrides), root / "run")
+    return root / "run", overrides, law
+
+
+def test_hf_evaluation_scores_prompts_up_to_the_models_own_context(hf_mcq_run, capsys):
+    from vrmoe.data.mcq_datasets import encode_questions
+    from vrmoe.eval import schema
+    from vrmoe.eval.context import prompt_len
+    from vrmoe.model import build_tokenizer
+
+    run, overrides, law = hf_mcq_run
+    app = make_config(*overrides, "S=2", *HF_EVAL)
+    assert prompt_len(app) == 128 and app.model.seq_len == 64  # the stand-in's max_position_embeddings
+    tokenizer = build_tokenizer(app)
+    lengths = [int(encode_questions([q], tokenizer, 10**6, "").lengths_N[0]) for q in law]  # prompt tokens
+    fit = sum(n <= 128 for n in lengths)
+    assert sum(n <= 64 for n in lengths) < fit < len(law)  # model.seq_len would have kept fewer
+    result = evaluate_run(run, app)
+    counts = schema.item_counts(result)
+    assert result["items"]["prompt_len"] == 128
+    assert counts["in"] == {"items": fit, "unlabelled": 0, "too_long": len(law) - fit}
+    assert sum(result["calibration"]["mcq"]["reliability"]["bin_count"]) == fit
+    assert counts["medmcqa"] == {"items": 6, "unlabelled": 6, "too_long": 0}
+    assert len(result["ood"]["scores"]["medmcqa"]["mutual_information"]) == 6
+    assert 0 <= result["ood"]["medmcqa"]["auroc"]["predictive_entropy"] <= 1
+    line = next(line for line in capsys.readouterr().err.splitlines() if "multiple-choice items:" in line)
+    assert f"in {fit} ({len(law) - fit} longer than 128 tokens, left out)" in line
+    assert "medmcqa 6 (6 without an answer, OOD scores only)" in line
+
+
+def alive_parameter_bytes() -> int:
+    """Bytes of the distinct storages of every parameter alive in the process."""
+    import gc
+
+    gc.collect()
+    storages = {}
+    for obj in gc.get_objects():
+        if issubclass(type(obj), torch.nn.Parameter):  # type(): isinstance would ask deprecated objects
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def test_hf_evaluation_holds_one_copy_of_the_model(hf_mcq_run, monkeypatch, tmp_path):
+    """eval.predictive=both at S = 2 (the BMA and mutual information: S single-sample passes) holds
+    the parameters that one routing-mean pass at S = 1 holds; a second model for the single-sample
+    passes would double them."""
+    from vrmoe.eval import context
+    from vrmoe.eval.probes import posterior
+
+    run, overrides, _ = hf_mcq_run
+    peaks: list[int] = []
+
+    def measured(function):
+        def wrapper(*args, **kwargs):
+            peaks.append(alive_parameter_bytes())
+            return function(*args, **kwargs)
+        return wrapper
+
+    for name in ("score_items", "score_windows"):
+        monkeypatch.setattr(context, name, measured(getattr(context, name)))
+    monkeypatch.setattr(posterior, "routing_posterior", measured(posterior.routing_posterior))
+    held = {}
+    for label, settings in (("single", ["S=1", "eval.predictive=routing_mean"]),
+                            ("both", ["S=2", "eval.predictive=both"])):
+        baseline = alive_parameter_bytes()
+        peaks.clear()
+        evaluate_run(run, make_config(*overrides, *settings, *HF_EVAL, "eval.mcq_items=4",
+                                      "eval.calibration_items=4"), output=f"eval_{label}.json")
+        held[label] = max(peaks) - baseline
+    model_bytes = sum(p.numel() * p.element_size() for p in build_model(make_config(*overrides)).parameters())
+    assert held["single"] >= model_bytes  # the measure sees the model evaluated
+    assert held["both"] <= 1.1 * held["single"]
+
+
+def test_letter_items_made_from_text_count_the_prompts_left_out(corpus_cache):
+    from vrmoe.data.corpora import load_corpus
+    from vrmoe.data.mcq import as_question, build_items, split_text
+    from vrmoe.eval.context import text_set
+
+    app = make_config(*TINY, "model.seq_len=96", "task=mcq", "task.format=letter")
+    text = split_text(load_corpus(app.data), "test")
+    tensors, counts = text_set(app, text, 40, "eval.mcq_items (test split)", None)
+    # Byte tokens: the prompt and the space before the answer letter.
+    too_long = sum(len(as_question(item).prompt().encode()) + 1 > 96 for item in build_items(text, 40, 64))
+    assert 0 < too_long < 40
+    assert counts == {"items": len(tensors), "unlabelled": 0, "too_long": too_long} and len(tensors) == 40 - too_long
+    _, every = text_set(app, text, None, "eval.mcq_items (test split)", None)  # null: every item the text yields
+    assert every["items"] + every["too_long"] == len(build_items(text, 10**9, app.task.item_len)) > 40

@@ -8,6 +8,7 @@ downloaded.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,18 +20,19 @@ import transformers  # noqa: E402
 
 from vrmoe.checkpoint import load_checkpoint  # noqa: E402
 from vrmoe.compose import compose_over_saved  # noqa: E402
-from vrmoe.config import ModelConfig  # noqa: E402
-from vrmoe.data.tokenizers import HFTokenizer  # noqa: E402
+from vrmoe.config import ConfigError, ModelConfig  # noqa: E402
+from vrmoe.data.tokenizers import HFTokenizer, encode_prompt  # noqa: E402
 from vrmoe.eval.run import evaluate_run  # noqa: E402
 from vrmoe.data.corpora import load_corpus  # noqa: E402
 from vrmoe.model import build_model, build_tokenizer  # noqa: E402
-from vrmoe.model.hf import HFBackbone  # noqa: E402
+from vrmoe.model import hf  # noqa: E402
+from vrmoe.model.hf import HFBackbone, group_limited_topk  # noqa: E402
 from vrmoe.model.routers import router_config  # noqa: E402
 from vrmoe.tracking import EVAL_FILE  # noqa: E402
 from vrmoe.train import train  # noqa: E402
 
 from conftest import make_config, run_cli  # noqa: E402
-from hf_models import family_configs, save_tiny_model  # noqa: E402
+from hf_models import PAPER_MODELS, family_configs, save_paper_standin, save_tiny_model, train_tokenizer  # noqa: E402
 
 FAMILIES = list(family_configs())
 RUN = ["logger=none", "model.seq_len=32", "train.batch_size=4", "train.log_every=2", "train.eval_every=2",
@@ -59,11 +61,153 @@ def test_swapped_topk_router_gives_the_original_logits(tiny_models, family):
         got = swapped(idx).logits_BLV
         near = hf_model(tiny_models[family], "variational", sigma_init=1e-6)(idx).logits_BLV
     # Mixtral, Qwen and OLMoE renormalise exactly as vrmoe does (bitwise); GraniteMoE and gpt-oss take a
-    # softmax over the K selected logits, equal to the renormalised softmax up to rounding.
+    # softmax over the K selected logits, equal to the renormalised softmax up to rounding; DeepSeek-V2
+    # takes the selected softmax entries, vrmoe's softmax equal to its own up to rounding.
     torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
     # sigma = 1e-6 with the residual head at zero: the same routing up to noise of that size.
     torch.testing.assert_close(near, want, atol=1e-4, rtol=0)
-    assert len(swapped.moe_layers) == 2 and swapped.moe_layer_names == ["layer0", "layer1"]
+    # Every MoE layer is swapped: both layers, or DeepSeek's two after its dense first layer.
+    first_moe = getattr(original.config, "first_k_dense_replace", 0)
+    assert swapped.moe_layer_names == [f"layer{i}" for i in range(first_moe, original.config.num_hidden_layers)]
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2_lite", "deepseek_v2"])
+def test_the_routing_vrmoe_sees_is_the_one_the_deepseek_model_uses(tiny_models, family):
+    original = transformers.AutoModelForCausalLM.from_pretrained(tiny_models[family]).eval()
+    used = []  # (logits, weights, indices) of the original routers
+    for module in original.modules():
+        if type(module).__name__.endswith("TopkRouter"):
+            module.register_forward_hook(lambda module, args, output: used.append(output))
+    idx = torch.randint(0, original.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        original(input_ids=idx)
+        out = hf_model(tiny_models[family], "topk")(idx)
+    scale = original.config.routed_scaling_factor
+    grouped_differs = False
+    for routing, stats, (_, weights_TK, ids_TK) in zip(out.routings, out.layer_stats, used):
+        # The experts the model ran, weighted by the selected entries of the routing distribution
+        # times routed_scaling_factor (not renormalised); the statistics count the same experts.
+        assert torch.equal(routing.expert_ids_TK.sort(-1).values, ids_TK.sort(-1).values)
+        torch.testing.assert_close(routing.gates_TK, routing.probs_TE.gather(-1, routing.expert_ids_TK) * scale)
+        torch.testing.assert_close(routing.gates_TK.sort(-1).values, weights_TK.sort(-1).values, atol=1e-6, rtol=0)
+        counts_E = torch.bincount(ids_TK.reshape(-1), minlength=8).float()
+        torch.testing.assert_close(stats["utilisation"], counts_E / counts_E.sum())
+        plain_TK = routing.probs_TE.topk(2, dim=-1).indices.sort(-1).values
+        grouped_differs |= bool((plain_TK != routing.expert_ids_TK.sort(-1).values).any())
+    # DeepSeek-V2's group limit changes the selection on some tokens; V2-Lite's greedy rule never does.
+    assert grouped_differs == (family == "deepseek_v2")
+
+
+def test_group_limited_top_k_keeps_the_routers_choices_in_the_kept_groups():
+    # Two groups of three experts; the first holds the best score, so only it is kept.
+    probs_TE = torch.tensor([[0.35, 0.05, 0.15, 0.25, 0.10, 0.10]])
+    top_k = torch.tensor([[0, 3]])  # what a deterministic router picks: the rule gives the group's best two
+    assert group_limited_topk(probs_TE, top_k, n_group=2, topk_group=1).sort(-1).values.tolist() == [[0, 2]]
+    sampled = torch.tensor([[1, 3]])  # a sampling router's draw: expert 1 is allowed and stays, 3 is not
+    assert group_limited_topk(probs_TE, sampled, n_group=2, topk_group=1).sort(-1).values.tolist() == [[0, 1]]
+    assert group_limited_topk(probs_TE, top_k, n_group=2, topk_group=2).sort(-1).values.tolist() == [[0, 3]]
+
+
+def test_deepseek_shape_parameters_and_flops(tiny_models):
+    app = make_config("model=hf", f"model.hf_name={tiny_models['deepseek_v2']}")
+    assert (app.router.k, app.model.n_experts, app.model.d_model, app.model.n_layers) == (2, 8, 32, 3)
+    model = hf_model(tiny_models["deepseek_v2"], "topk")
+    config = model.hf.config
+    named = dict(model.hf.named_parameters())
+    routed = sum(p.numel() for n, p in named.items() if ".mlp.experts." in n)
+    counts = model.parameter_counts()
+    assert counts["experts"] == routed and counts["active"] == int(counts["total"] - routed * (1 - 2 / 8))
+    flops = model.flops_per_token(samples=1, context=15)
+    # Multi-head latent attention: every projection (q_a/q_b, kv_a_proj_with_mqa, kv_b, o) once, and
+    # scores over qk_nope + qk_rope wide query-key heads and v_head_dim wide values.
+    projections = sum(p.numel() for n, p in named.items() if ".self_attn." in n and p.ndim == 2)
+    assert {n.split(".")[-2] for n, p in named.items() if ".self_attn." in n and p.ndim == 2} == {
+        "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"}
+    head_dims = config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim
+    scores = 2 * config.num_attention_heads * head_dims * (15 + 1) / 2
+    assert flops.attention == 2 * projections + scores * config.num_hidden_layers
+    # The dense first layer, the shared experts and the untied output head count whole; routed experts K of E.
+    dense = sum(p.numel() for n, p in named.items() if p.ndim == 2 and (".layers.0.mlp." in n or "shared_experts" in n
+                                                                         or n == "lm_head.weight"))
+    assert flops.other == 2 * dense and flops.experts == 2 * routed * 2 / 8
+
+
+def test_an_older_transformers_is_one_line_naming_both_versions(monkeypatch):
+    hf._transformers()  # the installed one is new enough
+    # The module the import statement finds now (transformers may have replaced its lazy module).
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "5.20.0")
+    with pytest.raises(ConfigError) as err:
+        hf._transformers()
+    assert str(err.value) == (f"model=hf needs transformers>={hf.MIN_TRANSFORMERS}, found 5.20.0: "
+                              f"pip install 'transformers>={hf.MIN_TRANSFORMERS}'")
+    # The extras ask for the same release.
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert pyproject.count(f'"transformers>={hf.MIN_TRANSFORMERS}"') == 3 and pyproject.count('"transformers>=') == 3
+
+
+def test_prompts_start_with_bos_exactly_when_the_checkpoints_tokenizer_adds_one(tmp_path):
+    from vrmoe.data.mcq import MCQItem, encode_items
+    from vrmoe.data.mcq_datasets import LETTERS, MCQQuestion, encode_questions, letter_tokens
+
+    train_tokenizer(tmp_path / "bos", bos=True)
+    train_tokenizer(tmp_path / "plain")
+    with_bos, plain = HFTokenizer(str(tmp_path / "bos")), HFTokenizer(str(tmp_path / "plain"))
+    assert with_bos.bos_ids == (with_bos.tokenizer.bos_token_id,) == (1,) and plain.bos_ids == ()
+    question = MCQQuestion("Which of these is a list?", ("a dict", "a list", "a str", "an int"), 1)
+    item = MCQItem("Return a new ", " of the items.", ("list", "dict", "str", "int"), 0)
+    for tokenizer, bos in ((with_bos, [1]), (plain, [])):
+        text = tokenizer.encode(question.prompt()).tolist()
+        assert encode_prompt(tokenizer, question.prompt()).tolist() == bos + text
+        assert text[:1] != [1] or not bos  # encode itself never adds one
+        # The letters are the letters' own last tokens, not a BOS.
+        prefix, letters = letter_tokens(tokenizer)
+        assert letters.tolist() == [int(tokenizer.encode(f" {letter}")[-1]) for letter in LETTERS]
+        tensors = encode_questions([question], tokenizer, 256, "test")
+        n = int(tensors.lengths_N[0])
+        assert tensors.tokens_NL[0, :n].tolist() == bos + text + prefix.tolist()  # and no EOS at the end
+        cloze = encode_items([item], tokenizer)
+        for o in range(4):
+            length = int(cloze.lengths_NO[0, o])
+            assert cloze.tokens_NOL[0, o, :length].tolist() == bos + tokenizer.encode(item.filled(o)).tolist()
+        assert int(cloze.starts_N[0]) == len(bos) + len(tokenizer.encode(item.prefix))
+
+
+@pytest.mark.parametrize("hub_id", list(PAPER_MODELS))
+def test_paper_standins_have_the_real_models_structure(tmp_path, hub_id):
+    path = save_paper_standin(hub_id, tmp_path / "model")
+    config = transformers.AutoConfig.from_pretrained(path)
+    real = transformers.AutoConfig.from_pretrained(PAPER_CONFIGS / {
+        "ibm-granite/granite-3.0-3b-a800m-base": "granite-3.0-3b-a800m-base", "Qwen/Qwen1.5-MoE-A2.7B": "qwen1.5-moe-a2.7b",
+        "deepseek-ai/DeepSeek-V2-Lite": "deepseek-v2-lite"}[hub_id])
+    assert config.model_type == real.model_type and config.hidden_size <= 32
+    for key in ("tie_word_embeddings", "norm_topk_prob", "topk_method", "n_shared_experts", "first_k_dense_replace",
+                "routed_scaling_factor", "q_lora_rank", "embedding_multiplier", "logits_scaling",
+                "residual_multiplier"):
+        assert getattr(config, key, None) == getattr(real, key, None), key
+    shared = [getattr(c, "shared_expert_intermediate_size", 0) > 0 for c in (config, real)]
+    assert shared[0] == shared[1]
+    # DeepSeek's tokenizer puts a BOS in front, as the real one does; Granite's and Qwen's do not.
+    assert HFTokenizer(str(path)).bos_ids == ((1,) if real.model_type == "deepseek_v2" else ())
+    model = hf_model(path, "topk")
+    assert len(model.moe_layers) == config.num_hidden_layers - getattr(config, "first_k_dense_replace", 0)
+
+
+PAPER_CONFIGS = Path(__file__).parents[1] / "experiments" / "paper_models"
+
+
+@pytest.mark.parametrize("slug, total, active", [
+    ("granite-3.0-3b-a800m-base", 3_298_788_864, 0.88e9),  # 3.3B; 800M active besides the embedding
+    ("qwen1.5-moe-a2.7b", 14_315_784_192, 2.69e9),  # 14.3B, A2.7B
+    ("deepseek-v2-lite", 15_706_484_224, 2.66e9),  # 15.7B; 2.4B active besides the embedding
+])
+def test_the_paper_model_configs_give_the_published_totals(slug, total, active):
+    config = transformers.AutoConfig.from_pretrained(PAPER_CONFIGS / slug)
+    with torch.device("meta"):  # shapes only: no memory, nothing downloaded
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in model.parameters()) == total
+    experts = sum(p.numel() for m in model.modules() if type(m).__name__.endswith("Experts") for p in m.parameters())
+    n_experts = getattr(config, "num_local_experts", None) or config.num_experts
+    assert abs(total - experts * (1 - config.num_experts_per_tok / n_experts) - active) < 0.01e9
 
 
 def test_the_last_n_layers_get_the_router_the_rest_top_k(tiny_models):

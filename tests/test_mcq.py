@@ -201,3 +201,48 @@ def test_the_letter_format_asks_the_cloze_item_with_lettered_options(corpus_cach
 def test_split_and_format_settings_are_checked(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         make_config(*TINY, "task=mcq", *overrides)
+
+
+def _write_split(directory, split: str, n: int) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = [{"question": f"question {i}", "choices": {"text": ["w", "x", "y", "z"], "label": list("ABCD")},
+             "answerKey": "ABCD"[i % 4]} for i in range(n)]
+    (directory / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def obqa_sized(tmp_path_factory):
+    """A dataset with OpenBookQA's calibration and test split sizes (and a smaller train split)."""
+    root = tmp_path_factory.mktemp("obqa")
+    for split, n in (("train", 300), ("validation", 500), ("test", 500)):
+        _write_split(root, split, n)
+    return root
+
+
+def _mcq(obqa_sized, *overrides):
+    app = make_config(*TINY, "model.seq_len=128", "task=mcq", "data=mcq", f"data.mcq_name={obqa_sized}",
+                      "data.mcq_calibration_split=validation", "data.mcq_eval_split=test", *overrides)
+    return MCQTask(app, load_corpus(app.data))
+
+
+def test_a_datasets_splits_are_used_whole_by_default(obqa_sized):
+    fine_tune = _mcq(obqa_sized)
+    assert (len(fine_tune.train_set), len(fine_tune.val_set)) == (300, 256)
+    # Post hoc on the 500-question calibration split: its last fifth validates, the rest is fit on.
+    posthoc = _mcq(obqa_sized, "task.fit_split=calibration")
+    assert (len(posthoc.train_set), len(posthoc.val_set)) == (400, 100)
+    assert len(_mcq(obqa_sized, "task.fit_split=calibration", "task.val_items=50").train_set) == 450
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["task.train_items=301"], "task.train_items=301: the train split has 300 questions; give at most 300"),
+    (["task.fit_split=calibration", "task.val_items=500"],
+     "task.val_items=500: the calibration split has 500 questions, too few to hold that many out"),
+    (["task.fit_split=calibration", "task.train_items=401"],
+     "task.train_items=401: the calibration split has 500 questions and task.val_items=100 of them validate; "
+     "give at most 400"),
+])
+def test_item_counts_a_split_cannot_hold_are_one_line(obqa_sized, overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)) as info:
+        _mcq(obqa_sized, *overrides)
+    assert "\n" not in str(info.value)

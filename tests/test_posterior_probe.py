@@ -28,20 +28,14 @@ VARIATIONAL_KEYS = {"sigma_mean", "gap_mean", "sd_gap_mean", "z_median", "eval_v
 
 
 def light_context(*overrides: str, windows: int = 8) -> SimpleNamespace:
-    """What the probe reads of an EvalContext, around an untrained tiny model: the model, its
-    single-sample copy (None at S = 1) and random token windows."""
+    """What the probe reads of an EvalContext, around an untrained tiny model: the model and random
+    token windows (the probe switches the model's own routers to single samples)."""
     app = make_config(*TINY, *overrides)
     model = build_model(app).eval()
-    sampler = None
-    if app.router.samples > 1:
-        sampler = build_model(dataclasses.replace(app, router=dataclasses.replace(app.router, samples=1)))
-        sampler.load_state_dict(model.state_dict())
-        sampler.eval()
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, app.model.vocab_size, (windows, app.model.seq_len), generator=gen)
     batches = [(xb, xb) for xb in x.split(app.eval.batch_size)]
-    return SimpleNamespace(app=app, model=model, sampler=sampler, unit="lm", lm_sets={"in": batches},
-                           device=torch.device("cpu"))
+    return SimpleNamespace(app=app, model=model, unit="lm", lm_sets={"in": batches}, device=torch.device("cpu"))
 
 
 def test_probe_is_registered_between_stability_and_cost():
@@ -141,3 +135,35 @@ def test_only_the_sampling_layers_are_measured_and_the_rng_is_left_alone():
     assert torch.equal(torch.get_rng_state(), state)
     assert set(block["layers"]) == {"layer1"} and block["deterministic_layers"] == ["layer0"]
     assert PROBES["posterior"].measure(ctx) == block  # seeded from the evaluation seed
+
+
+@pytest.mark.parametrize("overrides", [("router=variational", "router.sigma_init=0.5"),
+                                       ("router=variational", "router.covariance=full", "router.sigma_init=0.5"),
+                                       ("router=mc_dropout", "router.dropout=0.3")])
+def test_single_draws_on_the_model_itself_equal_a_second_copy_bitwise(monkeypatch, overrides):
+    """The draws run the model's own routers switched to one sample; the block is the one a second
+    model built with router.samples=1 (what the probe drew from before) gives, bit for bit."""
+    from contextlib import contextmanager
+
+    from vrmoe.eval.probes import posterior
+
+    ctx = light_context(*overrides, "S=4")
+    same_modules = PROBES["posterior"].measure(ctx)
+    copy = build_model(dataclasses.replace(ctx.app, router=dataclasses.replace(ctx.app.router, samples=1)))
+    copy.load_state_dict(ctx.model.state_dict())
+    copy.eval()
+
+    @contextmanager
+    def the_copys_routers(model):
+        routers = [layer.router for layer in model.moe_layers]
+        for layer, twin in zip(model.moe_layers, copy.moe_layers):
+            layer.router = twin.router
+        try:
+            yield model
+        finally:
+            for layer, router in zip(model.moe_layers, routers):
+                layer.router = router
+
+    monkeypatch.setattr(posterior, "single_sample_routing", the_copys_routers)
+    assert PROBES["posterior"].measure(ctx) == same_modules
+    assert {layer.router.cfg.samples for layer in ctx.model.moe_layers} == {4}

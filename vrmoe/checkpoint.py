@@ -216,6 +216,14 @@ def freeze_loaded(model: torch.nn.Module, loaded: set[str]) -> None:
                           "(choose router=variational, vtsr, or another router with heads)")
 
 
+def keep_trained_in_fp32(model: torch.nn.Module) -> None:
+    """Parameters that train are fp32 master weights with fp32 gradients and optimiser state,
+    whatever dtype the frozen rest was loaded in (bf16 updates of small steps round away)."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
 def restore_rng(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["rng"]["cpu"])
     if device.type == "cuda" and state["rng"].get("cuda") is not None:

@@ -242,6 +242,12 @@ def _launch_time(pattern: str) -> str:
     return launch_time().strftime(pattern)
 
 
+def balance_weight_default(freeze: str) -> float:
+    """The paper trains post-hoc heads on ``L_task + beta * KL`` alone: a frozen pretrained router was
+    never asked to balance load, so with train.freeze=backbone the Switch balance loss is off unless set."""
+    return 0.0 if str(freeze) == "backbone" else RouterConfig.load_balance_weight
+
+
 def register_resolvers() -> None:
     """The resolvers the YAML files use (registered once per process)."""
     if not OmegaConf.has_resolver("vrmoe_hf"):
@@ -253,6 +259,8 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("vrmoe_run_dir"):
         # A resumed run continues in its own directory instead of a new one.
         OmegaConf.register_new_resolver("vrmoe_run_dir", lambda resume, default: resume or default)
+    if not OmegaConf.has_resolver("vrmoe_balance_weight"):
+        OmegaConf.register_new_resolver("vrmoe_balance_weight", balance_weight_default)
     if not OmegaConf.has_resolver("vrmoe_job_dirname"):
         OmegaConf.register_new_resolver("vrmoe_job_dirname", job_dirname)
 

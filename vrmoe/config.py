@@ -160,8 +160,10 @@ class TaskConfig:
     name: str = "lm"
     # mcq: the items trained on, from the split fit_split names (epochs = max_steps * batch_size /
     # train_items), and val_items held-out items of the calibration split (val/loss, val/accuracy).
-    train_items: int = 2000
-    val_items: int = 256
+    # null: every question of a dataset's split (fitting on the calibration split holds its last
+    # val_items out, by default a fifth of it up to 256), 2000 cloze items made from text, 256 to validate.
+    train_items: Optional[int] = None
+    val_items: Optional[int] = None
     # mcq: longest cloze sentence in bytes (capped at model.seq_len).
     item_len: int = 64
     # The form of multiple-choice items: cloze (softmax over the four filled-in sentences'
@@ -188,14 +190,15 @@ class EvalConfig:
     at_end: bool = False
     # Next-token calibration and LM-level OOD scores use this many windows of each text.
     windows: int = 64
-    # Multiple-choice calibration and MCQ-level OOD scores use this many items of each text.
-    mcq_items: int = 256
+    # Multiple-choice items scored of each set (the test split, MCQ-level OOD sets); null: every item.
+    mcq_items: Optional[int] = None
     batch_size: int = 16
     # Per-sequence OOD scores on "lm" windows or "mcq" items; auto follows the run's task.
     ood_task: str = "auto"
     # Extra OOD sets: text files, each scored against the validation split under its file name.
     ood_text: list[str] = field(default_factory=list)
-    # With data=mcq: other multiple-choice datasets as OOD sets (e.g. [arc_easy,medmcqa]), their eval split.
+    # With data=mcq: other multiple-choice datasets as OOD sets, each in data.mcq_eval_split or the split
+    # it names (e.g. [arc_easy,medmcqa:test]; items without answers are scored for OOD all the same).
     ood_mcq: list[str] = field(default_factory=list)
     # Routing stability: embedding noise sigma = gamma * mean token-embedding norm.
     gammas: list[float] = field(default_factory=lambda: list(PAPER_GAMMAS))
@@ -205,8 +208,8 @@ class EvalConfig:
     # Multiple-choice predictives scored: routing_mean (the paper's single pass, routing averaged over
     # S samples before Top-K), bma (the mean of S single-sample passes' predictions) or both.
     predictive: str = "both"
-    # Temperature scaling fits its temperature on this many items of the calibration split.
-    calibration_items: int = 256
+    # Temperature scaling fits its temperature on this many items of the calibration split; null: every item.
+    calibration_items: Optional[int] = None
 
 
 @dataclass
@@ -232,6 +235,11 @@ HF_NAME_NEEDED = "model=hf needs model.hf_name=<hub id or local directory>"
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def _given(value: Optional[int]) -> int:
+    """A count where null means "all" or a default: range-checked only when given."""
+    return 1 if value is None else value
 
 
 def validate(c: AppConfig) -> None:
@@ -290,10 +298,10 @@ def validate(c: AppConfig) -> None:
              "data=mcq needs data.mcq_name=<openbookqa, arc_easy, ..., a hub id, a directory or a .jsonl file>")
     _require(not c.eval.ood_mcq or d.name == "mcq",
              "eval.ood_mcq compares multiple-choice datasets; it needs data=mcq data.mcq_name=...")
-    for key, value in (("task.train_items", c.task.train_items), ("task.val_items", c.task.val_items),
-                       ("eval.windows", c.eval.windows), ("eval.mcq_items", c.eval.mcq_items),
+    for key, value in (("task.train_items", _given(c.task.train_items)), ("task.val_items", _given(c.task.val_items)),
+                       ("eval.windows", c.eval.windows), ("eval.mcq_items", _given(c.eval.mcq_items)),
                        ("eval.batch_size", c.eval.batch_size), ("eval.stability_windows", c.eval.stability_windows),
-                       ("eval.calibration_items", c.eval.calibration_items)):
+                       ("eval.calibration_items", _given(c.eval.calibration_items))):
         _require(value >= 1, f"{key}={value} must be a positive integer")
     _require(c.task.format in ("auto", "cloze", "letter"),
              f"task.format={c.task.format!r} must be auto, cloze or letter")

@@ -28,7 +28,7 @@ import torch
 
 from ..config import ConfigError
 from .mcq_datasets import LetterTensors, MCQQuestion, encode_questions
-from .tokenizers import ByteTokenizer, Tokenizer
+from .tokenizers import ByteTokenizer, Tokenizer, encode_prompt
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import AppConfig
@@ -234,8 +234,10 @@ class MCQBatch:
 
 
 def encode_items(items: list[MCQItem], tokenizer: Tokenizer | None = None) -> MCQTensors:
+    """Each item's four filled-in sentences, each after the tokenizer's BOS where its checkpoint was
+    trained with one (``encode_prompt``); the scoring start counts it."""
     tokenizer = tokenizer or ByteTokenizer()
-    encoded = [[tokenizer.encode(item.filled(o)) for o in range(N_OPTIONS)] for item in items]
+    encoded = [[encode_prompt(tokenizer, item.filled(o)) for o in range(N_OPTIONS)] for item in items]
     longest = max((len(ids) for row in encoded for ids in row), default=1)
     tokens = torch.zeros(len(items), N_OPTIONS, longest, dtype=torch.long)
     lengths = torch.zeros(len(items), N_OPTIONS, dtype=torch.long)
@@ -243,7 +245,7 @@ def encode_items(items: list[MCQItem], tokenizer: Tokenizer | None = None) -> MC
         for o, ids in enumerate(row):
             tokens[n, o, :len(ids)] = ids
             lengths[n, o] = len(ids)
-    starts = torch.tensor([len(tokenizer.encode(item.prefix)) for item in items], dtype=torch.long)
+    starts = torch.tensor([len(encode_prompt(tokenizer, item.prefix)) for item in items], dtype=torch.long)
     answers = torch.tensor([item.answer for item in items], dtype=torch.long)
     return MCQTensors(tokens, lengths, starts, answers)
 

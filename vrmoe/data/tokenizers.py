@@ -4,6 +4,12 @@ A tokenizer has ``vocab_size``, ``encode(text) -> LongTensor`` and
 ``decode(ids) -> str``; a :class:`~vrmoe.data.corpora.Corpus` carries the one
 that made its tokens, and every consumer (batches, multiple-choice items, OOD
 sets) encodes through it.
+
+``encode`` never adds special tokens. A prompt (a multiple-choice item) is encoded with
+:func:`encode_prompt`, which puts the tokenizer's ``bos_ids`` in front: the
+beginning-of-sequence token a pretrained checkpoint was trained with, where its tokenizer
+adds one (Mixtral, DeepSeek), and nothing where it does not (bytes, Granite, Qwen).
+Language-model corpora are long concatenated text and are encoded without it.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ class ByteTokenizer:
     """UTF-8 bytes as tokens: a vocabulary of 256, nothing to download or train."""
 
     vocab_size = 256
+    bos_ids: tuple[int, ...] = ()
 
     def encode(self, text: str) -> torch.Tensor:
         return text_to_bytes(text).long()
@@ -42,9 +49,20 @@ class ByteTokenizer:
         return bytes_to_text(torch.as_tensor(ids))
 
 
+def encode_prompt(tokenizer: Tokenizer, text: str) -> torch.Tensor:
+    """``text`` as the start of a model input: after the tokenizer's ``bos_ids`` (none unless it
+    has them), never followed by an end-of-sequence token."""
+    ids = tokenizer.encode(text)
+    bos = getattr(tokenizer, "bos_ids", ())
+    return torch.cat([torch.tensor(bos, dtype=ids.dtype), ids]) if bos else ids
+
+
 class HFTokenizer:
     """A Hugging Face tokenizer (``AutoTokenizer``) from a hub id or a local directory: the
-    tokenizer of a pretrained backbone (``model=hf``). Text is encoded without special tokens."""
+    tokenizer of a pretrained backbone (``model=hf``). ``encode`` adds no special tokens;
+    ``bos_ids`` is the beginning-of-sequence token when the tokenizer itself puts one in front
+    of a text encoded with its special tokens (as the checkpoint saw its training text), else
+    empty (:func:`encode_prompt` uses it)."""
 
     def __init__(self, name: str):
         from pathlib import Path
@@ -64,6 +82,18 @@ class HFTokenizer:
                               "directory must hold the tokenizer files save_pretrained writes") from None
         self.name = name
         self.vocab_size = len(self.tokenizer)
+        self.bos_ids = self._bos_ids()
+
+    def _bos_ids(self) -> tuple[int, ...]:
+        # Read off the tokenizer rather than a list of families: whatever it prepends with its
+        # special tokens that it does not without them, if that is its BOS (an appended EOS is ignored).
+        bos = self.tokenizer.bos_token_id
+        if bos is None:
+            return ()
+        probe = "Answer:"
+        with_special = self.tokenizer(probe, add_special_tokens=True)["input_ids"]
+        without = self.tokenizer(probe, add_special_tokens=False)["input_ids"]
+        return (bos,) if with_special[:1] == [bos] and without[:1] != [bos] else ()
 
     def encode(self, text: str) -> torch.Tensor:
         backend = getattr(self.tokenizer, "backend_tokenizer", None)

@@ -12,11 +12,18 @@ Choices worth knowing:
 * **Mutual information.** BALD needs S *predictive* distributions, one per
   routing sample, while a router's ``sample_probs_STE`` are routing
   distributions that the model never turns into S predictions (the experts run
-  once on the averaged selection). So the model is run S more times with a
-  copy whose routers draw a single sample (``router.samples=1``), giving
+  once on the averaged selection). So the model is run S more times with its
+  routers switched to a single sample (:func:`single_sample_routing`: the same
+  modules and weights, one copy of the model in memory), giving
   ``p_1 .. p_S``; ``MI = H[mean_s p_s] - mean_s H[p_s]``. A deterministic
   router gives S identical passes, hence exactly 0. With S = 1 the score is
   left out (one sample has no disagreement to measure).
+* **Multiple-choice sets.** Every item of a split is scored unless
+  ``eval.mcq_items`` / ``eval.calibration_items`` cap the count. Items without an
+  answer (an OOD dataset's unlabelled split, e.g. ``medmcqa:test``) are scored for
+  OOD and left out of calibration and accuracy (label ``UNLABELLED``). A prompt
+  longer than :func:`prompt_len` is left out. What was left out or is unlabelled
+  is counted per set (``EvalContext.counts``, the ``items`` block of eval.json).
 * **Per-sequence scores.** ``eval.ood_task=lm``: a sequence is a window of
   text and each score is averaged over its tokens (next-token predictive
   entropy and MI). ``mcq``: a sequence is a multiple-choice item and the
@@ -28,10 +35,12 @@ Choices worth knowing:
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -41,11 +50,13 @@ from ..checkpoint import load_run_weights
 from ..config import AppConfig, ConfigError, DataConfig
 from ..data.batches import eval_batches
 from ..data.corpora import Corpus, load_corpus
-from ..data.mcq_datasets import LetterTensors, encode_questions, load_questions
-from ..data.mcq import MCQTensors, shuffle_words_within_sentences, split_items, split_text, text_items
+from ..data.mcq_datasets import (MCQQuestion, LetterTensors, check_split, encode_questions, load_questions,
+                                 split_entry)
+from ..data.mcq import (MCQTensors, build_items, item_len, shuffle_words_within_sentences, split_text,
+                        text_items)
 from ..device import synchronize
 from ..model import build_model, build_tokenizer
-from ..model.backbone import Backbone
+from ..model.backbone import Backbone, ModelOutput
 from ..model.routers import Routing, router_class
 
 Windows = list[tuple[torch.Tensor, torch.Tensor]]
@@ -65,9 +76,23 @@ class ScoredSet:
     # Multiple choice: the option scores whose softmax is probs_NC (temperature scaling divides them).
     logits_NC: torch.Tensor | None = None
 
+    def labelled(self) -> "ScoredSet":
+        """The items with an answer (label >= 0), which calibration and accuracy need; the set itself
+        when every item has one (next-token sets always do)."""
+        keep_N = self.labels_N >= 0
+        if bool(keep_N.all()):
+            return self
+        pick = lambda t: None if t is None else t[keep_N]  # noqa: E731
+        return ScoredSet(self.probs_NC[keep_N], self.labels_N[keep_N], {k: v[keep_N] for k, v in self.scores.items()},
+                         self.tokens, self.seconds, pick(self.bma_probs_NC), pick(self.logits_NC))
+
 
 def check_eval_inputs(app: AppConfig) -> None:
-    """Refuse missing or empty OOD files before any work (and before training, with eval.at_end)."""
+    """Refuse missing or empty OOD files, and a local OOD dataset's missing split, before any work
+    (and before training, with eval.at_end)."""
+    for entry in app.eval.ood_mcq:
+        name, split, _ = split_entry(entry, app.data.mcq_eval_split)
+        check_split(name, split, f"eval.ood_mcq: {entry}")
     for path_str in app.eval.ood_text:
         path = Path(path_str).expanduser()
         if not path.is_file():
@@ -88,11 +113,78 @@ def load_model(state: dict[str, Any], app: AppConfig, run: str | Path, device: t
     return model.to(device).eval()
 
 
-def single_sample_copy(model: Backbone, app: AppConfig) -> Backbone:
-    """The same weights with routers that draw one routing sample per pass (for MI)."""
-    copy = build_model(dataclasses.replace(app, router=dataclasses.replace(app.router, samples=1)))
-    copy.load_state_dict(model.state_dict())
-    return copy.to(next(model.parameters()).device).eval()
+@contextmanager
+def single_sample_routing(model: Backbone) -> Iterator[Backbone]:
+    """``model`` with every router drawing one routing sample per pass (``samples=1``) inside the
+    block, its own S restored after: the single-sample passes run on the same modules and weights,
+    so a pretrained model is never held twice. Routers read ``self.cfg.samples`` on each forward."""
+    routers = [layer.router for layer in model.moe_layers]
+    configs = [router.cfg for router in routers]
+    try:
+        for router, cfg in zip(routers, configs):
+            router.cfg = dataclasses.replace(cfg, samples=1)
+        yield model
+    finally:
+        for router, cfg in zip(routers, configs):
+            router.cfg = cfg
+
+
+class SingleSample:
+    """Calls ``model`` with its routers switched to one routing sample (see
+    :func:`single_sample_routing`): what the S single-sample passes of MI and the BMA run."""
+
+    def __init__(self, model: Backbone):
+        self.model = model
+
+    def __call__(self, idx_BL: torch.Tensor) -> ModelOutput:
+        with single_sample_routing(self.model):
+            return self.model(idx_BL)
+
+
+def prompt_len(app: AppConfig) -> int:
+    """The longest multiple-choice prompt evaluation scores, in tokens. The native model's context
+    is model.seq_len. A pretrained model (model=hf) is fine-tuned on model.seq_len windows but reads
+    its own context (the config's max_position_embeddings): cutting prompts at model.seq_len would
+    leave out long ones (MMLU-Law's) and bias a set towards short questions."""
+    if app.model.backbone != "hf":
+        return app.model.seq_len
+    from ..model.hf import hf_config
+
+    context = getattr(hf_config(app.model.hf_name or ""), "max_position_embeddings", None)
+    return context if isinstance(context, int) and context > 0 else app.model.seq_len
+
+
+def _cap(n_items: int | None) -> int:
+    """An item count: ``eval.*_items`` null is every item a split or text yields."""
+    return sys.maxsize if n_items is None else n_items
+
+
+def count_items(tensors: "MCQTensors | LetterTensors", asked: int) -> dict[str, int]:
+    """What one multiple-choice set scores and leaves out: ``items`` scored, ``unlabelled`` of them
+    without an answer (OOD scores only), ``too_long`` prompts left out (longer than prompt_len)."""
+    return {"items": len(tensors), "unlabelled": int((tensors.answers_N < 0).sum()), "too_long": asked - len(tensors)}
+
+
+def question_set(questions: list[MCQQuestion], app: AppConfig, tokenizer, key: str
+                 ) -> tuple[LetterTensors, dict[str, int]]:
+    """A dataset's questions as a scored set (prompts up to prompt_len tokens), and its counts."""
+    tensors = encode_questions(questions, tokenizer, prompt_len(app), key)
+    return tensors, count_items(tensors, len(questions))
+
+
+def text_set(app: AppConfig, text: str, n_items: int | None, key: str, tokenizer
+             ) -> tuple["MCQTensors | LetterTensors", dict[str, int]]:
+    """Items made from ``text`` in the task's format (letter prompts up to prompt_len tokens), and
+    their counts. The text_items path reads the prompt length from model.seq_len, so it gets a
+    view of the config with the prompt length there (the items' own length, item_len, is capped
+    by it in the same way)."""
+    view = app
+    if prompt_len(app) != app.model.seq_len:
+        view = dataclasses.replace(app, model=dataclasses.replace(app.model, seq_len=prompt_len(app)))
+    tensors = text_items(view, text, _cap(n_items), key, tokenizer)
+    if isinstance(tensors, MCQTensors):  # cloze items are built to fit: none is left out
+        return tensors, count_items(tensors, len(tensors))
+    return tensors, count_items(tensors, len(build_items(text, _cap(n_items), item_len(view))))
 
 
 @dataclass
@@ -102,40 +194,60 @@ class EvalContext:
     state: dict[str, Any]
     device: torch.device
     model: Backbone
-    sampler: Backbone | None  # the single-sample copy for mutual information (None when S = 1)
+    sampler: SingleSample | None  # the model with single-sample routing, for MI and the BMA (None when S = 1)
     corpus: Corpus
     unit: str  # "lm" or "mcq": what a sequence is for the OOD scores
     lm_sets: dict[str, Windows]
     mcq_sets: dict[str, "MCQTensors | LetterTensors"]  # "in" is the test split
     calibration_set: "MCQTensors | LetterTensors"  # what temperature scaling fits on
+    # Per multiple-choice set ("calibration" included): items scored, unlabelled, too_long (count_items).
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
     _scored: dict[tuple[str, str], ScoredSet] = field(default_factory=dict)
 
     @classmethod
     def build(cls, run_dir: Path, app: AppConfig, state: dict[str, Any], device: torch.device) -> "EvalContext":
         check_eval_inputs(app)
         model = load_model(state, app, run_dir, device)
-        sampler = single_sample_copy(model, app) if app.router.samples > 1 else None
+        sampler = SingleSample(model) if app.router.samples > 1 else None
         unit = app.task.name if app.eval.ood_task == "auto" else app.eval.ood_task
         corpus = load_corpus(app.data, min_tokens=app.model.seq_len + 2, tokenizer=build_tokenizer(app))
         tokenizer = corpus.tokenizer
         lm_sets = {"in": windows(corpus.val, app, app.eval.windows, "the validation split", device)}
-        mcq_sets = {"in": split_items(app, corpus, "test", app.eval.mcq_items, "eval.mcq_items (test split)")}
-        calibration_set = split_items(app, corpus, "calibration", app.eval.calibration_items,
-                                      "eval.calibration_items (calibration split)")
+        built: dict[str, tuple[MCQTensors | LetterTensors, dict[str, int]]] = {}
+        test_key, calibration_key = "eval.mcq_items (test split)", "eval.calibration_items (calibration split)"
+        if corpus.questions is not None:
+            built["in"] = question_set(in_distribution_questions(app)[:app.eval.mcq_items], app, tokenizer, test_key)
+            if not int((built["in"][0].answers_N >= 0).sum()):
+                raise ConfigError(f"data.mcq_eval_split={app.data.mcq_eval_split}: none of the test items scored has "
+                                  "an answer, and calibration and accuracy need them; raise eval.mcq_items or name a "
+                                  "labelled split")
+            built["calibration"] = question_set(corpus.questions["calibration"][:app.eval.calibration_items], app,
+                                                tokenizer, calibration_key)
+        else:
+            built["in"] = text_set(app, split_text(corpus, "test"), app.eval.mcq_items, test_key, tokenizer)
+            built["calibration"] = text_set(app, split_text(corpus, "calibration"), app.eval.calibration_items,
+                                            calibration_key, tokenizer)
         if unit == "mcq" and corpus.questions is not None:  # OOD sets: other multiple-choice datasets
-            for name in app.eval.ood_mcq:
-                questions = load_questions(name, app.data.mcq_eval_split)[:app.eval.mcq_items]
-                mcq_sets[Path(name).stem] = encode_questions(questions, tokenizer, app.model.seq_len,
-                                                             f"eval.ood_mcq: {name}")
+            for entry in app.eval.ood_mcq:
+                name, split, _ = split_entry(entry, app.data.mcq_eval_split)
+                key = f"eval.ood_mcq: {entry}"
+                questions = load_questions(name, split, unlabelled=True, where=key)[:app.eval.mcq_items]
+                # A set is named by its dataset (medmcqa:test is "medmcqa"); a second split of one dataset by both.
+                stem = Path(name).stem
+                built[free_name(stem if stem not in built else f"{stem}:{split}", built)] = question_set(
+                    questions, app, tokenizer, key)
         else:
             in_text = tokenizer.decode(corpus.val) if unit == "lm" else split_text(corpus, "test")
             for name, (key, text) in ood_texts(app, in_text).items():
                 if unit == "lm":
                     lm_sets[name] = windows(tokenizer.encode(text), app, app.eval.windows, key, device)
                 else:
-                    mcq_sets[name] = text_items(app, text, app.eval.mcq_items, key, tokenizer)
+                    built[name] = text_set(app, text, app.eval.mcq_items, key, tokenizer)
+        counts = {name: c for name, (_, c) in built.items()}
+        calibration_set = built.pop("calibration")[0]
+        mcq_sets = {name: tensors for name, (tensors, _) in built.items()}
         return cls(app, Path(run_dir), state, device, model, sampler, corpus, unit, lm_sets, mcq_sets,
-                   calibration_set)
+                   calibration_set, counts)
 
     @property
     def samples(self) -> int:
@@ -178,6 +290,24 @@ class EvalContext:
         return self._scored[(name, kind)]
 
 
+RESERVED_SET_NAMES = ("in", "calibration", "scores", "predictions")
+
+
+def free_name(base: str, taken: Any) -> str:
+    """``base``, or ``base_2``, ``base_3``, ... when a set of that name exists or the name is one
+    eval.json uses itself."""
+    name, n = base or "ood", 2
+    while name in taken or name in RESERVED_SET_NAMES:
+        name, n = f"{base}_{n}", n + 1
+    return name
+
+
+def in_distribution_questions(app: AppConfig) -> list[MCQQuestion]:
+    """A dataset's test split, items without an answer included: they are in-distribution sequences
+    for the OOD scores all the same (calibration and accuracy leave them out)."""
+    return load_questions(app.data.mcq_name or "", app.data.mcq_eval_split, unlabelled=True)
+
+
 def ood_texts(app: AppConfig, in_text: str) -> dict[str, tuple[str, str]]:
     """name -> (config key for errors, text): near (``in_text`` with its words shuffled in each
     sentence), far and the user's files."""
@@ -186,10 +316,7 @@ def ood_texts(app: AppConfig, in_text: str) -> dict[str, tuple[str, str]]:
     sets = {"near": ("near (word-shuffled in-distribution text)", shuffle_words_within_sentences(in_text)),
             "far": (f"far ({far_name})", far.tokenizer.decode(far.val))}
     for path_str in app.eval.ood_text:
-        name = base = Path(path_str).stem or "ood"
-        n = 2
-        while name in sets or name in ("in", "scores", "predictions"):
-            name, n = f"{base}_{n}", n + 1
+        name = free_name(Path(path_str).stem or "ood", sets)
         sets[name] = (f"eval.ood_text: {path_str}",
                       Path(path_str).expanduser().read_text(encoding="utf-8", errors="replace"))
     return sets
@@ -246,7 +373,7 @@ def _append(store: dict[str, list[torch.Tensor]], values: dict[str, torch.Tensor
 
 
 @torch.no_grad()
-def score_windows(model: Backbone, sampler: Backbone | None, windows: Windows, samples: int,
+def score_windows(model: Backbone, sampler: "SingleSample | None", windows: Windows, samples: int,
                   uncertainty_name: str) -> ScoredSet:
     """Next-token predictions on text windows; a sequence is a window (scores are token means)."""
     probs, labels, scores, bma = [], [], {}, []
@@ -274,8 +401,8 @@ def score_windows(model: Backbone, sampler: Backbone | None, windows: Windows, s
 
 
 @torch.no_grad()
-def score_items(model: Backbone, sampler: Backbone | None, items: MCQTensors, index_batches: list[torch.Tensor],
-                samples: int, uncertainty_name: str, device: torch.device) -> ScoredSet:
+def score_items(model: Backbone, sampler: "SingleSample | None", items: MCQTensors,
+                index_batches: list[torch.Tensor], samples: int, uncertainty_name: str, device: torch.device) -> ScoredSet:
     """4-way multiple-choice predictions of the items in ``index_batches``; a sequence is an item
     (router scores are averaged over the real tokens of its four filled-in sentences)."""
     probs, labels, scores, bma, logits = [], [], {}, [], []

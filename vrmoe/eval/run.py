@@ -43,10 +43,11 @@ keys:
   model=tiny             must match the checkpoint's model shape
   logger=none            skip the W&B mirror
   train.device=cpu
-  eval.<key>=value       windows, mcq_items (test split), calibration_items (temperature
-                         scaling's fit), predictive (routing_mean|bma|both), batch_size,
-                         ood_task (auto|lm|mcq), ood_text=[a.txt,b.txt], gammas=[0.001,0.01],
-                         stability_windows, stability_unmatched
+  eval.<key>=value       windows, mcq_items (items per set; null: all), calibration_items
+                         (temperature scaling's fit; null: all), predictive (routing_mean|bma|both),
+                         batch_size, ood_task (auto|lm|mcq), ood_text=[a.txt,b.txt],
+                         ood_mcq=[arc_easy,medmcqa:test] (data=mcq; a split after the colon),
+                         gammas=[0.001,0.01], stability_windows, stability_unmatched
 """
 
 # What `vrmoe eval` may change in a run's saved config (keys, and prefixes ending in ".").

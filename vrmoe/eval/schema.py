@@ -3,6 +3,7 @@
 ``vrmoe eval`` writes one JSON object per run::
 
     {"run", "router", "router_config", "S", "K", "task", "ood_task", "step", "seed",
+     "items": {"prompt_len": n, "sets": {SET: {"items", "unlabelled", "too_long"}}},  # "in", "calibration", OOD
      "calibration": {"next_token": REPORT, "mcq": REPORT,        # metrics.calibration_report: routing mean
                      "next_token_bma": REPORT, "mcq_bma": REPORT,  # mean of S single-sample passes
                      "mcq_ts": REPORT + {"temperature", "fit_items"},  # temperature scaling
@@ -34,6 +35,7 @@ CALIBRATION_TASKS = ("next_token", "mcq")
 SCORES_KEY = "scores"  # inside the ood block: per-sequence scores of every set
 PREDICTIONS_KEY = "predictions"  # inside the calibration block: per-item test-split predictions
 PREDICTIVES = {"routing_mean": "", "bma": "_bma", "ts": "_ts"}  # predictive -> calibration report suffix
+ITEM_SETS_KEY = "sets"  # inside the items block: per multiple-choice set, its counts
 
 
 def dig(data: Any, *keys: str) -> Any:
@@ -69,6 +71,14 @@ def item_predictions(result: dict[str, Any] | None, task: str = "mcq") -> tuple[
 
 
 RELIABILITY_KEYS = ("bin_confidence", "bin_accuracy", "bin_count")
+
+
+def item_counts(result: dict[str, Any] | None) -> dict[str, dict[str, int]]:
+    """Per multiple-choice set ("in", "calibration" and the OOD sets): ``items`` scored,
+    ``unlabelled`` of them without an answer (OOD scores only, never calibration or accuracy) and
+    ``too_long`` prompts left out; empty for an eval.json written before the block existed."""
+    block = dig(result, "items", ITEM_SETS_KEY)
+    return block if isinstance(block, dict) else {}
 
 
 def reliability_bins(result: dict[str, Any] | None, task: str) -> tuple[list, list, list] | None:

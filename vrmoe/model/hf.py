@@ -4,25 +4,33 @@
 (the optional extra ``vrmoe[hf]``) and replaces the router of every MoE block (or of the
 last N, ``router.layers=N``) by a vrmoe router whose deterministic gate is the pretrained
 one (NN_det, the prior's mean). The model's own experts, shared experts and routing
-conventions are kept:
+conventions are kept; each supported family's convention is one :class:`Convention`:
 
-* every supported family scores experts with a softmax over the router logits and picks
-  the Top-K of it; whether the K selected weights are renormalised to sum to 1 is the
-  family's (Mixtral, GraniteMoE and gpt-oss always; Qwen2/Qwen3-MoE and OLMoE as
-  ``norm_topk_prob`` says), and so is a bias on the router (gpt-oss);
+* every supported family scores experts with a softmax over the router logits; whether the
+  K selected weights are renormalised to sum to 1 is the family's (Mixtral, GraniteMoE and
+  gpt-oss always; Qwen2/Qwen3-MoE and OLMoE as ``norm_topk_prob`` says; DeepSeek-V2 never),
+  and so are a bias on the router (gpt-oss), a factor on the weights (DeepSeek-V2's
+  ``routed_scaling_factor``) and the selection rule (Top-K, or DeepSeek-V2's group-limited
+  Top-K: the ``topk_group`` of ``n_group`` expert groups with the best top score, Top-K
+  inside them);
 * vrmoe's router decides the selection and its routing distribution (S-averaged at
-  evaluation for the sampling routers); the gates handed to the experts are the
-  router's renormalised gates where the family renormalises, and the selected entries
-  of the routing distribution where it does not.
+  evaluation for the sampling routers); the family's rule is applied to them on the way
+  out of the router (:class:`RoutingRule`), so the :class:`Routing` every caller sees (the
+  experts, the routing statistics, the stability and posterior probes) holds the experts the
+  model uses and the weights it hands them: the router's renormalised gates where the family
+  renormalises, the selected entries of the routing distribution where it does not, times
+  the family's factor.
 
-With ``router=topk`` the swapped model computes exactly what the original does. DeepSeek-V3
-style routing (sigmoid scores with a score-correction bias and grouped Top-K) is not a
-softmax distribution a vrmoe router samples from, and is refused with one line.
+With ``router=topk`` the swapped model computes what the original does. DeepSeek-V3 and
+GLM-4-MoE routing (sigmoid scores with a score-correction bias that only the selection sees)
+is not a softmax distribution a vrmoe router samples from, and is refused with one line.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -38,18 +46,103 @@ from .moe import routing_stats
 from .native import router_layer_plan
 from .routers import Router, Routing, build_router
 
-# model_type -> whether the family renormalises the K selected weights (None: config.norm_topk_prob).
-SOFTMAX_TOPK_FAMILIES: dict[str, bool | None] = {
-    "mixtral": True, "qwen2_moe": None, "qwen3_moe": None, "olmoe": None, "granitemoe": True,
-    "granitemoeshared": True, "gpt_oss": True,
+
+@dataclass(frozen=True)
+class RoutingRule:
+    """What one model does with its routing distribution: its family's :class:`Convention` as
+    its config sets it."""
+
+    renormalise: bool  # the K selected weights are rescaled to sum to 1
+    scale: float = 1.0  # a factor on the selected weights
+    groups: tuple[int, int] | None = None  # (n_group, topk_group): group-limited Top-K
+
+    def apply(self, routing: Routing) -> Routing:
+        """The routing with the experts the model uses and the weights it hands them."""
+        ids_TK = routing.expert_ids_TK
+        if self.groups is not None:
+            ids_TK = group_limited_topk(routing.probs_TE, ids_TK, *self.groups)
+        if self.renormalise and ids_TK is routing.expert_ids_TK:
+            gates_TK = routing.gates_TK  # the router's own renormalised gates
+        elif self.renormalise:
+            top_TK = routing.probs_TE.gather(-1, ids_TK)
+            gates_TK = top_TK / top_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(top_TK.dtype).tiny)
+        else:  # the selected entries of the routing distribution, as the family uses them
+            gates_TK = routing.probs_TE.gather(-1, ids_TK)
+        if self.scale != 1.0:
+            gates_TK = gates_TK * self.scale
+        if ids_TK is routing.expert_ids_TK and gates_TK is routing.gates_TK:
+            return routing
+        return dataclasses.replace(routing, expert_ids_TK=ids_TK, gates_TK=gates_TK)
+
+    def after_router(self, router: nn.Module, args: tuple, routing: Routing) -> Routing:
+        """A forward hook on the vrmoe router (a method, not a closure: the model stays picklable)."""
+        return self.apply(routing)
+
+
+@dataclass(frozen=True)
+class Convention:
+    """How a family turns softmax routing scores into the experts' weights (read off the
+    family's ``*TopkRouter`` in ``transformers``)."""
+
+    renormalise: bool | None = True  # None: as config.norm_topk_prob says
+    scaled: bool = False  # the weights are multiplied by config.routed_scaling_factor
+    grouped: bool = False  # config.topk_method may be "group_limited_greedy" (n_group, topk_group)
+
+    def rule(self, name: str, config: Any) -> RoutingRule:
+        renormalise = self.renormalise
+        if renormalise is None:
+            renormalise = bool(getattr(config, "norm_topk_prob", False))
+        scale = float(getattr(config, "routed_scaling_factor", None) or 1.0) if self.scaled else 1.0
+        method = (getattr(config, "topk_method", None) or "greedy") if self.grouped else "greedy"
+        if method == "greedy":
+            return RoutingRule(renormalise, scale)
+        if method != "group_limited_greedy":
+            raise ConfigError(f"model.hf_name={name}: topk_method={method} is not a selection rule vrmoe swaps; "
+                              "supported: greedy, group_limited_greedy")
+        n_group, topk_group, n_experts = config.n_group, config.topk_group, config.num_experts
+        if not (isinstance(n_group, int) and isinstance(topk_group, int) and 1 <= topk_group <= n_group
+                and n_experts % n_group == 0):
+            raise ConfigError(f"model.hf_name={name}: group_limited_greedy needs n_group dividing the "
+                              f"{n_experts} experts and 1 <= topk_group <= n_group (its config has n_group={n_group}, "
+                              f"topk_group={topk_group}); fix the checkpoint's config.json")
+        return RoutingRule(renormalise, scale, (n_group, topk_group))
+
+
+def group_limited_topk(probs_TE: torch.Tensor, ids_TK: torch.Tensor, n_group: int, topk_group: int) -> torch.Tensor:
+    """DeepSeek-V2's group-limited Top-K on a routing distribution: the experts form ``n_group``
+    equal groups, the ``topk_group`` groups with the highest top score stay, and K experts are
+    chosen inside them. The router's own choices (``ids_TK``) that fall in the kept groups come
+    first: for a router that picks the Top-K of ``probs_TE`` this is exactly the Top-K of the
+    kept groups' scores, and a router that samples its choice keeps the samples the rule allows."""
+    n_tokens, n_experts = probs_TE.shape
+    per_group = n_experts // n_group
+    best_TG = probs_TE.detach().view(n_tokens, n_group, per_group).amax(-1)
+    kept_TG = torch.zeros_like(best_TG, dtype=torch.bool).scatter_(-1, best_TG.topk(topk_group, dim=-1).indices, True)
+    kept_TE = kept_TG.repeat_interleave(per_group, dim=-1)
+    chosen_TE = torch.zeros_like(kept_TE).scatter_(-1, ids_TK, True) & kept_TE
+    # Scores are in [0, 1]: adding 2 ranks every kept choice of the router above every other expert.
+    rank_TE = probs_TE.detach().masked_fill(~kept_TE, 0.0) + 2.0 * chosen_TE
+    return rank_TE.topk(ids_TK.shape[-1], dim=-1).indices
+
+
+# model_type -> the family's routing convention (the families whose routing a vrmoe router can take over).
+CONVENTIONS: dict[str, Convention] = {
+    "mixtral": Convention(renormalise=True), "qwen2_moe": Convention(renormalise=None),
+    "qwen3_moe": Convention(renormalise=None), "olmoe": Convention(renormalise=None),
+    "granitemoe": Convention(renormalise=True), "granitemoeshared": Convention(renormalise=True),
+    "gpt_oss": Convention(renormalise=True),
+    # transformers' DeepseekV2TopkRouter never renormalises, whatever config.norm_topk_prob says.
+    "deepseek_v2": Convention(renormalise=False, scaled=True, grouped=True),
 }
 # Families with MoE routing that a vrmoe router cannot express, and why.
 UNSUPPORTED_ROUTING = {
-    "deepseek_v3": "sigmoid expert scores with a score-correction bias and grouped Top-K",
-    "deepseek_v2": "grouped Top-K over softmax scores scaled by routed_scaling_factor",
-    "glm4_moe": "sigmoid expert scores with a score-correction bias and grouped Top-K",
+    "deepseek_v3": "sigmoid expert scores with a score-correction bias that only the selection sees, and grouped Top-K",
+    "glm4_moe": "sigmoid expert scores with a score-correction bias that only the selection sees, and grouped Top-K",
 }
 HF_INSTALL = "pip install 'vrmoe[hf]'"
+# The first release whose every supported family routes through a ``*TopKRouter`` module that
+# returns (logits, weights, indices): GraniteMoE's returned them in another order before 5.21.
+MIN_TRANSFORMERS = "5.21.0"
 
 
 def _transformers():
@@ -57,6 +150,11 @@ def _transformers():
         import transformers
     except ImportError:
         raise ConfigError(f"model=hf needs the transformers package: {HF_INSTALL}") from None
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
+        raise ConfigError(f"model=hf needs transformers>={MIN_TRANSFORMERS}, found {transformers.__version__}: "
+                          f"pip install 'transformers>={MIN_TRANSFORMERS}'")
     return transformers
 
 
@@ -115,32 +213,31 @@ def config_value(name: str, key: str) -> Any:
 def check_family(name: str, family: str) -> None:
     if family in UNSUPPORTED_ROUTING:
         raise ConfigError(f"model.hf_name={name}: {family} routing ({UNSUPPORTED_ROUTING[family]}) cannot be "
-                          f"swapped for a vrmoe router; supported families: {', '.join(SOFTMAX_TOPK_FAMILIES)}")
+                          f"swapped for a vrmoe router; supported families: {', '.join(CONVENTIONS)}")
 
 
 class SwappedRouter(nn.Module):
     """Stands where the family's router stood and answers as it did: (logits, weights, indices).
 
-    The vrmoe router inside decides; the last routing and its statistics are kept for the
-    backbone to collect after the forward pass (one module per layer, no global state)."""
+    The vrmoe router inside decides, and the family's rule is applied to its output by a
+    forward hook on it, so whoever calls the router (this module, the posterior probe's extra
+    draws) gets the selection and weights the model uses. The last routing and its statistics
+    are kept for the backbone to collect after the forward pass (one module per layer, no
+    global state)."""
 
-    def __init__(self, original: nn.Module, router: Router, renormalise: bool):
+    def __init__(self, original: nn.Module, router: Router, rule: RoutingRule):
         super().__init__()
-        self.router, self.renormalise = router, renormalise
+        self.router, self.rule = router, rule
         self.n_experts, self.hidden_dim = router.n_experts, original.weight.shape[1]
         self.last: tuple[Routing, dict[str, torch.Tensor]] | None = None
+        router.register_forward_hook(rule.after_router)
 
     def forward(self, hidden_states: torch.Tensor):
         # The router (its heads train) stays in fp32 when the frozen model is loaded in bf16.
         u_TD = hidden_states.reshape(-1, self.hidden_dim).to(self.router.gate.weight.dtype)
         routing = self.router(u_TD)
-        ids_TK = routing.expert_ids_TK
-        if self.renormalise:
-            weights_TK = routing.gates_TK
-        else:  # the selected entries of the routing distribution, as the family uses them
-            weights_TK = routing.probs_TE.gather(-1, ids_TK)
         self.last = (routing, routing_stats(routing, self.n_experts, over_ranks=self.training))
-        return self.router.gate(u_TD), weights_TK.to(hidden_states.dtype), ids_TK
+        return self.router.gate(u_TD), routing.gates_TK.to(hidden_states.dtype), routing.expert_ids_TK
 
 
 def _routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -175,19 +272,17 @@ class HFBackbone(nn.Module):
         if not originals:
             raise ConfigError(f"model.hf_name={name}: a {family} model has no expert router to swap; "
                               "choose a Mixture-of-Experts checkpoint")
-        if family not in SOFTMAX_TOPK_FAMILIES:
+        if family not in CONVENTIONS:
             raise ConfigError(f"model.hf_name={name}: {family} routing is not one vrmoe knows how to swap; "
-                              f"supported families: {', '.join(SOFTMAX_TOPK_FAMILIES)}")
-        renormalise = SOFTMAX_TOPK_FAMILIES[family]
-        if renormalise is None:
-            renormalise = bool(getattr(config, "norm_topk_prob", False))
+                              f"supported families: {', '.join(CONVENTIONS)}")
+        rule = CONVENTIONS[family].rule(name, config)
         self.hf.config.use_cache = False
         pretrained_ids = {id(p) for p in self.hf.parameters()}
         plan = router_layer_plan(len(originals), router_cfg)
         self.moe_layers: list[SwappedRouter] = []
         self.moe_layer_names: list[str] = []
         for (module_name, original), layer_cfg in zip(originals, plan):
-            swapped = SwappedRouter(original, self._router_from(original, layer_cfg), renormalise)
+            swapped = SwappedRouter(original, self._router_from(original, layer_cfg), rule)
             parent, attr = _parent(self.hf, module_name)
             setattr(parent, attr, swapped)
             self.moe_layers.append(swapped)
@@ -257,7 +352,11 @@ class HFBackbone(nn.Module):
         context = self.cfg.seq_len if context is None else context
         config = self.hf.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        scores = 2 * 2 * config.num_attention_heads * head_dim * (context + 1) / 2
+        # Multi-head latent attention (DeepSeek-V2) has wider query-key heads than value heads, and
+        # its head_dim is only the rotary part: q.k over qk_head_dim, the weighted sum over v_head_dim.
+        qk_dim = getattr(config, "qk_head_dim", None) or head_dim
+        v_dim = getattr(config, "v_head_dim", None) or head_dim
+        scores = 2 * config.num_attention_heads * (qk_dim + v_dim) * (context + 1) / 2
         expert_params = {id(p) for m in self._experts() for p in m.parameters()}
         router_params = {id(p) for layer in self.moe_layers for p in layer.parameters()}
         embedding = self.hf.get_input_embeddings().weight

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import distributed
+from ..config import ConfigError
 from ..data.batches import derived_seed
 from ..data.mcq import MCQBatch, split_items
 from .base import register_task
@@ -17,6 +18,40 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..config import AppConfig
     from ..data.corpora import Corpus
     from ..model.backbone import ModelOutput
+
+
+# Items made from text (cloze items have no natural count): trained on and validated on by default.
+TEXT_TRAIN_ITEMS = 2000
+VAL_ITEMS = 256
+# Fitting on the calibration split holds out this share of it (at most VAL_ITEMS) for validation.
+VAL_SHARE = 0.2
+
+
+def item_counts(app: "AppConfig", corpus: "Corpus") -> tuple[int, int]:
+    """(items trained on, items validated on). A dataset's split is used whole by default
+    (``task.train_items=null``); fitting on the calibration split holds its last ``task.val_items``
+    out for validation (by default a fifth, at most 256), so both counts must fit in it."""
+    task = app.task
+    if corpus.questions is None:
+        return (task.train_items or TEXT_TRAIN_ITEMS), (task.val_items or VAL_ITEMS)
+    fit_split, calibration = corpus.questions[task.fit_split], corpus.questions["calibration"]
+    if task.fit_split != "calibration":
+        n_fit = len(fit_split) if task.train_items is None else task.train_items
+        if n_fit > len(fit_split):
+            raise ConfigError(f"task.train_items={n_fit}: the {app.data.mcq_train_split} split has {len(fit_split)} "
+                              f"questions; give at most {len(fit_split)}, or null for all of them")
+        return n_fit, task.val_items or min(VAL_ITEMS, len(calibration))
+    n_val = task.val_items or max(1, min(VAL_ITEMS, round(VAL_SHARE * len(calibration))))
+    room = len(calibration) - n_val
+    if room < 1:
+        raise ConfigError(f"task.val_items={n_val}: the calibration split has {len(calibration)} questions, too few to "
+                          "hold that many out for validation and fit on the rest; lower task.val_items or name a "
+                          "larger split with data.mcq_calibration_split")
+    n_fit = room if task.train_items is None else task.train_items
+    if n_fit > room:
+        raise ConfigError(f"task.train_items={n_fit}: the calibration split has {len(calibration)} questions and "
+                          f"task.val_items={n_val} of them validate; give at most {room}, or null for the rest")
+    return n_fit, n_val
 
 
 @register_task
@@ -31,11 +66,12 @@ class MCQTask:
     name = "mcq"
 
     def __init__(self, app: "AppConfig", corpus: "Corpus"):
-        fit, n_fit = app.task.fit_split, app.task.train_items
+        fit = app.task.fit_split
+        n_fit, n_val = item_counts(app, corpus)
         self.train_set = split_items(app, corpus, fit, n_fit, f"task.fit_split={fit}")
         # Validation scores held-out calibration items: never ones trained on, never test items.
         skip = n_fit if fit == "calibration" else 0
-        self.val_set = split_items(app, corpus, "calibration", app.task.val_items, "task.val_items", skip=skip)
+        self.val_set = split_items(app, corpus, "calibration", n_val, "task.val_items", skip=skip)
         self.batch_size = app.train.batch_size
         self.seed = app.seed
         self.eval_batch_size = app.train.batch_size

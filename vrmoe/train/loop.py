@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import (Checkpointer, check_resumable, checkpoint_paths, freeze_loaded, load_run_weights,
-                          load_weights_from_run, read_newest_checkpoint, restore_rng, set_aside_unreadable)
+from ..checkpoint import (Checkpointer, check_resumable, checkpoint_paths, freeze_loaded, keep_trained_in_fp32,
+                          load_run_weights, load_weights_from_run, read_newest_checkpoint, restore_rng,
+                          set_aside_unreadable)
 from ..config import AppConfig, ConfigError, to_dict
 from ..console import console, log_line
 from ..data.corpora import Corpus, load_corpus
@@ -33,6 +34,7 @@ from ..plots import log_utilisation_image, write_run_plots
 from ..tasks import Task, build_task
 from ..tracking import (CHECKPOINT_FILE, METRICS_FILE, SUMMARY_FILE, NullRecorder, RunLock, RunRecorder,
                         make_logger, remove_stale_temporaries)
+from .memory import memory_line, training_memory
 from .meter import IntervalMeter
 from .step import Diverged, TrainStep, make_optimizer
 
@@ -130,7 +132,7 @@ class TrainingRun:
             raise ConfigError(f"model.vocab_size={app.model.vocab_size} is smaller than the tokenizer's "
                               f"{corpus.tokenizer.vocab_size} tokens; set model.vocab_size={corpus.tokenizer.vocab_size}")
         task = build_task(app, corpus)
-        model = build_model(app)
+        model = build_model(app, training=True)
         # Parameter names that came from elsewhere (a pretrained checkpoint, another run): what
         # train.freeze=backbone freezes.
         frozen: set[str] = set(getattr(model, "pretrained_parameters", ()))
@@ -141,6 +143,7 @@ class TrainingRun:
             frozen |= load_weights_from_run(model, app.model, app.train.init_from, "train.init_from")
         if app.train.freeze == "backbone":
             freeze_loaded(model, frozen)
+        keep_trained_in_fp32(model)
         model.to(device).train()
         optimizer = make_optimizer(model, app.train.lr, app.train.weight_decay)
         start_step = 0
@@ -161,11 +164,12 @@ class TrainingRun:
         recorder = (RunRecorder(run_dir, logger, resume_after_step=start_step if resume else None) if here.is_main
                     else NullRecorder())
         counts = model.parameter_counts()
+        memory = training_memory(model)
         summary: dict[str, Any] = {
             "status": "running", "step": start_step, "max_steps": app.train.max_steps,
             "router": app.router.name, "overrides": overrides,
             "params_total": counts["total"], "params_active": counts["active"],
-            "params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "params_trainable": memory["params_trainable"], "memory": memory,
             "unigram_entropy": corpus.unigram_entropy(), "device": str(device),
             "train_tokens": len(corpus.train), "val_tokens": len(corpus.val), "config": config,
         }
@@ -174,6 +178,7 @@ class TrainingRun:
             summary["world_size"] = here.world_size
         if overridden:  # train.resume_override=true: what changed, on record
             summary["resume_override"] = overridden
+        (log_line if here.is_main else _quiet)(memory_line(memory, task.tokens_per_step))
         (log_line if here.is_main else _quiet)(f"[bold]{app.router.name}[/] router, {counts['total'] / 1e6:.2f}M params "
                  f"({counts['active'] / 1e6:.2f}M active), {app.data.name}: {len(corpus.train) / 1e6:.2f}M train "
                  f"tokens, unigram entropy {summary['unigram_entropy']:.3f} nats, device {device}, run dir {run_dir}")

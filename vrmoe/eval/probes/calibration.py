@@ -7,6 +7,9 @@ Reports, by key: ``<task>`` the paper's predictive (one pass, routing averaged o
 before Top-K); ``<task>_bma`` the mean of S single-sample passes' predictions (Bayesian model
 averaging); ``mcq_ts`` the routing-mean prediction with its option scores divided by one
 temperature fit by NLL on the calibration split (the standard post-hoc baseline).
+
+Every report and the per-item predictions cover the items with an answer only (``labelled()``):
+an item its dataset publishes without one is an OOD-score sequence, never a calibration one.
 """
 
 from __future__ import annotations
@@ -51,12 +54,12 @@ class CalibrationProbe(Probe):
         out: dict[str, Any] = {}
         predictives = ctx.predictives
         for task in CALIBRATION_TASKS:
-            scored = ctx.scored("in", _KIND[task])
+            scored = ctx.scored("in", _KIND[task]).labelled()
             if "routing_mean" in predictives:
                 out[task] = metrics.calibration_report(scored.probs_NC, scored.labels_N)
             if "bma" in predictives:
                 out[f"{task}_bma"] = metrics.calibration_report(_bma(scored), scored.labels_N)
-        test, fit = ctx.scored("in", "mcq"), ctx.scored("calibration", "mcq")
+        test, fit = ctx.scored("in", "mcq").labelled(), ctx.scored("calibration", "mcq").labelled()
         predictions = {"labels": test.labels_N.tolist(), "routing_mean": per_item(test.probs_NC)}
         if bool(torch.isfinite(fit.logits_NC).all() and torch.isfinite(test.logits_NC).all()):
             temperature = fit_temperature(fit.logits_NC, fit.labels_N)

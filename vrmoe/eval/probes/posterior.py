@@ -4,10 +4,10 @@ validation windows (the first ``MAX_TOKENS`` tokens of them, whole windows).
 For a router that averages S routing samples at evaluation (``samples_at_eval()``, S > 1):
 every MoE layer's router input ``u_TD`` and its evaluation selection (the Top-K of the
 S-averaged routing distribution) are captured with forward hooks on ``ctx.model``; then the
-same layer's router of ``ctx.sampler`` (one routing sample per pass) runs ``DRAWS`` times on
-that same ``u_TD``. ``flip_rate`` is the fraction of (token, draw) pairs whose single-sample
-Top-K set differs from the evaluation set (as sets, order-free); ``sample_jaccard`` their mean
-Jaccard index.
+same layer's router, switched to one routing sample per pass (``single_sample_routing``: the
+same module and weights), runs ``DRAWS`` times on that same ``u_TD``. ``flip_rate`` is the
+fraction of (token, draw) pairs whose single-sample Top-K set differs from the evaluation set
+(as sets, order-free); ``sample_jaccard`` their mean Jaccard index.
 
 For a router with a logit posterior (the variational router's ``posterior(u)``) in addition:
 ``sigma`` is each expert's logit std (mean-field: ``exp(log sigma)``; full covariance: the row
@@ -33,6 +33,7 @@ import torch
 
 from ... import metrics
 from ...console import console, log_line
+from ..context import single_sample_routing
 from .base import Probe, fmt, register_probe
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -89,7 +90,7 @@ def first_windows(batches: list[tuple[torch.Tensor, torch.Tensor]], max_tokens: 
 
 
 @torch.no_grad()
-def routing_posterior(model: Any, sampler: Any, windows: list[torch.Tensor], draws: int, seed: int,
+def routing_posterior(model: Any, windows: list[torch.Tensor], draws: int, seed: int,
                       edges: tuple[float, ...] = Z_EDGES) -> dict[str, Any]:
     """The ``posterior`` block for a model whose routers sample (see the module docstring).
     Layers whose router does not average samples at evaluation (``router.layers=N`` leaves the
@@ -101,7 +102,9 @@ def routing_posterior(model: Any, sampler: Any, windows: list[torch.Tensor], dra
 
     def hook(index: int):
         def capture(module, args, output):
-            captured[index] = (args[0].detach(), output.expert_ids_TK.detach())
+            # The single draws below run the same router module: only the evaluation pass is kept.
+            if index not in captured:
+                captured[index] = (args[0].detach(), output.expert_ids_TK.detach())
         return capture
 
     handles = [model.moe_layers[i].router.register_forward_hook(hook(i)) for i in sampling]
@@ -120,10 +123,11 @@ def routing_posterior(model: Any, sampler: Any, windows: list[torch.Tensor], dra
                     n_experts = model.moe_layers[i].n_experts
                     eval_TE = topk_mask(eval_ids_TK, n_experts)
                     flips, jaccard = [], []
-                    for _ in range(draws):
-                        ids_TK = sampler.moe_layers[i].router(u_TD).expert_ids_TK
-                        flips.append((topk_mask(ids_TK, n_experts) != eval_TE).any(-1))
-                        jaccard.append(metrics.topk_sets_jaccard(eval_ids_TK, ids_TK, n_experts))
+                    with single_sample_routing(model):
+                        for _ in range(draws):
+                            ids_TK = model.moe_layers[i].router(u_TD).expert_ids_TK
+                            flips.append((topk_mask(ids_TK, n_experts) != eval_TE).any(-1))
+                            jaccard.append(metrics.topk_sets_jaccard(eval_ids_TK, ids_TK, n_experts))
                     store.setdefault("flips_T", []).append(torch.stack(flips).double().sum(0).cpu())
                     store.setdefault("jaccard_T", []).append(torch.stack(jaccard).sum(0).cpu())
                     router = model.moe_layers[i].router
@@ -186,11 +190,11 @@ class PosteriorProbe(Probe):
         router = ctx.app.router
         if not router.samples_at_eval():
             return {"layers": {}, "note": f"router {router.name} does not average routing samples at evaluation"}
-        if ctx.sampler is None or router.samples <= 1:
+        if router.samples <= 1:
             return {"layers": {}, "note": f"S = {router.samples}: evaluation draws a single routing sample, "
                                           "so there is no averaged selection to compare samples with"}
         windows = first_windows(ctx.lm_sets["in"], MAX_TOKENS)
-        return routing_posterior(ctx.model, ctx.sampler, windows, DRAWS, ctx.app.seed)
+        return routing_posterior(ctx.model, windows, DRAWS, ctx.app.seed)
 
     def headline(self, block: dict[str, Any]) -> dict[str, Any]:
         layers = block.get("layers") or {}
