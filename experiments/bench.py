@@ -7,7 +7,8 @@
 Writes ``<out>/bench.md`` (the tables, for the README) and ``<out>/bench.json`` (every
 number), default ``outputs/bench/<date>_<time>``. On top of the quick bench it measures:
 
-* every ``vrmoe bench`` section (the router overheads at E = 8, 16 and 64 included) with 41
+* every ``vrmoe bench`` section (the router overheads at E = 8, 16 and 64 included, and the
+  opt-in width section: the variational router against Top-K at D = 256 to 2048) with 41
   interleaved rounds instead of 21, once per thread count asked for;
 * the tokens/s of the default ``vrmoe train`` (model=small, router=topk) over a 60-step
   run: the median of its logged intervals (the first, warm-up interval left out) and the
@@ -30,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from vrmoe.bench import QUICK, Row, device_name, render_markdown, render_rich, run_benchmarks, shared_cpu_warning
+from vrmoe.bench import (QUICK, SECTIONS, Row, device_name, render_markdown, render_rich, run_benchmarks,
+                         shared_cpu_warning)
 from vrmoe.console import CommandParser, log_line, run_command
 from vrmoe.device import resolve_device
 from vrmoe.tracking import read_metrics, read_summary
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         if warning:
             log_line(f"[yellow]note:[/] {warning}")
         tag = f" [{device_name(device)}]"
-        new = run_benchmarks(sizes, device, progress=lambda s: log_line(f"bench ({threads} threads): {s}"))
+        new = run_benchmarks(sizes, device, SECTIONS, progress=lambda s: log_line(f"bench ({threads} threads): {s}"))
         rows += [dataclasses.replace(r, section=r.section + tag) for r in new]
     if not args.skip_train:
         rows += train_throughput(args.out, args.train_steps)

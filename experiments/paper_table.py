@@ -426,9 +426,8 @@ def rows_for_format(out: Path, fmt: str, all_methods: list[Method], seeds: list[
         own = OWN_SCORE.get(router)
         add(key, method.label, "routing mean", fitted,
             predictions(results, "routing_mean", own or "predictive_entropy"), results)
-        if router != "vtsr":  # VTSR is single-pass by design
-            add(f"{key}_bma", method.label, "BMA", fitted,
-                predictions(results, "bma", "mutual_information"), results)
+        add(f"{key}_bma", method.label, "BMA", fitted,  # every router here samples at evaluation
+            predictions(results, "bma", "mutual_information"), results)
     return lines, numbers
 
 

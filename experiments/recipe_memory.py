@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from vrmoe.model.hf import _parent, _routers
-from vrmoe.model.routers import build_router, router_config
+from vrmoe.cost import MetaBackbone
+from vrmoe.model.routers import router_config
 from vrmoe.train.memory import GIB, training_memory
 
 MODELS = Path(__file__).parent / "paper_models"
@@ -26,20 +26,14 @@ MODELS = Path(__file__).parent / "paper_models"
 
 def step_memory(config_dir: Path, covariance: str = "full") -> dict[str, dict]:
     """step -> training_memory of the model as that step holds it."""
-    import transformers
-
-    config = transformers.AutoConfig.from_pretrained(config_dir)
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    fine_tune = training_memory(model)  # every weight trains, fp32
-    model.to(torch.bfloat16).requires_grad_(False)
-    for name, original in _routers(model):  # the swapped routers: fp32 gate (frozen) and heads (trained)
-        n_experts, d_model = original.weight.shape
-        router = build_router(d_model, n_experts, router_config("variational", k=1, covariance=covariance))
-        router.gate.requires_grad_(False)
-        parent, attr = _parent(model, name)
-        setattr(parent, attr, router)
-    posthoc = training_memory(model)
+    backbone = MetaBackbone(config_dir)  # fp32, on the meta device
+    fine_tune = training_memory(backbone.hf)  # every weight trains, fp32
+    backbone.hf.to(torch.bfloat16).requires_grad_(False)
+    # The swapped routers, where model=hf puts them: fp32 gate (frozen) and heads (trained).
+    backbone.swap(router_config("variational", k=1, covariance=covariance))
+    for layer in backbone.moe_layers:
+        layer.router.gate.requires_grad_(False)
+    posthoc = training_memory(backbone.hf)
     evaluation = dict(posthoc, params_trainable=0, gradients_bytes=0, optimizer_bytes=0)
     return {"fine-tune (step 1)": fine_tune, "post-hoc heads (step 2)": posthoc, "evaluation": evaluation}
 

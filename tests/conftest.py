@@ -54,3 +54,20 @@ def corpus_cache(tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def _use_cache(corpus_cache):
     yield
+
+
+def interrupt_after_first_checkpoint(app, run_dir: Path, monkeypatch) -> None:
+    """Train ``app`` into ``run_dir`` and stop it, as Ctrl-C would, right after its first checkpoint."""
+    from vrmoe import checkpoint as checkpoint_module
+    from vrmoe.train import train
+
+    original = checkpoint_module.save_checkpoint
+
+    def save_then_die(path, state):
+        original(path, state)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint_module, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(app, run_dir)
+    monkeypatch.setattr(checkpoint_module, "save_checkpoint", original)

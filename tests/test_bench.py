@@ -38,6 +38,7 @@ def test_tiny_bench_prints_every_row_as_markdown(tmp_path):
     assert "*MoE layer fwd+bwd: T=256 D=32 F=64 E=4 K=2, fp32*" in out
     assert "*Router overhead, MoE layer: T=256 D=32 F=64 E=8 K=2*" in out  # the scaling with E
     assert "*Router overhead, whole model: model=tiny" in out
+    assert "by width" not in out  # the width section runs only when asked for
     dense_row = next(line for line in out.splitlines() if line.startswith("| dense SwiGLU floor |"))
     assert "| 1.000x |" in dense_row  # the floor is the unit of the layer ratios
 
@@ -49,35 +50,86 @@ def test_tiny_bench_prints_every_row_as_markdown(tmp_path):
                 lines.append([c.strip() for c in line.strip("|").split("|")])
         return lines
 
-    # The issue's targets, each printed with its verdict; the other rows are for information.
+    # The targets, each printed with its verdict; the other rows are for information. The MoE
+    # layer's is the bench's; a router's are its own (Router.bench_targets).
     assert all(c[4] == "<= 1.05" and c[5] in ("yes", "NO", "~yes", "~NO") for c in cells("vrmoe MoE layer"))
-    assert [c[4] for c in cells("train step: variational diag / topk")] == ["<= 1.05", "<= 1.05", "<= 1.03"]
     assert [c[4] for c in cells("train step: vtsr / topk")] == ["", "<= 1.03"]
-    assert [c[4] for c in cells("eval: mc_dropout S=4 / S=1")] == ["<= 1.30", "<= 1.30"]
-    assert [c[4] for c in cells("eval: variational full S=4 / S=1")] == ["<= 1.05", "<= 1.05"]
+    assert [c[4] for c in cells("eval: mc_dropout S=4 / S=1")] == ["<= 1.40", "<= 1.40"]
     assert [c[4] for c in cells("eval: vtsr S=4 / S=1")] == ["", ""]
     assert [c[4] for c in cells("peak memory: eval mc_dropout S=4 / S=1")] == ["<= 1.10", "<= 1.10"]
+
+    def floor_target(row: str, floor: str, section: str) -> None:
+        """The row's target is the median of its floor's row in the same section (E <= 16)."""
+        (floor_cells,) = cells(floor, section)
+        for target_cells in cells(row, section):
+            # The target prints to 2 decimals, the floor's ratio to 3: equal up to their rounding.
+            assert abs(float(target_cells[4].removeprefix("<= ")) - float(floor_cells[2].rstrip("x"))) <= 0.0051
+            assert "floor (median)" in target_cells[7] and target_cells[5] in ("yes", "NO", "~yes", "~NO")
+
+    # The variational router is held to its floors: training at its heads' (each variant its own),
+    # evaluation at drawing the normals.
+    for label in ("variational diag", "variational full", "variational diag, shared hidden"):
+        for section in ("T=256 D=32 F=64 E=4", "whole model"):
+            floor_target(f"train step: {label} / topk", f"floor: topk + the {label} heads' fwd+bwd / topk", section)
+            floor_target(f"train step by parts: {label} / topk", f"floor: topk + the {label} heads' fwd+bwd / topk",
+                         section)
+            floor_target(f"eval: {label} S=4 / S=1", f"floor: {label} S=1 + drawing S=4 normals / S=1", section)
+    floor_target("train step: variational diag / topk", "floor: topk + the variational diag heads' fwd+bwd / topk",
+                 "E=8 K=2")
     # Timed ratios come with an interval of the median; the memory ratio is one measurement.
     low, high = map(float, cells("eval: mc_dropout S=4 / S=1")[0][3].split("-"))
     assert low <= float(cells("eval: mc_dropout S=4 / S=1")[0][2].rstrip("x")) <= high
     assert cells("peak memory: eval mc_dropout S=4 / S=1")[0][3] == ""
     # The training floor: Top-K's step plus the heads alone, at the layer and over the model, for
-    # each router with heads (one variant each); the routers without heads have none.
+    # each variant with heads; the routers without heads have none.
     assert len(cells("floor: topk + the variational diag heads' fwd+bwd / topk")) == 3
+    assert len(cells("floor: topk + the variational full heads' fwd+bwd / topk")) == 2
     assert len(cells("floor: topk + the vtsr heads' fwd+bwd / topk")) == 2
-    assert not cells("floor: topk + the variational full heads' fwd+bwd / topk")
     assert "mc_dropout heads" not in out and "temperature heads" not in out
     # Every router's step by parts, at the layer and over the model, under the whole step's target.
     for label in ("mc_dropout", "temperature", "variational diag", "variational full", "vtsr"):
         assert [c[4] for c in cells(f"train step by parts: {label} / topk")] == \
             [c[4] for c in cells(f"train step: {label} / topk")]
-    assert [c[4] for c in cells("train step by parts: variational diag / topk")] == ["<= 1.05", "<= 1.05", "<= 1.03"]
+    assert [c[4] for c in cells("train step by parts: mc_dropout / topk")] == ["", "<= 1.03"]
+
+
+def test_width_section_runs_only_when_asked_at_the_widths_given(tmp_path):
+    out = run_cli("bench", "--tiny", "--only", "width", "--widths", "8", "16", "--format", "markdown",
+                  cwd=tmp_path).stdout
+    assert ("*variational diag against topk by width, MoE layer: E=4 F=2D K=2 S=4, T x D^2 = 65,536 (the same "
+            "FLOPs per step at every width)*") in out
+    assert "Router overhead" not in out and "MoE layer fwd+bwd" not in out
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| D=")]
+    # T x D^2 = 256 x 16^2 at every width: 1024 tokens at D = 8, 256 at D = 16.
+    assert [r[0] for r in rows] == [f"D={d} T={t}: {name}" for d, t in ((8, 1024), (16, 256)) for name in (
+        "train step: topk", "train step: variational diag / topk",
+        "floor: topk + the variational diag heads' fwd+bwd / topk", "eval: topk",
+        "eval: variational diag S=4 / topk", "floor: topk eval + drawing S=4 normals / topk")]
+    for r in rows:
+        if r[0].endswith(": topk"):
+            assert r[2] == "1.000x" and r[3] == ""  # the baselines
+        else:  # a ratio with its interval (one round: the ratio itself), no target
+            assert r[3] == f"{float(r[2].rstrip('x')):.3f}-{float(r[2].rstrip('x')):.3f}" and r[4] == ""
+
+
+def test_every_router_target_is_a_ratio_or_a_floor_the_bench_measures(monkeypatch):
+    from vrmoe.bench import check_router_targets
+    from vrmoe.model.routers import ROUTERS
+
+    check_router_targets()
+    assert ROUTERS["variational"].bench_targets == {"model train": "heads", "layer train": "heads",
+                                                    "eval": "normals", "memory": 1.10}
+    assert ROUTERS["mc_dropout"].bench_targets == {"model train": 1.03, "eval": 1.40, "memory": 1.10}
+    assert ROUTERS["vtsr"].bench_targets == {"model train": 1.03, "memory": 1.10}
+    monkeypatch.setattr(ROUTERS["vtsr"], "bench_targets", {"eval": "heads"})
+    with pytest.raises(TypeError, match=r"VTSRRouter.bench_targets\['eval'\] = 'heads': a ratio or 'normals'"):
+        check_router_targets()
 
 
 def test_bench_prints_a_rich_table_for_one_section(tmp_path):
     proc = run_cli("bench", "--tiny", "--only", "layer", cwd=tmp_path)
     assert "vrmoe bench on CPU" in proc.stdout and "dense SwiGLU floor" in proc.stdout
-    assert "Router overhead" not in proc.stdout
+    assert "Router overhead" not in proc.stdout and "by width" not in proc.stdout
     assert "need CUDA; skipped here" not in proc.stderr  # the GPU section was not asked for
 
 
@@ -105,6 +157,8 @@ def test_experiment_scripts_report_bad_arguments_in_one_line(tmp_path, script, a
 
 @pytest.mark.parametrize("args, message", [
     (["--threads", "0"], "--threads 0: must be at least 1"),
+    (["--only", "width", "--widths", "256", "2"], "--widths 2: must be at least 4"),
+    (["--widths", "256"], "--widths sets the width section's widths, which runs only when asked for"),
     pytest.param(["--device", "cuda"], "--device cuda: no CUDA device is available here",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
 ])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -10,7 +12,9 @@ from vrmoe.compose import check_overrides, split_hydra_args
 from vrmoe.jobs import interrupted_message
 from vrmoe.config import ConfigError
 
-from conftest import TINY, run_cli
+from vrmoe.knobs import duplicate_jobs, ignored_knobs
+
+from conftest import TINY, make_config, run_cli
 
 
 def assert_one_line_error(proc, *words: str) -> None:
@@ -156,3 +160,51 @@ def test_routers_help_is_usage_not_an_error(tmp_path):
     proc = run_cli("routers", "--help", cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout.startswith("usage: vrmoe routers") and "--markdown" in proc.stdout
     assert_one_line_error(run_cli("routers", "--tsv", cwd=tmp_path, check=False), "vrmoe routers", "--tsv")
+
+
+def test_version_and_a_bare_command(tmp_path):
+    from importlib.metadata import version
+
+    proc = run_cli("--version", cwd=tmp_path)
+    assert proc.stdout.strip() == f"vrmoe {version('vrmoe')}"
+    bare = run_cli(cwd=tmp_path, check=False)
+    assert bare.returncode == 2 and bare.stderr.startswith("usage: vrmoe <command>") and not bare.stdout
+
+
+def test_a_preset_in_the_working_directorys_conf_runs(tmp_path, corpus_cache):
+    preset = tmp_path / "conf" / "experiment" / "my_study.yaml"
+    preset.parent.mkdir(parents=True)
+    preset.write_text("# @package _global_\ndefaults:\n  - override /model: tiny\n  - override /logger: none\n"
+                      "train:\n  max_steps: 2\n  batch_size: 4\n  eval_every: 2\n  eval_batches: 1\n")
+    run_cli("train", "experiment=my_study", cwd=tmp_path)
+    summary = json.loads(next((tmp_path / "outputs").rglob("summary.json")).read_text())
+    assert summary["status"] == "completed" and summary["config"]["model"]["name"] == "tiny"
+    assert summary["step"] == 2
+    # What made the run is on record.
+    assert set(summary["versions"]) == {"vrmoe", "python", "torch", "transformers", "git_commit"}
+    from importlib.metadata import version
+
+    assert summary["versions"]["vrmoe"] == version("vrmoe") and summary["versions"]["torch"] == version("torch")
+
+
+def test_train_help_is_a_reference_of_the_chosen_configuration(tmp_path):
+    out = run_cli("train", "router=variational", "--help", cwd=tmp_path).stdout
+    assert out.startswith("usage: vrmoe train")
+    # Every key with its value and what it sets, the chosen router's own keys included.
+    assert "  router.covariance = diag\n      diag (mean-field, log-sigma head)" in out
+    assert "  T = 1.0\n      Routing temperature" in out and "  S = 8\n" in out
+    assert "router_schema" not in out and "router=<name> --help" in out
+    examples = [line.split()[2:] for line in out.splitlines() if line.startswith("  vrmoe train ")]
+    assert len(examples) == 3
+    for args in examples:  # every knob an example sets is read by its router; no sweep runs a job twice
+        overrides = [a for a in args if a != "-m"]
+        assert duplicate_jobs(overrides) == []
+        if "-m" not in args:
+            assert ignored_knobs(make_config(*overrides).router, overrides) == []
+
+
+def test_hydras_own_modes_work_without_a_traceback(tmp_path):
+    completion = run_cli("train", "-sc", "install=bash", cwd=tmp_path)
+    assert "hydra_bash_completion" in completion.stdout
+    hydra_cfg = run_cli("train", "--cfg", "hydra", "--resolve", cwd=tmp_path)
+    assert "Traceback" not in hydra_cfg.stderr and "dir: outputs/" in hydra_cfg.stdout

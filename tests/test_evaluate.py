@@ -134,7 +134,8 @@ def test_negative_gamma_is_refused_by_the_config():
         make_config(*TINY, "eval.gammas=[-0.001]")
 
 
-@pytest.mark.parametrize("overrides, deterministic", [("router=topk", True), ("router=vtsr", True),
+@pytest.mark.parametrize("overrides, deterministic", [("router=topk", True), ("router=vtsr", False),
+                                                      ("router=vtsr router.eval_mode=topk", True),
                                                       ("router=temperature", False), ("router=mc_dropout", False),
                                                       ("router=variational router.sigma_init=1.0", False)])
 def test_mutual_information_is_zero_exactly_for_deterministic_routing(overrides, deterministic):

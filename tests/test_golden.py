@@ -28,7 +28,10 @@ CASES = {
     "variational_diag": ["router=variational", "router.covariance=diag", "beta=0.1"],
     "variational_full": ["router=variational", "router.covariance=full", "router.sigma_init=0.3"],
     "temperature": ["router=temperature", "T=0.7"],
-    "vtsr": ["router=vtsr"],
+    # The record was written when VTSR evaluated deterministically; its sampled evaluation (the
+    # default, the paper's Sample-K) has its own record, written when sampling was added.
+    "vtsr": ["router=vtsr", "router.eval_mode=topk"],
+    "vtsr_sample": ["router=vtsr", "router.eval_mode=sample"],
     "mc_dropout": ["router=mc_dropout", "router.dropout=0.2"],
     "mcq_topk": ["task=mcq", "task.train_items=16", "task.val_items=8", "task.item_len=24"],
 }

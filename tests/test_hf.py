@@ -199,6 +199,8 @@ PAPER_CONFIGS = Path(__file__).parents[1] / "experiments" / "paper_models"
     ("granite-3.0-3b-a800m-base", 3_298_788_864, 0.88e9),  # 3.3B; 800M active besides the embedding
     ("qwen1.5-moe-a2.7b", 14_315_784_192, 2.69e9),  # 14.3B, A2.7B
     ("deepseek-v2-lite", 15_706_484_224, 2.66e9),  # 15.7B; 2.4B active besides the embedding
+    ("olmoe-1b-7b-0924", 6_919_161_856, 1.28e9),  # 6.9B total, 1.3B active
+    ("mixtral-8x7b-v0.1", 46_702_792_704, 12.88e9),  # 46.7B total, 12.9B active
 ])
 def test_the_paper_model_configs_give_the_published_totals(slug, total, active):
     config = transformers.AutoConfig.from_pretrained(PAPER_CONFIGS / slug)

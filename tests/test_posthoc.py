@@ -30,6 +30,9 @@ def weights(run_dir) -> dict[str, torch.Tensor]:
                               "blocks.1.moe.router.residual_head", "blocks.1.moe.router.scale_head"}),
     # Only the last MoE layer gets the router; the first stays the frozen Top-K.
     (["router=vtsr", "router.layers=1"], {"blocks.1.moe.router.temperature_head"}),
+    # A listed layer: the first MoE layer gets the variational router, the last stays the frozen Top-K.
+    (["router=variational", "router.layers=[0]"], {"blocks.0.moe.router.residual_head",
+                                                    "blocks.0.moe.router.scale_head"}),
 ])
 def test_posthoc_trains_only_the_new_heads(tmp_path, base_run, router_args, trained_heads):
     cfg = make_config(*TINY, *router_args, "train.max_steps=4", f"train.init_from={base_run}",

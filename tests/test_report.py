@@ -355,3 +355,16 @@ def test_a_killed_run_shows_as_killed_not_running(tmp_path):
     run.mkdir()
     write_json(run / SUMMARY_FILE, {"status": "running", "step": 3})  # no live writer holds the dir
     assert compare([tmp_path]).records[0]["status"] == "killed"
+
+
+def test_the_dashboard_names_runs_by_what_differs_and_shares_one_colour_scale(sweep, tmp_path):
+    from vrmoe.report.dashboard import dashboard_figures, label_by_differences
+
+    comparison = compare([sweep])
+    label_by_differences(comparison)
+    assert [r["run"] for r in comparison.records] == ["K=1, seed=0", "K=1, seed=1", "K=2, seed=0", "K=2, seed=1"]
+    assert [run.label for run in comparison.runs] == [r["run"] for r in comparison.records]
+    heatmaps = [fig.data[0] for kind, _, fig in dashboard_figures(comparison.runs) if kind == "utilisation"]
+    assert len(heatmaps) == 4 and len({(h.zmin, h.zmax) for h in heatmaps}) == 1  # equal colours, equal shares
+    out, _ = write_dashboard([sweep], tmp_path / "report.html")
+    assert "K=2, seed=1" in out.read_text()

@@ -13,7 +13,6 @@ import pytest
 import torch
 from torch.distributions import MultivariateNormal, Normal, kl_divergence
 
-import vrmoe.checkpoint as checkpoint_module
 from vrmoe.config import ConfigError
 from vrmoe.model.routers import ROUTERS, build_router, renormalised_topk, router_config
 from vrmoe.model.routers.base import (SoftmaxMean, expert_softmax, sample_chunks, standard_exponential_like,
@@ -25,7 +24,7 @@ from vrmoe.checkpoint import load_checkpoint
 from vrmoe.model import build_model
 from vrmoe.train import train
 
-from conftest import TINY, make_config, run_cli
+from conftest import TINY, interrupt_after_first_checkpoint, make_config, run_cli
 
 D_MODEL, N_EXPERTS = 16, 6
 
@@ -492,13 +491,92 @@ def test_vtsr_temperature_starts_at_one_is_floored_and_regularised(per_expert):
     torch.testing.assert_close(routing.uncertainty_T, torch.full((12,), 0.05))
 
 
-def test_vtsr_evaluation_is_one_deterministic_topk_pass():
-    router = make_router("vtsr").eval()
+def test_vtsr_eval_mode_topk_is_the_old_deterministic_pass():
+    """eval_mode=topk is one deterministic pass, Top-K on l / T(u), drawing no noise (so the golden
+    record, written before evaluation sampled, still holds); with one T per token that is Top-K of l."""
+    router = make_router("vtsr", eval_mode="topk").eval()
+    with torch.no_grad():
+        router.temperature_head[-1].weight.normal_(std=0.3)  # T varies from token to token
     u = tokens(64)
+    state = torch.get_rng_state()
     first, second = router(u), router(u)
+    assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(first.expert_ids_TK, second.expert_ids_TK) and first.sample_probs_STE is None
-    # One temperature per token rescales every logit alike: the selection is plain Top-K.
     assert torch.equal(first.expert_ids_TK, router.gate(u).topk(2).indices)
+    scaled_TE = router.gate(u) / router.temperature(u)
+    torch.testing.assert_close(first.gates_TK, scaled_TE.gather(-1, first.expert_ids_TK).softmax(-1))
+    torch.testing.assert_close(first.probs_TE, scaled_TE.softmax(-1))
+
+
+def tempered_by_input(router, low: float = -20.0, high: float = 20.0) -> None:
+    """Make a VTSR router's temperature depend on the input's first coordinate,
+    ``T(u) = softplus(low + (high - low) GELU(u_0)) + floor``: at the floor where u_0 = -1, about
+    2 high - low where u_0 = 2; logits of order 1, so that T = 1 is a real spread."""
+    head = router.temperature_head
+    with torch.no_grad():
+        router.gate.weight.normal_(std=D_MODEL ** -0.5, generator=torch.Generator().manual_seed(4))
+        head[0].weight.zero_(), head[0].bias.zero_()
+        head[0].weight[0, 0] = 1.0  # hidden unit 0 = GELU(u_0)
+        head[-1].weight.zero_()
+        head[-1].weight[0, 0] = high - low
+        head[-1].bias.fill_(low)  # raw = low + (high - low) * GELU(u_0)
+
+
+def test_vtsr_samples_at_evaluation_and_leaves_top_k_where_the_temperature_is_high():
+    router = make_router("vtsr", k=2, min_temperature=0.01).eval()
+    tempered_by_input(router)
+    u = tokens(200)
+    u[:, 0] = torch.tensor([2.0, -1.0]).repeat(100)  # even tokens hot, odd tokens cold
+    temperature_T = router.temperature(u)[:, 0].detach()
+    assert bool((temperature_T[0::2] > 50).all()) and bool((temperature_T[1::2] < 0.011).all())
+    topk_TK = router.gate(u).topk(2).indices.sort(-1).values
+    torch.manual_seed(0)
+    same_TP = torch.stack([(router(u).expert_ids_TK.sort(-1).values == topk_TK).all(-1) for _ in range(20)], -1)
+    hot, cold = same_TP[0::2].double().mean().item(), same_TP[1::2].double().mean().item()
+    # A cold token's logits, scaled by 1 / 0.01, dwarf the Gumbel noise: its Top-K almost always.
+    # A hot one samples near uniformly: Top-K's pair about 1 time in C(6, 2) = 15.
+    assert cold > 0.95 and hot < 0.15, (cold, hot)
+    assert not torch.equal(router(u).expert_ids_TK, router(u).expert_ids_TK)
+
+
+@pytest.mark.parametrize("per_expert", [False, True])
+def test_vtsr_evaluation_draws_gumbel_top_k_from_the_tempered_distribution(per_expert):
+    """K = 2 at evaluation: the first choice is distributed as p = softmax(l / T(u)) and the pair
+    {i, j} as p_i p_j / (1 - p_i) + p_j p_i / (1 - p_j) (sampling without replacement), over 20,000
+    draws within a tolerance of about 4 standard errors."""
+    router = make_router("vtsr", k=2, per_expert_temperature=per_expert).eval()
+    with torch.no_grad():
+        router.gate.weight.normal_(std=D_MODEL ** -0.5, generator=torch.Generator().manual_seed(5))
+        router.temperature_head[-1].bias.copy_(torch.linspace(-0.5, 1.5, router.temperature_head[-1].bias.numel()))
+    n = 20_000
+    u = tokens(1).expand(n, -1)
+    torch.manual_seed(0)
+    routing = router(u)
+    p_E = (router.gate(u[:1]) / router.temperature(u[:1])).softmax(-1)[0].detach()
+    torch.testing.assert_close(routing.probs_TE[0], p_E)
+    first_E = torch.bincount(routing.expert_ids_TK[:, 0], minlength=N_EXPERTS).double() / n
+    torch.testing.assert_close(first_E, p_E.double(), atol=0.012, rtol=0)
+    pair_EE = torch.zeros(N_EXPERTS, N_EXPERTS, dtype=torch.float64)
+    low_N, high_N = routing.expert_ids_TK.min(-1).values, routing.expert_ids_TK.max(-1).values
+    pair_EE.index_put_((low_N, high_N), torch.ones(n, dtype=torch.float64), accumulate=True)
+    p = p_E.double()
+    want_EE = (p[:, None] * p[None, :] / (1 - p[:, None]) + p[:, None] * p[None, :] / (1 - p[None, :])).triu(1)
+    torch.testing.assert_close(pair_EE / n, want_EE, atol=0.01, rtol=0)
+    assert want_EE.sum().item() == pytest.approx(1.0)
+
+
+def test_vtsr_eval_mode_counts_the_gumbel_draw_and_is_listed():
+    from vrmoe.model.routers.listing import router_rows
+
+    sample, topk = make_router("vtsr", eval_mode="sample"), make_router("vtsr", eval_mode="topk")
+    # The draw -log(-log U) and its addition, per expert; l / T is counted in both.
+    assert sample.flops_per_token(samples=4) - topk.flops_per_token(samples=4) == 2 * N_EXPERTS
+    assert sample.flops_per_token(samples=4) == sample.flops_per_token(samples=1)  # one pass whatever S
+    row = next(r for r in router_rows() if r["router"] == "vtsr")
+    assert "router.eval_mode=sample" in row["its own keys"] and row["averages S at eval"] == "no"
+    # Sampling makes evaluation's S single-sample passes (the BMA, mutual information) differ.
+    assert router_config("vtsr").draws_at_eval() and not router_config("vtsr", eval_mode="topk").draws_at_eval()
+    assert "at evaluation too unless ``router.eval_mode=topk``" in row["what it does"]
 
 
 # ---------------------------------------------------------------------------
@@ -555,32 +633,79 @@ def test_S_costs_router_work_only(router_args):
 
 @pytest.mark.parametrize("layers, expected", [("all", [VariationalRouter, VariationalRouter]),
                                               ("1", [TopKRouter, VariationalRouter]),
-                                              ("2", [VariationalRouter, VariationalRouter])])
-def test_router_layers_gives_the_router_to_the_last_N_moe_layers(layers, expected):
+                                              ("2", [VariationalRouter, VariationalRouter]),
+                                              ("[0]", [VariationalRouter, TopKRouter]),
+                                              ("[1]", [TopKRouter, VariationalRouter]),
+                                              ("[1,0]", [VariationalRouter, VariationalRouter])])
+def test_router_layers_gives_the_router_to_the_chosen_moe_layers(layers, expected):
     model = build_model(make_config(*TINY, "router=variational", f"router.layers={layers}"))
     assert [type(layer.router) for layer in model.moe_layers] == expected
     out = model(torch.randint(0, 256, (1, 8)))
     assert [r.uncertainty_T is not None for r in out.routings] == [cls is VariationalRouter for cls in expected]
 
 
-def test_router_layers_beyond_the_moe_layers_is_refused():
-    with pytest.raises(ConfigError, match="router.layers=5"):
-        build_model(make_config(*TINY, "router=variational", "router.layers=5"))
+def test_router_layers_counts_moe_layers_not_blocks():
+    """With an MoE block every second block (blocks 1 and 3 of 4), index 1 is the second MoE
+    layer, block 3, and N = 1 the same layer."""
+    for layers in ("[1]", "1"):
+        model = build_model(make_config(*TINY, "model.n_layers=4", "model.moe_every=2", "router=vtsr",
+                                        f"router.layers={layers}"))
+        assert [b.moe.router.name if b.moe is not None else None for b in model.blocks] == \
+            [None, "topk", None, "vtsr"]
+
+
+@pytest.mark.parametrize("layers, message", [
+    ("5", "router.layers=5 but the model has 2 MoE layer(s); give a number up to 2, or all"),
+    ("[2]", "router.layers=[2] lists MoE layer 2 but the model has 2 MoE layer(s); list indices from 0 to 1"),
+    ("[0,-1]", "router.layers=[0,-1] lists MoE layer -1 but the model has 2 MoE layer(s); list indices from 0 to 1"),
+    ("[1,0,1]", "router.layers=[1,0,1] lists MoE layer 1 more than once (the model has 2 MoE layer(s)); "
+                "list each index once, e.g. router.layers=[0,1]"),
+])
+def test_router_layers_beyond_the_moe_layers_or_repeated_is_refused(layers, message):
+    with pytest.raises(ConfigError) as info:
+        build_model(make_config(*TINY, "router=variational", f"router.layers={layers}"))
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("layers", ["0", "-2", "[]", "[0.5]", "[a]", "alll", "1.5", "true"])
+def test_router_layers_of_another_form_is_refused_by_the_config(layers):
+    with pytest.raises(ConfigError) as info:
+        make_config(*TINY, "router=variational", f"router.layers={layers}")
+    message = str(info.value)
+    assert message.startswith("router.layers=") and "\n" not in message
+    assert message.endswith("must be all, a positive integer N (the last N MoE layers) or a list of MoE layer "
+                            "indices, e.g. router.layers=[0,2]")
+
+
+@pytest.mark.parametrize("layers, recorded", [("all", "all"), ("1", "1"), ("'1'", "1"), ("[0]", [0]),
+                                              ("[1,0]", [1, 0])])
+def test_router_layers_round_trips_through_records_and_resume(layers, recorded):
+    """A run records router.layers in one form (N as the digit string runs have always saved, so a
+    checkpoint written before lists existed compares equal on resume); summary.json's config and
+    a checkpoint's compose back to the same value, and resuming with the same override finds no
+    difference."""
+    from vrmoe.checkpoint import check_resumable
+    from vrmoe.compose import compose_over_saved, from_dict
+    from vrmoe.config import to_dict
+
+    app = make_config(*TINY, "router=variational", f"router.layers={layers}", "train.max_steps=2")
+    saved = json.loads(json.dumps(to_dict(app)))  # as summary.json and the checkpoint hold it
+    assert saved["router"]["layers"] == recorded
+    assert from_dict(saved).router == app.router
+    assert compose_over_saved(saved, ["S=2"]).router.layers == recorded
+    resumed = make_config(*TINY, "router=variational", f"router.layers={layers}", "train.max_steps=4")
+    assert check_resumable({"config": saved, "step": 2}, resumed) == []
+    other = make_config(*TINY, "router=variational", "router.layers=[1]", "train.max_steps=4",
+                        "train.resume_override=true")
+    if recorded != [1]:
+        assert check_resumable({"config": saved, "step": 2}, other) == \
+            [f"router.layers: {recorded} there, [1] here"]
 
 
 def test_variational_resume_replays_the_same_routing_noise(tmp_path, monkeypatch):
     args = (*TINY, "router=variational", "S=2", "train.max_steps=4", "train.ckpt_every=2")
     train(make_config(*args), tmp_path / "full")
-    original = checkpoint_module.save_checkpoint
-
-    def save_then_die(path, state):
-        original(path, state)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint_module, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train(make_config(*args), tmp_path / "part")
-    monkeypatch.setattr(checkpoint_module, "save_checkpoint", original)
+    interrupt_after_first_checkpoint(make_config(*args), tmp_path / "part", monkeypatch)
     assert load_checkpoint(tmp_path / "part", "train.resume")["step"] == 2
     train(make_config(*args, f"train.resume={tmp_path / 'part'}"), tmp_path / "part")
 
@@ -627,6 +752,28 @@ def test_each_router_trains_through_the_cli_and_logs_its_own_stats(tmp_path, nam
         assert last["temperature_min"] >= 0.05 and last["temperature_std"] >= 0
 
 
+def test_a_per_layer_sweep_trains_each_layer_set_and_compare_shows_it(tmp_path):
+    """`vrmoe train -m 'router.layers=[0],[1]'`: one job per MoE layer, each recording its layer set
+    and giving the router to that layer alone; `vrmoe compare` shows the set as a column."""
+    sweep_dir = tmp_path / "sweep"
+    run_cli("train", "-m", *TINY, "router=variational", "router.layers=[0],[1]", "train.max_steps=2",
+            f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
+    runs = {}
+    for summary_path in sweep_dir.glob("*/summary.json"):
+        summary = json.loads(summary_path.read_text())
+        assert summary["status"] == "completed"
+        runs[json.dumps(summary["config"]["router"]["layers"])] = summary_path.parent
+    assert sorted(runs) == ["[0]", "[1]"]
+    for layers, run_dir in runs.items():
+        (chosen,) = json.loads(layers)
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        stats = rows[-1]["moe"]  # the variational layer logs its KL; the Top-K layer has none
+        assert {name for name, layer in stats.items() if "kl" in layer} == {f"layer{chosen}"}
+    compared = json.loads(run_cli("compare", str(sweep_dir), "--format", "json", cwd=tmp_path).stdout)
+    assert sorted(row["router.layers"] for row in compared) == ["[0]", "[1]"]
+    assert all(row["status"] == "completed" for row in compared)
+
+
 @pytest.mark.parametrize("args, key", [
     (["S=0"], "S=0"),
     (["T=0"], "T=0"),
@@ -635,6 +782,9 @@ def test_each_router_trains_through_the_cli_and_logs_its_own_stats(tmp_path, nam
     (["K=5"], "K=5"),  # the tiny model has 4 experts
     (["router=variational", "router.covariance=full", "model.n_experts=65"], "router.covariance=full"),
     (["router=variational", "model.moe_every=0"], "model.moe_every=0"),
+    (["router=vtsr", "router.eval_mode=maybe"], "router.eval_mode='maybe' must be sample or topk"),
+    (["router=variational", "router.layers=[0,0]"], "router.layers=[0,0] lists MoE layer 0 more than once"),
+    (["router=variational", "router.layers=[2]"], "the model has 2 MoE layer(s); list indices from 0 to 1"),
 ])
 def test_bad_router_input_is_exit_code_2_and_one_line_naming_the_key(tmp_path, args, key):
     proc = run_cli("train", *TINY, *args, cwd=tmp_path, check=False)

@@ -3,6 +3,7 @@
     vrmoe bench                        # about four minutes on 2 CPU cores
     vrmoe bench --format markdown      # the same table, for the README
     vrmoe bench --tiny                 # tiny shapes and one repeat: a smoke test in seconds
+    vrmoe bench --only width           # the variational router against Top-K at D = 256 to 2048
 
 Every ratio compares contenders measured in the same process, run in turns (A, B, C, B, C,
 A, ..., the order rotating every round): the "ms" column is a contender's median time, the
@@ -22,10 +23,9 @@ inside the interval, where this many rounds on this machine cannot tell. The row
   (forward, backward, AdamW): each Bayesian router's training step against Top-K's;
   evaluation with S = 32 routing samples against S = 1, next to its *floor* (S = 1 plus
   drawing the S x T x E standard normals alone, per routed layer: what no implementation on
-  torch's generator can go below); the variational router's training step next to its
-  floor, and VTSR's (Top-K's step plus the forward and backward of the router's heads alone:
-  what no implementation of those heads can go below); the peak memory of evaluation, S = 32
-  against S = 1.
+  torch's generator can go below); each training step with heads next to its floor (Top-K's
+  step plus the forward and backward of that variant's heads alone: what no implementation of
+  those heads can go below); the peak memory of evaluation, S = 32 against S = 1.
 * **Training steps by parts**: a whole training step varies by 10-25% from round to round on a
   shared CPU, too much to tell a router that adds 1-3%. So each router is also timed alone,
   forward and backward in training mode on every routed layer's input (:func:`router_step`),
@@ -34,11 +34,18 @@ inside the interval, where this many rounds on this machine cannot tell. The row
   same work whatever the router. Its interval is that of a short contender, about ten times
   narrower; the whole step's row stays beside it as the check.
 
-Each row with a target (``LAYER_TARGET`` and the other constants below) says whether it is met.
+* **Width** (opt-in, ``--only width``, ``--widths``): the variational router's training step and
+  its S = 32 evaluation against Top-K's at one MoE layer, D = 256, 512, 1024 and 2048 (E = 8,
+  F = 2D, K = 2), the same FLOPs per step at every width, next to the same two floors.
 * **On CUDA only**: the three GPU layer shapes in bf16, and the model FLOPs utilisation (MFU)
   of ``model=gpt_small`` trained with bf16 autocast and torch.compile, against 989 TFLOP/s
   (H100 dense bf16) and against a bf16 matmul measured here; the compiled graph's breaks
   from ``torch._dynamo.explain``.
+
+Each row with a target says whether it is met. The MoE layer's target is the bench's
+(``LAYER_TARGET``); a router's are its own (``Router.bench_targets``): a ratio, or a floor the
+bench measures in the same rounds (the variational router's training at its heads' floor, its
+evaluation at the normals' floor), read as the floor's median.
 
 ``experiments/bench.py`` is the long form (more repeats, thread counts, a real ``vrmoe train`` run).
 """
@@ -69,13 +76,15 @@ from .model.routers import ROUTERS as ROUTER_REGISTRY
 from .train.step import TrainStep, make_optimizer
 
 H100_BF16_DENSE_FLOPS = 989e12
-# The targets (a ratio must be at most its target); rows without one are for information.
+# The targets (a ratio must be at most its target); rows without one are for information. The
+# routers' own targets are theirs (``Router.bench_targets``); the MoE layer's is the bench's.
 LAYER_TARGET = 1.05  # MoE layer step / dense floor
-LAYER_TRAIN_TARGETS = {"variational": 1.05}  # training step / Top-K's at the layer, E <= 16
-MODEL_TRAIN_TARGET = 1.03  # training step / Top-K's over a whole model, every router
-EVAL_TARGETS = {"variational": 1.05, "mc_dropout": 1.30}  # evaluation S = 32 / S = 1
-MEMORY_TARGET = 1.10  # peak memory of evaluation, S = 32 / S = 1
-MAX_TRAIN_TARGET_EXPERTS = 16
+MAX_TRAIN_TARGET_EXPERTS = 16  # the layer's router targets hold up to this many experts
+#: The measurements a router's target may be for, and the floors each may name, each floor measured
+#: in the same rounds as the ratio it judges: "heads", Top-K's step plus the variant's heads' forward
+#: and backward alone (its "floor: topk + the ... heads" row); "normals", its S = 1 evaluation plus
+#: drawing the S x T x E normals alone.
+TARGET_MEASUREMENTS = {"layer train": ("heads",), "model train": ("heads",), "eval": ("normals",), "memory": ()}
 
 
 def router_variants() -> list[tuple[str, list[str]]]:
@@ -95,6 +104,25 @@ def router_name(overrides: list[str]) -> str:
 
 def samples_at_eval(overrides: list[str]) -> bool:
     return ROUTER_REGISTRY[router_name(overrides)].Config().samples_at_eval()
+
+
+def router_target(overrides: list[str], measurement: str | None) -> float | str | None:
+    """The target a variant's router declares for ``measurement`` (None: none, or no measurement)."""
+    if measurement is None:
+        return None
+    return ROUTER_REGISTRY[router_name(overrides)].bench_targets.get(measurement)
+
+
+def check_router_targets() -> None:
+    """Each router's ``bench_targets`` names known measurements, and ratios or known floors."""
+    for name, cls in ROUTER_REGISTRY.items():
+        for measurement, target in cls.bench_targets.items():
+            if measurement not in TARGET_MEASUREMENTS:
+                raise TypeError(f"{cls.__name__}.bench_targets: {measurement!r} is not a measurement; "
+                                f"choose from {', '.join(TARGET_MEASUREMENTS)}")
+            if isinstance(target, str) and target not in TARGET_MEASUREMENTS[measurement]:
+                raise TypeError(f"{cls.__name__}.bench_targets[{measurement!r}] = {target!r}: a ratio"
+                                + "".join(f" or {floor!r}" for floor in TARGET_MEASUREMENTS[measurement]))
 
 GPU_SHAPES = ((16384, 256, 512, 8, 2), (16384, 1024, 2048, 8, 2), (16384, 2048, 1408, 64, 6))
 
@@ -116,6 +144,12 @@ class Sizes:
     # that the scaling with E shows: the full covariance's head has E(E+1)/2 outputs.
     more_experts: tuple[tuple[int, tuple[str, ...]], ...] = ((16, ("variational diag", "variational full")),
                                                              (64, ("variational diag",)))
+    # The width section (opt-in): one router variant against Top-K at the MoE layer at each width D,
+    # with F = 2D and T tokens so that T x D^2 = width_work (the same FLOPs per step at every width:
+    # at D = 256 the router section's T = 4096; per-call overheads weigh alike at every width).
+    widths: tuple[int, ...] = (256, 512, 1024, 2048)
+    width_work: int = 4096 * 256 ** 2
+    width_variant: str = "variational diag"
     gpu_shapes: tuple[tuple[int, int, int, int, int], ...] = GPU_SHAPES  # (T, D, F, E, K)
     gpu_model: str = "gpt_small"
     gpu_batch: int = 16
@@ -125,7 +159,8 @@ class Sizes:
 
 QUICK = Sizes()
 TINY = Sizes(tokens=256, d_model=32, hidden=64, n_experts=4, model="tiny", samples=4, repeats=1, warmup=1,
-             more_experts=((8, ("variational diag",)),), gpu_shapes=((256, 32, 64, 4, 2),), gpu_model="tiny",
+             more_experts=((8, ("variational diag",)),), widths=(16, 32), width_work=256 * 16 ** 2,
+             gpu_shapes=((256, 32, 64, 4, 2),), gpu_model="tiny",
              gpu_batch=4, gpu_steps=2, matmul_size=256)
 
 
@@ -350,9 +385,10 @@ class _PeerInput(torch.nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
 
-def floor_label(variants: list[tuple[str, list[str]]]) -> str | None:
-    """The variant whose evaluation floor is measured: the first variational one (diag by default)."""
-    return next((label for label, overrides in variants if router_name(overrides) == "variational"), None)
+def normals_floor_labels(variants: list[tuple[str, list[str]]]) -> list[str]:
+    """The variants whose evaluation floor is shown: those whose router holds its evaluation to the
+    cost of drawing the normals (``Router.bench_targets``)."""
+    return [label for label, overrides in variants if router_target(overrides, "eval") == "normals"]
 
 
 def heads_contender(label: str) -> str:
@@ -361,15 +397,10 @@ def heads_contender(label: str) -> str:
 
 
 def heads_floor_labels(variants: list[tuple[str, list[str]]], routers: dict[str, torch.nn.Module]) -> list[str]:
-    """The variants whose training floor is measured: the first variant of each router that has
-    heads (``Router.head_outputs``; ``routers`` maps a variant to one of its routers)."""
-    labels, seen = [], set()
-    for label, overrides in variants:
-        name = router_name(overrides)
-        if name not in seen and routers[label].head_flops_per_token() > 0:
-            seen.add(name)
-            labels.append(label)
-    return labels
+    """The variants whose training floor is measured: every variant whose router has heads
+    (``Router.head_outputs``; ``routers`` maps a variant to one of its routers). Each is its own
+    floor: the full covariance's scale head is wider, a shared hidden layer halves the first layers."""
+    return [label for label, _ in variants if routers[label].head_flops_per_token() > 0]
 
 
 def heads_step(routers: list[torch.nn.Module], inputs: list[torch.Tensor], device: torch.device) -> Callable[[], None]:
@@ -515,10 +546,9 @@ def router_layer_rows(sizes: Sizes, device: torch.device, n_experts: int | None 
     evals = {label: {s: layer_eval_step(with_samples(layers[label], s), x_TD, device) for s in (1, sizes.samples)}
              for label, _ in variants}
     normals = (sizes.samples, sizes.tokens, n_experts)
-    train_target = None if n_experts > MAX_TRAIN_TARGET_EXPERTS else LAYER_TRAIN_TARGETS
-    eval_targets = None if n_experts > MAX_TRAIN_TARGET_EXPERTS else EVAL_TARGETS
-    return _router_rows(section, variants, train, evals, sizes, device, train_target, eval_targets,
-                        normal_draws=[normals])
+    targets = n_experts <= MAX_TRAIN_TARGET_EXPERTS
+    return _router_rows(section, variants, train, evals, sizes, device, "layer train" if targets else None,
+                        "eval" if targets else None, normal_draws=[normals])
 
 
 def router_model_rows(sizes: Sizes, device: torch.device) -> list[Row]:
@@ -550,8 +580,7 @@ def router_model_rows(sizes: Sizes, device: torch.device) -> list[Row]:
              for label, _ in variants}
     layers = [layer for layer in models["topk"].moe_layers]
     normals = [(sizes.samples, idx.numel(), base.model.n_experts)] * len(layers)
-    rows = _router_rows(section, variants, train, evals, sizes, device, MODEL_TRAIN_TARGET, EVAL_TARGETS,
-                        normal_draws=normals)
+    rows = _router_rows(section, variants, train, evals, sizes, device, "model train", "eval", normal_draws=normals)
     step_s = statistics.median(train["topk"])
     rows.append(Row(section, "train step throughput (topk)", 1e3 * step_s,
                     note=f"{idx.numel() / step_s:,.0f} tokens/s"))
@@ -560,33 +589,46 @@ def router_model_rows(sizes: Sizes, device: torch.device) -> list[Row]:
 
 def _router_rows(section: str, variants: list[tuple[str, list[str]]], train: dict[str, list[float]],
                  evals: dict[str, dict[int, Callable[[], None]]], sizes: Sizes, device: torch.device,
-                 train_targets: float | dict[str, float] | None, eval_targets: dict[str, float] | None,
+                 train_measurement: str | None, eval_measurement: str | None,
                  normal_draws: list[tuple[int, int, int]]) -> list[Row]:
     """Training rows, then evaluation rows (S = sizes.samples against S = 1, timed together with
     the floor their sampling cannot go below: drawing the S x T x E standard normals alone, once
-    per routed layer), then the peak memory of evaluation."""
+    per routed layer), then the peak memory of evaluation. Each row with a target holds the
+    variant to its router's own (``Router.bench_targets`` under ``train_measurement`` and
+    ``eval_measurement``; None: this section sets none): a ratio, or a floor measured here."""
     samples = sizes.samples
+    floors: dict[str, dict[str, float]] = {"heads": {}, "normals": {}}  # floor -> variant -> its median
 
-    def target(targets, overrides):
-        return targets if not isinstance(targets, dict) else targets.get(router_name(overrides))
+    def target(overrides: list[str], label: str, measurement: str | None) -> dict[str, Any]:
+        """A row's target and the note that says where a floor target comes from."""
+        wanted = router_target(overrides, measurement)
+        if not isinstance(wanted, str):
+            return {"target": wanted}
+        value = floors[wanted].get(label)
+        return {"target": value, "note": f"target: its {wanted} floor (median)" if value is not None
+                else f"no {wanted} floor here: no target"}
 
+    for label, _ in variants:
+        if heads_contender(label) in train:
+            floors["heads"][label] = statistics.median(floor_ratios(train, "topk", heads_contender(label)))
     rows = [Row(section, "train step: topk", 1e3 * statistics.median(train["topk"]), 1.0, note="the baseline")]
     for label, overrides in variants:
         rows.append(Row(section, f"train step: {label} / topk", 1e3 * statistics.median(train[label]),
-                        target=target(train_targets, overrides), **ratio_fields(round_ratios(train, label, "topk"))))
+                        **target(overrides, label, train_measurement),
+                        **ratio_fields(round_ratios(train, label, "topk"))))
     for label, overrides in variants:
+        fields = target(overrides, label, train_measurement)
+        note = "; ".join(filter(None, ["topk's step, its routers' fwd+bwd swapped for these (timed alone)",
+                                       fields.pop("note", "")]))
         rows.append(Row(section, f"train step by parts: {label} / topk",
-                        1e3 * statistics.median(train[router_contender(label)]),
-                        target=target(train_targets, overrides),
-                        **ratio_fields(parts_ratios(train, "topk", router_contender(label), router_contender("topk"))),
-                        note="topk's step, its routers' fwd+bwd swapped for these (timed alone)"))
+                        1e3 * statistics.median(train[router_contender(label)]), **fields, note=note,
+                        **ratio_fields(parts_ratios(train, "topk", router_contender(label), router_contender("topk")))))
     for label, _ in variants:
         heads = heads_contender(label)
         if heads in train:
             rows.append(Row(section, f"floor: topk + the {label} heads' fwd+bwd / topk",
                             1e3 * statistics.median(train[heads]), **ratio_fields(floor_ratios(train, "topk", heads)),
                             note="the heads' matmuls and activations alone"))
-    floor_base = floor_label(variants)
 
     def draw_normals() -> None:
         for shape in normal_draws:
@@ -595,18 +637,19 @@ def _router_rows(section: str, variants: list[tuple[str, list[str]]], train: dic
     contenders = {f"{label} S={s}": step for label, by_s in evals.items() for s, step in by_s.items()}
     contenders["normals"] = draw_normals
     times = interleaved_times(contenders, sizes.repeats, sizes.warmup, device)
+    for label, _ in variants:
+        floors["normals"][label] = statistics.median(floor_ratios(times, f"{label} S=1", "normals"))
     for label, overrides in variants:
         many, one = f"{label} S={samples}", f"{label} S=1"
         sampled = samples_at_eval(overrides)
+        fields = target(overrides, label, eval_measurement) if sampled else {"note": "S is unused at evaluation"}
         rows.append(Row(section, f"eval: {label} S={samples} / S=1", 1e3 * statistics.median(times[many]),
-                        target=target(eval_targets, overrides) if sampled else None,
-                        note="" if sampled else "S is unused at evaluation",
-                        **ratio_fields(round_ratios(times, many, one))))
-    if floor_base is not None:
-        per_normal_ns = 1e9 * statistics.median(times["normals"]) / sum(math.prod(d) for d in normal_draws)
-        rows.append(Row(section, f"floor: {floor_base} S=1 + drawing S={samples} normals / S=1",
+                        **fields, **ratio_fields(round_ratios(times, many, one))))
+    per_normal_ns = 1e9 * statistics.median(times["normals"]) / sum(math.prod(d) for d in normal_draws)
+    for label in normals_floor_labels(variants):
+        rows.append(Row(section, f"floor: {label} S=1 + drawing S={samples} normals / S=1",
                         1e3 * statistics.median(times["normals"]),
-                        **ratio_fields(floor_ratios(times, f"{floor_base} S=1", "normals")),
+                        **ratio_fields(floor_ratios(times, f"{label} S=1", "normals")),
                         note=f"torch's generator alone: {per_normal_ns:.1f} ns a normal, "
                              f"{len(normal_draws)} x {'x'.join(map(str, normal_draws[0]))}"))
     for label, overrides in variants:
@@ -614,9 +657,81 @@ def _router_rows(section: str, variants: list[tuple[str, list[str]]], train: dic
             one, many = (peak_memory_mb(evals[label][s], device) for s in (1, samples))
             ratio = many / one if one and many is not None else None
             rows.append(Row(section, f"peak memory: eval {label} S={samples} / S=1", ratio=ratio,
-                            target=MEMORY_TARGET, memory_mb=many,
+                            target=router_target(overrides, "memory"), memory_mb=many,
                             note=f"S=1: {one:.1f} MB" if one is not None else "the profiler's memory timeline "
                                                                               "is unavailable here"))
+    return rows
+
+
+def width_tokens(d_model: int, sizes: Sizes) -> int:
+    """Tokens at width ``d_model``: T x D^2 = ``sizes.width_work``, at least 16."""
+    return max(16, sizes.width_work // d_model ** 2)
+
+
+def width_rows(sizes: Sizes, device: torch.device) -> list[Row]:
+    """One router variant (``sizes.width_variant``) against Top-K at the MoE layer, at each width in
+    ``sizes.widths`` (E and K as the layer section's, F = 2D): its training step and its evaluation
+    with S samples, each against Top-K's, next to their floors (Top-K's step plus the variant's heads
+    alone; Top-K's evaluation plus drawing the S x T x E normals alone). The router's own work grows
+    as D^2 in its heads and as E x S in its sampling, the experts' as D x F = 2 D^2: the sampling's
+    share shrinks as the model widens, the heads' does not. With the same FLOPs per step the widest
+    layers get few tokens (64 at D = 2048: 16 rows an expert), so their experts' matmuls are bound by
+    reading the weights, which the heads' small ones are not: the ms column shows it."""
+    from .model.moe import MoELayer, build_moe
+    from .model.routers import build_router
+
+    variants = dict(router_variants())
+    if sizes.width_variant not in variants:
+        raise ConfigError(f"width section: no router variant {sizes.width_variant!r}; "
+                          f"choose one of {', '.join(variants)}")
+    label, overrides = sizes.width_variant, variants[sizes.width_variant]
+    n_experts, k, samples = sizes.n_experts, sizes.k, sizes.samples
+    section = (f"{label} against topk by width, MoE layer: E={n_experts} F=2D K={k} S={samples}, "
+               f"T x D^2 = {sizes.width_work:,} (the same FLOPs per step at every width)")
+    rows: list[Row] = []
+    for d_model in sizes.widths:
+        tokens, hidden = width_tokens(d_model, sizes), 2 * d_model
+        torch.manual_seed(0)
+        x_TD = torch.randn(tokens, d_model, device=device, requires_grad=True)
+        topk = build_moe(d_model, n_experts, hidden, router_config(["router=topk"], k), "auto").to(device)
+        torch.manual_seed(0)
+        router = build_router(d_model, n_experts, router_config(overrides, k, samples)).to(device)
+        # The same experts (one module): the same work whatever the router, and one copy of a wide
+        # layer's weights in memory. Built with hidden 1, then given Top-K's layer's experts.
+        bayes = MoELayer(d_model, n_experts, 1, router).to(device)
+        bayes.experts = topk.experts
+
+        def in_mode(layer: torch.nn.Module, training: bool, step: Callable[[], None]) -> Callable[[], None]:
+            def run() -> None:  # one layer serves both contenders: each sets the mode it runs in
+                layer.train(training)
+                step()
+            return run
+
+        def draw_normals(shape=(samples, tokens, n_experts)) -> None:
+            torch.randn(shape, device=device)
+
+        contenders = {"topk train": in_mode(topk, True, layer_train_step(topk, x_TD, device)),
+                      "train": in_mode(bayes, True, layer_train_step(bayes, x_TD, device)),
+                      "heads": heads_step([router], [x_TD], device),
+                      "topk eval": in_mode(topk, False, layer_eval_step(topk, x_TD, device)),
+                      "eval": in_mode(bayes, False, layer_eval_step(bayes, x_TD, device)),
+                      "normals": draw_normals}
+        times = interleaved_times(contenders, sizes.repeats, sizes.warmup, device)
+        at = f"D={d_model} T={tokens}"
+        median_ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+        rows += [Row(section, f"{at}: train step: topk", median_ms["topk train"], 1.0, note="the baseline"),
+                 Row(section, f"{at}: train step: {label} / topk", median_ms["train"],
+                     **ratio_fields(round_ratios(times, "train", "topk train"))),
+                 Row(section, f"{at}: floor: topk + the {label} heads' fwd+bwd / topk", median_ms["heads"],
+                     **ratio_fields(floor_ratios(times, "topk train", "heads")),
+                     note="the heads' matmuls and activations alone"),
+                 Row(section, f"{at}: eval: topk", median_ms["topk eval"], 1.0, note="the baseline"),
+                 Row(section, f"{at}: eval: {label} S={samples} / topk", median_ms["eval"],
+                     **ratio_fields(round_ratios(times, "eval", "topk eval"))),
+                 Row(section, f"{at}: floor: topk eval + drawing S={samples} normals / topk", median_ms["normals"],
+                     **ratio_fields(floor_ratios(times, "topk eval", "normals")),
+                     note="torch's generator alone")]
+        del topk, bayes, router, contenders  # a 2048-wide layer's weights and gradients before the next width
     return rows
 
 
@@ -781,8 +896,13 @@ def render_rich(rows: list[Row], title: str) -> None:
 # Command line
 # ---------------------------------------------------------------------------
 
-def run_benchmarks(sizes: Sizes, device: torch.device, sections: Iterable[str] = ("layer", "router", "model", "gpu"),
+DEFAULT_SECTIONS = ("layer", "router", "model", "gpu")
+SECTIONS = (*DEFAULT_SECTIONS, "width")  # width is opt-in: --only width
+
+
+def run_benchmarks(sizes: Sizes, device: torch.device, sections: Iterable[str] = DEFAULT_SECTIONS,
                    progress: Callable[[str], None] = lambda _: None) -> list[Row]:
+    check_router_targets()
     rows: list[Row] = []
     sections = set(sections)
     if "layer" in sections:
@@ -797,6 +917,9 @@ def run_benchmarks(sizes: Sizes, device: torch.device, sections: Iterable[str] =
     if "model" in sections:
         progress(f"router overheads over a model={sizes.model} step")
         rows += router_model_rows(sizes, device)
+    if "width" in sections:
+        progress(f"{sizes.width_variant} against topk at widths {', '.join(map(str, sizes.widths))}")
+        rows += width_rows(sizes, device)
     if "gpu" in sections and device.type == "cuda":
         progress("GPU shapes and MFU")
         rows += gpu_rows(sizes, device)
@@ -816,8 +939,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto (CUDA when present), cpu or cuda")
-    parser.add_argument("--only", nargs="+", choices=("layer", "router", "model", "gpu"),
-                        default=("layer", "router", "model", "gpu"), help="run only these sections")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=DEFAULT_SECTIONS,
+                        help="run only these sections (width, the router against Top-K at widths D, runs only "
+                             "when named)")
+    parser.add_argument("--widths", type=int, nargs="+", default=None,
+                        help=f"the width section's model widths D (default {' '.join(map(str, QUICK.widths))})")
     return parser.parse_args(argv)
 
 
@@ -837,6 +963,14 @@ def main(argv: list[str]) -> None:
     sizes = TINY if args.tiny else QUICK
     if args.repeats is not None:
         sizes = dataclasses.replace(sizes, repeats=args.repeats)
+    if args.widths is not None:
+        if "width" not in args.only:
+            raise ConfigError("--widths sets the width section's widths, which runs only when asked for: "
+                              "add --only width")
+        for width in args.widths:
+            if width < 4:
+                raise ConfigError(f"--widths {width}: must be at least 4 (heads of D/4)")
+        sizes = dataclasses.replace(sizes, widths=tuple(args.widths))
     warning = shared_cpu_warning(device)
     if warning:
         log_line(f"[yellow]note:[/] {warning}")

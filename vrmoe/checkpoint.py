@@ -18,7 +18,7 @@ import torch
 
 from .config import AppConfig, ConfigError, ModelConfig, dotted_keys, to_dict
 from .console import log_line
-from .model.routers import ROUTERS
+from .model.routers import ROUTERS, Router
 from .tracking import CHECKPOINT_FILE, atomic_write
 
 # 2: each router keeps only its own keys; the model section names its backbone.
@@ -207,13 +207,17 @@ def check_resumable(state: dict[str, Any], app: AppConfig) -> list[str]:
 
 def freeze_loaded(model: torch.nn.Module, loaded: set[str]) -> None:
     """train.freeze=backbone: everything that came from the base run is frozen,
-    the base router's logit layer included (it is the variational prior's mean)."""
+    the base router's logit layer included (it is the variational prior's mean), except the
+    loaded weights a router's post-hoc method trains (``Router.posthoc_trained_parameters``:
+    SWAG's gate). Decided by module, so the native and the Hugging Face backbones agree."""
+    trained = {id(p) for module in model.modules() if isinstance(module, Router)
+               for p in module.posthoc_trained_parameters()}
     for name, p in model.named_parameters():
-        if name in loaded:
+        if name in loaded and id(p) not in trained:
             p.requires_grad_(False)
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("train.freeze=backbone leaves nothing to train: the router adds no new parameters "
-                          "(choose router=variational, vtsr, or another router with heads)")
+                          "(choose router=variational, vtsr, swag, or another router that trains post hoc)")
 
 
 def keep_trained_in_fp32(model: torch.nn.Module) -> None:

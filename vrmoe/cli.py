@@ -20,12 +20,14 @@ usage: vrmoe <command> [arguments]
 Bayesian routing in Mixture-of-Experts language models: train, evaluate, compare.
 
 commands:
+  --version             print vrmoe's version
   train [overrides]     train a run (Hydra app: `vrmoe train --help`, `--cfg job`, `-m` for sweeps)
-                        e.g. vrmoe train router=variational S=8 T=0.7
+                        e.g. vrmoe train router=variational T=0.7 eval.at_end=true
                              vrmoe train -m router=topk,variational seed=0,1
 {extra}
-Top-level knobs: K (experts per token), S (routing samples at evaluation),
-T (temperature), beta (KL weight), seed. Outputs go to outputs/<date>/<time>_<router>/.
+Top-level knobs: K (experts per token), S (routing samples at evaluation), T (routing
+temperature), beta (KL weight), seed; a knob the chosen router does not read is said in one
+line. Outputs go to outputs/<date>/<time>_<router>/.
 """
 
 # Subcommands besides `train`: name -> ("module:function", one-line help). Each function takes argv.
@@ -34,8 +36,53 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("vrmoe.report.compare:main", "runs side by side: vrmoe compare <run or sweep dirs...>"),
     "dashboard": ("vrmoe.report.dashboard:main", "offline HTML report: vrmoe dashboard <dirs...> -o report.html"),
     "bench": ("vrmoe.bench:main", "performance ratios on this device: vrmoe bench"),
+    "cost": ("vrmoe.cost:main", "routers' FLOPs over Top-K's at real models' shapes: vrmoe cost <config dirs>"),
     "routers": ("vrmoe.model.routers.listing:main", "the registered routers, their keys and signals"),
 }
+
+
+def say_duplicate_jobs(overrides: list[str]) -> None:
+    """Before a sweep starts: which of its jobs are the same run (they differ only in a knob their
+    router does not read), one line each."""
+    from .console import log_line
+    from .knobs import duplicate_jobs
+
+    for jobs in duplicate_jobs(overrides):
+        log_line(f"[yellow]note:[/] these {len(jobs)} jobs of the sweep are the same run (they differ only in knobs "
+                 f"their router does not read): {' | '.join(jobs)}")
+
+
+TRAIN_HELP = """\
+usage: vrmoe train [overrides] [--cfg job] [-m] [--hydra-help]
+
+Train a run: an MoE language model with the chosen router. Any key: key=value (the keys of this
+configuration are listed below, each with what it sets); choose a group's option with
+group=option; sweep with -m key=a,b. A router's own keys: vrmoe train router=<name> --help.
+Print the composed config with --cfg job; Hydra's own flags: --hydra-help.
+
+groups (group=option):
+{groups}
+
+examples:
+  vrmoe train router=variational T=0.7 eval.at_end=true
+  vrmoe train router=variational router.covariance=full S=32 eval.at_end=true
+  vrmoe train -m router=temperature,variational T=0.5,1.0 seed=0,1
+
+the configuration{chosen}:
+{keys}
+"""
+
+
+def train_help(overrides: list[str]) -> str:
+    """The reference ``vrmoe train --help`` prints: groups, examples, and every key of the
+    configuration the given overrides compose, with its value and description."""
+    from .compose import CONFIG_GROUPS, compose_config, group_options
+    from .reference import reference
+
+    app = compose_config(overrides)
+    groups = "\n".join(f"  {group}: {', '.join(group_options(group))}" for group in CONFIG_GROUPS)
+    chosen = f" ({' '.join(overrides)})" if overrides else ""
+    return TRAIN_HELP.format(groups=groups, chosen=chosen, keys=reference(app))
 
 
 def train_main(argv: list[str]) -> None:
@@ -46,10 +93,16 @@ def train_main(argv: list[str]) -> None:
     from .jobs import train_job
 
     try:
-        check_overrides(split_hydra_args(argv))
+        overrides = split_hydra_args(argv)
+        check_overrides(overrides)
+        if any(a in ("-h", "--help") for a in argv):
+            print(train_help(overrides), end="")
+            return
         here = distributed.start()
     except ConfigError as exc:
         fail(str(exc))
+    if any(a in ("-m", "--multirun") for a in argv):
+        say_duplicate_jobs(overrides)
     if any(a.startswith("train.resume=") and a.split("=", 1)[1] not in ("", "null") for a in argv):
         argv = [*argv, "hydra.output_subdir=null"]  # the resumed run keeps its own Hydra record
     if here.enabled:
@@ -67,9 +120,17 @@ def train_main(argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     extra = "".join(f"  {name:<20}  {helptext}\n" for name, (_, helptext) in SUBCOMMANDS.items())
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if argv[:1] in (["-h"], ["--help"], ["help"]):
         print(USAGE.format(extra=extra), end="")
         return
+    if argv[:1] in (["-V"], ["--version"]):
+        from importlib.metadata import version
+
+        print(f"vrmoe {version('vrmoe')}")
+        return
+    if not argv:  # a command is needed: the usage, on stderr, as for any other bad command line
+        print(USAGE.format(extra=extra), end="", file=sys.stderr)
+        sys.exit(2)
     command, rest = argv[0], argv[1:]
     if command == "train":
         train_main(rest)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
@@ -21,7 +22,7 @@ from typing import Any, Iterable
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import HF_NAME_NEEDED, AppConfig, ConfigError, RouterConfig, to_dict, validate
+from .config import AVERAGED_SAMPLES, HF_NAME_NEEDED, AppConfig, ConfigError, RouterConfig, to_dict, validate
 from .data.corpora import CORPORA
 from .model.routers import ROUTERS, router_class
 from .tasks import TASKS
@@ -38,10 +39,16 @@ def config_dir() -> Path:
     return Path(str(resources.files("vrmoe") / "conf"))
 
 
+# The user's own presets (conf/config.yaml: hydra.searchpath): ./conf of the working directory.
+USER_CONFIG_DIR = Path("conf")
+
+
 def group_options(group: str) -> list[str]:
-    """The options of a config group: its YAML files, and for ``router`` every registered router."""
-    folder = config_dir() / group
-    options = {p.stem for p in folder.glob("*.yaml")} if folder.is_dir() else set()
+    """The options of a config group: its YAML files (packaged, and in ./conf), and for ``router``
+    every registered router."""
+    options = set()
+    for folder in (config_dir() / group, USER_CONFIG_DIR / group):
+        options |= {p.stem for p in folder.glob("*.yaml")} if folder.is_dir() else set()
     if group == "router":
         options |= set(ROUTERS)
     return sorted(options)
@@ -114,6 +121,8 @@ def split_hydra_args(argv: list[str]) -> list[str]:
     if len(modes) > 1:
         raise ConfigError(f"vrmoe train: {' and '.join(modes)} cannot be combined; use one of them "
                           "(e.g. vrmoe train -m K=1,2, or vrmoe train K=1 --cfg job)")
+    if args.shell_completion:  # `-sc install=bash`: Hydra's completion commands, not config overrides
+        return []
     return list(args.overrides)
 
 
@@ -248,6 +257,16 @@ def balance_weight_default(freeze: str) -> float:
     return 0.0 if str(freeze) == "backbone" else RouterConfig.load_balance_weight
 
 
+def default_samples(router_name: str) -> int:
+    """S when the command line gives none: the method's S for a router that averages routing
+    samples at evaluation (one sample is a single draw, not the method), 1 for the others."""
+    try:
+        averages = router_class(str(router_name)).Config().samples_at_eval()
+    except ConfigError:  # an unknown router is refused with its own line when the config is loaded
+        return 1
+    return AVERAGED_SAMPLES if averages else 1
+
+
 def register_resolvers() -> None:
     """The resolvers the YAML files use (registered once per process)."""
     if not OmegaConf.has_resolver("vrmoe_hf"):
@@ -259,6 +278,8 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("vrmoe_run_dir"):
         # A resumed run continues in its own directory instead of a new one.
         OmegaConf.register_new_resolver("vrmoe_run_dir", lambda resume, default: resume or default)
+    if not OmegaConf.has_resolver("vrmoe_default_samples"):
+        OmegaConf.register_new_resolver("vrmoe_default_samples", default_samples)
     if not OmegaConf.has_resolver("vrmoe_balance_weight"):
         OmegaConf.register_new_resolver("vrmoe_balance_weight", balance_weight_default)
     if not OmegaConf.has_resolver("vrmoe_job_dirname"):
@@ -268,6 +289,8 @@ def register_resolvers() -> None:
 def prepare_hydra() -> None:
     """Register what the configs need before Hydra composes them (in every process that composes)."""
     register_resolvers()
+    # ./conf is searched when it exists; most working directories have none, which is no news.
+    warnings.filterwarnings("ignore", message=r"provider=hydra\.searchpath in main, path=conf is not available")
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()

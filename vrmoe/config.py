@@ -27,11 +27,14 @@ class ModelConfig:
     # Which implementation builds the model (vrmoe.model.BACKBONES); the rest describes its shape.
     backbone: str = "native"
     vocab_size: int = 256
+    # Tokens per training window (model=hf: per fine-tuning prompt).
     seq_len: int = 128
     d_model: int = 128
     n_layers: int = 4
     n_heads: int = 4
+    # Routed experts per MoE layer.
     n_experts: int = 8
+    # Hidden width of each expert's MLP.
     expert_hidden: int = 256
     # Every `moe_every`-th block has an MoE feed-forward; 0 makes a dense model.
     moe_every: int = 1
@@ -55,11 +58,17 @@ class RouterConfig:
     k: int = 2
     # S: Monte-Carlo routing samples averaged (before Top-K) at evaluation.
     samples: int = 1
+    # Switch balance loss weight: 0.01, or 0 with train.freeze=backbone (the paper's post-hoc objective).
     load_balance_weight: float = 0.01
+    # Router z-loss weight (penalises large logits).
     z_loss_weight: float = 0.0
-    # Which MoE layers get this router: "all", or N for the last N MoE layers
-    # (the others keep deterministic Top-K).
-    layers: str = "all"
+    # Which MoE layers get this router: "all", N for the last N MoE layers, or a list of MoE layer
+    # indices counted from 0, the first MoE layer ([12], [0,8,16,24]); the others keep deterministic
+    # Top-K. Any: structured configs have no unions; __post_init__ and check() hold it to these forms.
+    layers: Any = "all"
+
+    def __post_init__(self) -> None:
+        self.layers = canonical_layers(self.layers)
 
     def check(self, model: ModelConfig) -> None:
         """Range checks of the shared keys; a router's own ``check`` extends this."""
@@ -68,8 +77,9 @@ class RouterConfig:
         _require(self.samples >= 1, f"S={self.samples} is out of range; it must be a positive integer")
         _require(self.load_balance_weight >= 0 and self.z_loss_weight >= 0,
                  "router.load_balance_weight and router.z_loss_weight must be >= 0")
-        _require(self.layers == "all" or (self.layers.isdigit() and int(self.layers) >= 1),
-                 f"router.layers={self.layers!r} must be 'all' or a positive integer N (the last N MoE layers)")
+        _require(layers_form_ok(self.layers),
+                 f"router.layers={layers_text(self.layers)} must be all, a positive integer N (the last N MoE "
+                 "layers) or a list of MoE layer indices, e.g. router.layers=[0,2]")
         if self.name != "topk":
             _require(model.moe_every > 0, f"router={self.name} needs MoE layers, but model.moe_every=0 builds none")
 
@@ -77,9 +87,46 @@ class RouterConfig:
         """Whether evaluation averages S routing samples, so that S changes its result and cost."""
         return False
 
+    def draws_at_eval(self) -> bool:
+        """Whether evaluation draws routes at random, so that the S single-sample passes of the
+        BMA and mutual information differ (a router that averages samples does too)."""
+        return self.samples_at_eval()
+
+    def knobs_read(self) -> set[str]:
+        """The top-level knobs this router reads: K always; S when evaluation draws routes; T and
+        beta when the router has the key they feed (``temperature``, ``beta``)."""
+        names = {f.name for f in fields(self)}
+        return ({"K"} | ({"S"} if self.draws_at_eval() else set())
+                | ({"T"} if "temperature" in names else set()) | ({"beta"} if "beta" in names else set()))
+
     def shared(self) -> dict[str, Any]:
         """The shared keys' values (what a Top-K router on the other layers takes)."""
         return {f.name: getattr(self, f.name) for f in fields(RouterConfig) if f.name != "name"}
+
+
+def canonical_layers(layers: Any) -> Any:
+    """``router.layers`` in the one form a run records: "all", N as a digit string (as runs have
+    always saved it, so a checkpoint compares equal on resume whether N came from the command
+    line as a number or from a record), or a plain list of indices. Anything else is left for
+    ``RouterConfig.check`` to refuse."""
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        return str(layers)
+    if isinstance(layers, (list, tuple)) or OmegaConf.is_list(layers):
+        return list(layers)
+    return layers
+
+
+def layers_form_ok(layers: Any) -> bool:
+    """Whether ``router.layers`` is "all", a positive N or a non-empty list of integers (the
+    indices are checked against the model's MoE layers where the model is built)."""
+    if isinstance(layers, list):
+        return bool(layers) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
+    return layers == "all" or (isinstance(layers, str) and layers.isdigit() and int(layers) >= 1)
+
+
+def layers_text(layers: Any) -> str:
+    """``router.layers`` as it is written on the command line (a list as ``[0,2]``)."""
+    return f"[{','.join(map(str, layers))}]" if isinstance(layers, list) else str(layers)
 
 
 @dataclass
@@ -136,6 +183,9 @@ class TrainConfig:
     # Under torchrun: ddp (DistributedDataParallel). fsdp (sharding a backbone too large for one device)
     # is not available yet.
     distributed: str = "ddp"
+    # A top-level knob (T, S, beta) given on the command line that the chosen router does not read is
+    # said in one line and recorded in summary.json; strict_knobs=true refuses the run instead.
+    strict_knobs: bool = False
     # What the job returns to a sweeper (the Optuna sweeper minimises or maximises it): val_loss, or a
     # metric of `vrmoe eval` (ece, mcq_ece, auroc_far, ...: vrmoe.eval.schema.METRICS) with eval.at_end=true.
     objective: str = "val_loss"
@@ -214,10 +264,16 @@ class EvalConfig:
 
 @dataclass
 class AppConfig:
+    # Experts per token (the model's own by default).
     K: int = 2
+    # Routing samples at evaluation: 8 for a router that averages them (variational, mc_dropout, swag), else 1.
     S: int = 1
+    # Routing temperature: every sampled routing distribution is softmax(l / T) (temperature,
+    # variational, mc_dropout, swag); T < 1 sharpens, T > 1 softens.
     T: float = 1.0
+    # Weight of the KL term (router=variational).
     beta: float = 0.01
+    # Seeds the weights, the batches and the routing noise.
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
@@ -229,6 +285,8 @@ class AppConfig:
 
 
 MAX_SEED = 1 << 40
+# S by default for a router that averages routing samples at evaluation (the study's S).
+AVERAGED_SAMPLES = 8
 HF_NAME_NEEDED = "model=hf needs model.hf_name=<hub id or local directory>"
 
 

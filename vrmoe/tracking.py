@@ -168,6 +168,36 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def software_versions() -> dict[str, str | None]:
+    """What made a run, for its summary.json: the versions of vrmoe, Python, torch and
+    transformers (None where not installed), and the git commit of vrmoe's source tree when it is
+    a checkout (``+dirty`` when it has uncommitted changes)."""
+    import platform
+    import subprocess
+    from importlib import metadata
+
+    def version(package: str) -> str | None:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return None
+
+    commit = None
+    source = Path(__file__).resolve().parent.parent
+    if (source / ".git").exists():
+        try:
+            run = lambda *args: subprocess.run(["git", *args], cwd=source, capture_output=True, text=True,  # noqa: E731
+                                               timeout=5)
+            head = run("rev-parse", "HEAD")
+            if head.returncode == 0:
+                dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
+                commit = head.stdout.strip() + ("+dirty" if dirty else "")
+        except (OSError, subprocess.SubprocessError):  # no git here: the versions still say a lot
+            commit = None
+    return {"vrmoe": version("vrmoe"), "python": platform.python_version(), "torch": version("torch"),
+            "transformers": version("transformers"), "git_commit": commit}
+
+
 def read_summary(run_dir: Path) -> dict[str, Any] | None:
     """A run's summary.json, or None when it is missing or unreadable."""
     return read_json(Path(run_dir) / SUMMARY_FILE)

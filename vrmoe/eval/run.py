@@ -11,6 +11,7 @@ written before any figure is drawn, and a figure that fails is reported and skip
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from ..compose import compose_over_saved
 from ..config import AppConfig, ConfigError, to_dict
 from ..console import log_line
 from ..device import resolve_device
+from ..knobs import ignored_knobs, ignored_message
 from ..tracking import EVAL_FILE, make_logger, read_summary, unwritable_reason, write_json
 from .context import EvalContext
 from .probes import ordered_probes
@@ -30,24 +32,27 @@ usage: vrmoe eval run=<run dir> [key=value ...]
 
 Calibration (next token, and 4-way multiple choice on the test split: the routing-mean pass,
 the mean of S single-sample passes (BMA) and temperature scaling fit on the calibration split),
-OOD detection (near: the validation
-prose with words shuffled in each sentence; far: Python source; plus eval.ood_text files),
-routing stability under embedding noise, the routing posterior's diagnostics and FLOPs of a trained run. Writes <run>/eval.json
-and PNG plots there.
+OOD detection (near: the validation prose with words shuffled in each sentence; far: Python
+source; plus eval.ood_text files and eval.ood_mcq datasets), routing stability under embedding
+noise, the routing posterior's diagnostics and FLOPs of a trained run. Writes <run>/eval.json
+and PNG plots there. Every key defaults to the run's own value.
 
-keys:
-  S=8                    routing samples at evaluation (averaged before Top-K; MI uses S passes)
-  T=0.7                  sampling temperature (router=temperature)
-  router.eval_mode=topk  sample | topk (router=temperature)
-  seed=0                 evaluation randomness
-  model=tiny             must match the checkpoint's model shape
+keys (default: the run's):
+  S=<n>                  routing samples at evaluation (averaged before Top-K; MI and the BMA
+                         use S passes); the run's, by default 8 for a router that averages them
+  T=<t>                  routing temperature (router=temperature, variational, mc_dropout, swag)
+  router.eval_mode=...   sample | topk (router=temperature, vtsr)
+  seed=<n>               evaluation randomness
+  model=<preset>         must match the checkpoint's model shape
   logger=none            skip the W&B mirror
-  train.device=cpu
-  eval.<key>=value       windows, mcq_items (items per set; null: all), calibration_items
-                         (temperature scaling's fit; null: all), predictive (routing_mean|bma|both),
-                         batch_size, ood_task (auto|lm|mcq), ood_text=[a.txt,b.txt],
-                         ood_mcq=[arc_easy,medmcqa:test] (data=mcq; a split after the colon),
-                         gammas=[0.001,0.01], stability_windows, stability_unmatched
+  train.device=<cpu|cuda>
+  eval.<key>=value       windows (64), mcq_items (items per set; null: all), calibration_items
+                         (temperature scaling's fit; null: all), predictive (both:
+                         routing_mean|bma|both), batch_size (16), ood_task (auto|lm|mcq),
+                         ood_text=[a.txt,b.txt], ood_mcq=[arc_easy,medmcqa:test] (data=mcq; a
+                         split after the colon), gammas (the paper's six), stability_windows (16),
+                         stability_unmatched (true)
+e.g. vrmoe eval run=outputs/<date>/<time>_variational S=32
 """
 
 # What `vrmoe eval` may change in a run's saved config (keys, and prefixes ending in ".").
@@ -56,13 +61,18 @@ EVAL_SETTINGS = ("S", "T", "seed", "router.eval_mode", "router.samples", "router
 
 
 def main(argv: list[str]) -> None:
-    if not argv or any(a in ("-h", "--help", "help") for a in argv):
+    if any(a in ("-h", "--help", "help") for a in argv):
         print(USAGE, end="")
         return
+    if not argv:  # a run to evaluate is needed: the usage, on stderr, as for any bad command line
+        print(USAGE, end="", file=sys.stderr)
+        sys.exit(2)
     run, overrides = parse_args(argv)
     distributed.start()  # under torchrun the ranks share the sets; rank 0 writes
     state = load_checkpoint(run, "run")
     app = compose_over_saved(state["config"], overrides, allowed=EVAL_SETTINGS, what="an evaluation setting")
+    if ignored := ignored_knobs(app.router, overrides):
+        log_line(f"[yellow]note:[/] {ignored_message(app.router, ignored, mention_strict=False)}")
     evaluate_run(Path(run), app, state=state)
     distributed.finish()
 

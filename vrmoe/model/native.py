@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ConfigError, ModelConfig, RouterConfig
+from ..config import ConfigError, ModelConfig, RouterConfig, layers_text
 from .backbone import ModelOutput, PerturbEmbeddings
 from .flops import FlopsBreakdown, attention_flops, swiglu_flops
 from .moe import MoELayer, build_moe
@@ -84,14 +84,34 @@ def moe_layer_indices(cfg: ModelConfig) -> list[int]:
 
 
 def router_layer_plan(n_moe_layers: int, router_cfg: RouterConfig) -> list[RouterConfig]:
-    """The router config of each MoE layer: ``router.layers=N`` gives the configured
-    router to the last N MoE layers and deterministic Top-K to the rest."""
-    if router_cfg.layers != "all" and int(router_cfg.layers) > n_moe_layers:
-        raise ConfigError(f"router.layers={router_cfg.layers} but the model has {n_moe_layers} MoE layer(s); "
-                          f"give a number up to {n_moe_layers}, or all")
-    n_chosen = n_moe_layers if router_cfg.layers == "all" else int(router_cfg.layers)
+    """The router config of each MoE layer: the configured router on the MoE layers that
+    ``router.layers`` chooses (all of them; the last N; or the listed indices, counted from 0 over
+    the MoE layers only, whichever blocks they sit in) and deterministic Top-K on the rest."""
     topk = router_class("topk").Config(**router_cfg.shared())
-    return [router_cfg if i >= n_moe_layers - n_chosen else topk for i in range(n_moe_layers)]
+    chosen = chosen_moe_layers(n_moe_layers, router_cfg.layers)
+    return [router_cfg if i in chosen else topk for i in range(n_moe_layers)]
+
+
+def chosen_moe_layers(n_moe_layers: int, layers: str | list[int]) -> set[int]:
+    """The indices of the MoE layers ``router.layers`` gives the router to, checked against the
+    model's MoE layer count (its form is checked with the config)."""
+    given = layers_text(layers)
+    if isinstance(layers, list):
+        for i in layers:
+            if not 0 <= i < n_moe_layers:
+                raise ConfigError(f"router.layers={given} lists MoE layer {i} but the model has {n_moe_layers} MoE "
+                                  f"layer(s); list indices from 0 to {n_moe_layers - 1}")
+        repeated = sorted({i for i in layers if layers.count(i) > 1})
+        if repeated:
+            raise ConfigError(f"router.layers={given} lists MoE layer {repeated[0]} more than once (the model has "
+                              f"{n_moe_layers} MoE layer(s)); list each index once, e.g. "
+                              f"router.layers={layers_text(sorted(set(layers)))}")
+        return set(layers)
+    if layers != "all" and int(layers) > n_moe_layers:
+        raise ConfigError(f"router.layers={given} but the model has {n_moe_layers} MoE layer(s); "
+                          f"give a number up to {n_moe_layers}, or all")
+    n_chosen = n_moe_layers if layers == "all" else int(layers)
+    return set(range(n_moe_layers - n_chosen, n_moe_layers))
 
 
 class MoETransformer(nn.Module):

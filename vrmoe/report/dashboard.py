@@ -20,7 +20,7 @@ from ..tracking import atomic_write_text, unwritable_reason
 from ..eval import schema
 from .compare import (Comparison, add_selection_arguments, compare, display_cell, display_columns,
                       is_numeric_column)
-from .runs import Run
+from .runs import Run, differing_overrides
 
 # (kind, caption, plotly figure): kind tags the page section, caption names it in the page's menu.
 DashboardFigure = tuple[str, str, Any]
@@ -73,15 +73,20 @@ def utilisation_figures(runs: Sequence[Run], colours: Colours) -> list[Dashboard
     from ..plots import last_utilisation
 
     figures: list[DashboardFigure] = []
-    for run in runs:
-        util = last_utilisation(run.rows)
-        if util is None:
-            continue
-        layers, util_LE = util
+    shares = [(run, util) for run in runs if (util := last_utilisation(run.rows)) is not None]
+    # One colour scale for every run, so equal colours mean equal shares: centred on the uniform
+    # share 1/E when the runs share E, from 0 to the largest share otherwise.
+    uniforms = {1.0 / util_LE.shape[1] for _, (_, util_LE) in shares}
+    if len(uniforms) == 1:
+        uniform = uniforms.pop()
+        spread = max([float(abs(util_LE - uniform).max()) for _, (_, util_LE) in shares] + [1e-6])
+        zmin, zmax = uniform - spread, uniform + spread
+    else:
+        zmin, zmax = 0.0, max(float(util_LE.max()) for _, (_, util_LE) in shares)
+    for run, (layers, util_LE) in shares:
         uniform = 1.0 / util_LE.shape[1]
-        spread = max(float(abs(util_LE - uniform).max()), 1e-6)
         fig = go.Figure(go.Heatmap(z=util_LE.tolist(), x=[str(e) for e in range(util_LE.shape[1])], y=layers,
-                                   colorscale="RdBu_r", zmin=uniform - spread, zmax=uniform + spread,
+                                   colorscale="RdBu_r", zmin=zmin, zmax=zmax,
                                    colorbar=dict(title="share"), text=[[f"{v:.3f}" for v in row] for row in util_LE],
                                    texttemplate="%{text}", hovertemplate="%{y} expert %{x}: %{z:.4f}<extra></extra>"))
         fig.update_yaxes(autorange="reversed")  # first layer on top, as in the PNG
@@ -268,10 +273,21 @@ def _figure_html(fig, include_plotlyjs: bool) -> str:
                        config={"displaylogo": False, "responsive": True})
 
 
+def label_by_differences(comparison: Comparison) -> None:
+    """Name each run, in the legends and the table, by the overrides that differ between the runs
+    (``router=variational, beta=0.1``) when those tell every run apart; by its path otherwise."""
+    labels = differing_overrides(comparison.runs)
+    if len(labels) < 2 or not all(labels) or len(set(labels)) != len(labels):
+        return
+    for run, record, label in zip(comparison.runs, comparison.records, labels):
+        run.label = record["run"] = label
+
+
 def write_dashboard(paths: Sequence[str | Path], out: str | Path, title: str = "vrmoe runs",
                     sort: str | None = None, filters: Sequence[str] = ()) -> tuple[Path, int]:
     """Write the HTML report; return its path and the number of plots in it."""
     comparison = compare(paths, sort=sort, filters=filters)
+    label_by_differences(comparison)
     figures = dashboard_figures(comparison.runs)
     parts, nav = [], []
     for i, (kind, caption, fig) in enumerate(figures):

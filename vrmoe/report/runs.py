@@ -104,6 +104,17 @@ def load_runs(paths: Sequence[str | Path]) -> list[Run]:
 # What a run was trained with
 # ---------------------------------------------------------------------------
 
+def differing_overrides(runs: Sequence[Run]) -> list[str]:
+    """Each run's overrides whose values differ between the runs (a key some runs lack counts),
+    as ``key=value, ...`` in the order the runs give them; "" for a run with none of them."""
+    values = [override_values(run) for run in runs]
+    keys: list[str] = []
+    for run_values in values:
+        keys += [key for key in run_values if key not in keys]
+    differing = [key for key in keys if len({run_values.get(key) for run_values in values}) > 1]
+    return [", ".join(f"{key}={run_values[key]}" for key in differing if key in run_values) for run_values in values]
+
+
 def override_values(run: Run) -> dict[str, str]:
     """The run's command-line overrides as key -> value text (``+key`` counts as ``key``)."""
     values: dict[str, str] = {}

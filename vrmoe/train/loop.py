@@ -28,15 +28,28 @@ from .. import distributed
 from ..data.batches import derived_seed
 from ..device import resolve_device
 from ..distributed import DistEnv
+from ..knobs import check_knobs, ignored_message
 from ..model import build_model, build_tokenizer
 from ..model.backbone import Backbone
+from ..model.routers import Router
 from ..plots import log_utilisation_image, write_run_plots
 from ..tasks import Task, build_task
 from ..tracking import (CHECKPOINT_FILE, METRICS_FILE, SUMMARY_FILE, NullRecorder, RunLock, RunRecorder,
-                        make_logger, remove_stale_temporaries)
+                        make_logger, remove_stale_temporaries, software_versions)
 from .memory import memory_line, training_memory
 from .meter import IntervalMeter
 from .step import Diverged, TrainStep, make_optimizer
+
+
+def reloadable_from_base(model: Backbone, frozen: set[str], trained: set[str], freeze: str) -> set[str]:
+    """What a post-hoc checkpoint need not copy: frozen weights, which reload from the base
+    (model.hf_name, train.init_from). A router's buffers are stored all the same: a router may
+    update its own (SWAG's moments) while everything else is frozen."""
+    if freeze != "backbone":
+        return set()
+    router_buffers = {f"{name}.{buffer}" for name, module in model.named_modules() if isinstance(module, Router)
+                      for buffer, _ in module.named_buffers()}
+    return frozen - trained - router_buffers
 
 
 def train(app: AppConfig, run_dir: Path, overrides: list[str] | None = None,
@@ -131,6 +144,7 @@ class TrainingRun:
         if corpus.tokenizer.vocab_size > app.model.vocab_size:
             raise ConfigError(f"model.vocab_size={app.model.vocab_size} is smaller than the tokenizer's "
                               f"{corpus.tokenizer.vocab_size} tokens; set model.vocab_size={corpus.tokenizer.vocab_size}")
+        ignored = check_knobs(app.router, overrides, app.train.strict_knobs)
         task = build_task(app, corpus)
         model = build_model(app, training=True)
         # Parameter names that came from elsewhere (a pretrained checkpoint, another run): what
@@ -172,7 +186,10 @@ class TrainingRun:
             "params_trainable": memory["params_trainable"], "memory": memory,
             "unigram_entropy": corpus.unigram_entropy(), "device": str(device),
             "train_tokens": len(corpus.train), "val_tokens": len(corpus.val), "config": config,
+            "versions": software_versions(),
         }
+        if ignored:  # knobs the router does not read: on record, and said below
+            summary["ignored_knobs"] = ignored
         recorder.write_summary(summary)
         if here.enabled:
             summary["world_size"] = here.world_size
@@ -182,10 +199,12 @@ class TrainingRun:
         (log_line if here.is_main else _quiet)(f"[bold]{app.router.name}[/] router, {counts['total'] / 1e6:.2f}M params "
                  f"({counts['active'] / 1e6:.2f}M active), {app.data.name}: {len(corpus.train) / 1e6:.2f}M train "
                  f"tokens, unigram entropy {summary['unigram_entropy']:.3f} nats, device {device}, run dir {run_dir}")
+        if ignored:
+            (log_line if here.is_main else _quiet)(f"[yellow]note:[/] {ignored_message(app.router, ignored)}")
         wall_before = float(resume.get("wall_time_s", 0.0)) if resume else 0.0
         trained = {name for name, p in model.named_parameters() if p.requires_grad}
         checkpointer = Checkpointer(run_dir, app, frozen, wall_before, device,
-                                    reloadable=frozen - trained if app.train.freeze == "backbone" else set())
+                                    reloadable=reloadable_from_base(model, frozen, trained, app.train.freeze))
         return cls(app, run_dir, device, corpus, task, model, optimizer, start_step, checkpointer, recorder, summary,
                    make_progress(app.train.max_steps, start_step, quiet=not here.is_main), here,
                    resume.get("interval") if resume is not None else None, lock)

@@ -17,7 +17,10 @@ one YAML file in ``conf/router/``. The class owns everything about itself:
   (``Routing.uncertainty_T``) as an OOD score, or None;
 * ``Config.samples_at_eval()``: whether evaluation averages S routing samples;
 * ``bench_variants``: the configurations ``vrmoe bench`` measures;
-* ``head_outputs(u)``: its heads' outputs, if it has heads (the bench's training floor).
+* ``bench_targets``: the overheads ``vrmoe bench`` holds it to (a ratio, or a floor it measures);
+* ``head_outputs(u)``: its heads' outputs, if it has heads (the bench's training floor);
+* ``posthoc_trained_parameters()``: the loaded weights its post-hoc method trains (SWAG's gate),
+  which ``train.freeze=backbone`` then leaves trainable.
 
 Routers that average S routing samples share :class:`SoftmaxMean`: the samples are drawn and
 turned into routing distributions a chunk at a time and only their running sum is kept, so
@@ -37,7 +40,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from ...config import ConfigError, RouterConfig
+from ...config import ConfigError, ModelConfig, RouterConfig
 from ...distributed import sum_over_ranks, world_size
 from ..flops import SOFTMAX_FLOPS_PER_CLASS, linear_flops
 
@@ -72,6 +75,13 @@ class Router(nn.Module):
     uncertainty_signal: ClassVar[str | None] = None
     #: What ``vrmoe bench`` measures: label -> router overrides (beyond ``router=<name>``).
     bench_variants: ClassVar[dict[str, list[str]] | None] = None
+    #: What ``vrmoe bench`` holds the router to on a CPU, measurement -> target: a ratio it must stay
+    #: at or below, or a floor the bench measures in the same rounds, "heads" (Top-K's training step
+    #: plus the forward and backward of this router's heads alone) or "normals" (evaluation at S = 1
+    #: plus drawing the S x T x E standard normals alone). Measurements: "layer train" and "model
+    #: train" (the training step over Top-K's, at one MoE layer with E <= 16 and over a whole model),
+    #: "eval" (evaluation with S samples over S = 1) and "memory" (its peak memory, S over 1).
+    bench_targets: ClassVar[dict[str, float | str]] = {"model train": 1.03, "memory": 1.10}
     #: A router that averages S samples returns them in ``Routing.sample_probs_STE`` only when
     #: this is True (set it on the instance); by default it keeps only their running mean.
     keep_samples: bool = False
@@ -96,6 +106,13 @@ class Router(nn.Module):
         """The outputs of the router's own heads (its layers besides the gate) for ``u_TD``: the
         matmuls its training step adds to Top-K's, which ``vrmoe bench`` times alone as the
         router's training floor. A router without heads has none."""
+        return []
+
+    def posthoc_trained_parameters(self) -> list[nn.Parameter]:
+        """Parameters that come from the base model (``train.init_from``, a pretrained checkpoint)
+        and still train under ``train.freeze=backbone``. Routers whose post-hoc method is new heads
+        on the frozen gate have none; a router whose method trains the gate itself (SWAG, over the
+        gate's weights) names it."""
         return []
 
     def topk_flops_per_token(self) -> float:
@@ -260,14 +277,17 @@ class SoftmaxMean:
     through the mean.
     """
 
-    def __init__(self, n_samples: int, keep: bool = False):
+    def __init__(self, n_samples: int, keep: bool = False, temperature: float = 1.0):
         self.n_samples = n_samples
+        # Every sample's distribution is softmax(l_s / T) (the routing temperature; T = 1 divides nothing).
+        self.temperature = temperature
         self.sum_ET: torch.Tensor | None = None  # sample chunks: the running sum over samples
         self.token_sums_XE: list[torch.Tensor] = []  # token chunks: each chunk's sum over samples
         self.kept: list[torch.Tensor] | None = [] if keep else None
 
     def add_samples(self, logits_CET: torch.Tensor) -> None:
         """C more samples of every token, as logits (C, E, T) (any strides)."""
+        logits_CET = tempered(logits_CET, self.temperature)
         sum_ET = logits_CET.softmax(1).sum(0) if self.kept is None else self._kept(logits_CET.softmax(1)).sum(0)
         if self.sum_ET is None:
             self.sum_ET = sum_ET
@@ -278,7 +298,7 @@ class SoftmaxMean:
 
     def add_tokens(self, logits_XES: torch.Tensor) -> None:
         """All S samples of the next X tokens, as logits (X, E, S) (any strides)."""
-        probs_XES = logits_XES.softmax(1)
+        probs_XES = tempered(logits_XES, self.temperature).softmax(1)
         self.token_sums_XE.append((probs_XES if self.kept is None else self._kept(probs_XES)).sum(-1))
 
     def _kept(self, probs: torch.Tensor) -> torch.Tensor:
@@ -299,6 +319,25 @@ class SoftmaxMean:
         if self.token_sums_XE:
             return torch.cat(self.kept).permute(2, 0, 1)
         return torch.cat(self.kept).transpose(1, 2)
+
+
+def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / T``; at T = 1 the logits themselves, so the numbers are those of no temperature."""
+    return logits if temperature == 1.0 else logits / temperature
+
+
+@dataclass
+class TemperedConfig(RouterConfig):
+    """The keys of a router that samples routing distributions at a temperature: T sharpens
+    (T < 1) or softens (T > 1) every routing distribution it samples, ``softmax(l / T)``."""
+
+    # T: the routing temperature.
+    temperature: float = 1.0
+
+    def check(self, model: ModelConfig) -> None:
+        super().check(model)
+        if not self.temperature > 0:
+            raise ConfigError(f"T={self.temperature} is out of range; it must be > 0")
 
 
 def topk_overlap(ids_TK: torch.Tensor, reference_TE: torch.Tensor) -> torch.Tensor:

@@ -6,28 +6,28 @@ from dataclasses import dataclass
 
 import torch
 
-from ...config import ConfigError, ModelConfig, RouterConfig
+from ...config import ConfigError, ModelConfig
 from ..flops import GUMBEL_FLOPS_PER_CLASS, SOFTMAX_FLOPS_PER_CLASS, linear_flops
-from .base import Router, Routing, expert_softmax, gumbel_perturbed, register_router, topk_overlap
+from .base import (Router, Routing, TemperedConfig, expert_softmax, gumbel_perturbed, register_router,
+                   topk_overlap)
 
 
 @dataclass
-class TemperatureConfig(RouterConfig):
+class TemperatureConfig(TemperedConfig):
     name: str = "temperature"
-    # T: the sampling temperature.
-    temperature: float = 1.0
     # sample (Gumbel-top-K at evaluation too) or topk (deterministic evaluation).
     eval_mode: str = "sample"
 
     def check(self, model: ModelConfig) -> None:
         super().check(model)
-        if not self.temperature > 0:
-            raise ConfigError(f"T={self.temperature} is out of range; it must be > 0")
         if self.eval_mode not in ("sample", "topk"):
             raise ConfigError(f"router.eval_mode={self.eval_mode!r} must be sample or topk")
 
     def samples_at_eval(self) -> bool:
         return False  # one Gumbel draw per pass at most: S routing samples are never averaged
+
+    def draws_at_eval(self) -> bool:
+        return self.eval_mode == "sample"  # S single-sample passes for the BMA and mutual information
 
 
 @register_router

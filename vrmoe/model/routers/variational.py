@@ -9,16 +9,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...config import ConfigError, ModelConfig, RouterConfig
+from ...config import ConfigError, ModelConfig
 from ..flops import SOFTMAX_FLOPS_PER_CLASS, linear_flops
-from .base import (Router, Routing, SoftmaxMean, check_head_ratio, expert_softmax, register_router, renormalised_topk,
-                   token_chunks, topk_overlap, zero_init_head)
+from .base import (Router, Routing, SoftmaxMean, TemperedConfig, check_head_ratio, expert_softmax, register_router,
+                   renormalised_topk, tempered, token_chunks, topk_overlap, zero_init_head)
 
 MAX_FULL_COVARIANCE_EXPERTS = 64
 
 
 @dataclass
-class VariationalConfig(RouterConfig):
+class VariationalConfig(TemperedConfig):
     name: str = "variational"
     # beta: weight of the KL term.
     beta: float = 0.01
@@ -75,8 +75,8 @@ class LogitPosterior:
             noise_STE = (self.chol_TEE * eps_STE.unsqueeze(-2)).sum(-1)
         return self.mean_TE + noise_STE
 
-    def mean_softmax(self, n_samples: int, keep: bool = False) -> SoftmaxMean:
-        """``mean_s softmax(l_s)`` over S reparameterised samples, drawn and averaged a chunk of
+    def mean_softmax(self, n_samples: int, keep: bool = False, temperature: float = 1.0) -> SoftmaxMean:
+        """``mean_s softmax(l_s / T)`` over S reparameterised samples, drawn and averaged a chunk of
         tokens at a time (see :class:`SoftmaxMean`): the same distribution as
         ``sample(S).softmax(-1).mean(0)``, without S x T x E numbers alive at once.
 
@@ -84,7 +84,7 @@ class LogitPosterior:
         per token, ``mean + L eps`` is one batched matmul (each token's E x E factor times its S
         draws), and the softmax over E and the mean over S read contiguous samples."""
         n_tokens, n_experts = self.mean_TE.shape
-        acc = SoftmaxMean(n_samples, keep)
+        acc = SoftmaxMean(n_samples, keep, temperature)
         track = torch.is_grad_enabled() and self.mean_TE.requires_grad
         mean_TE1 = self.mean_TE.unsqueeze(-1)
         scale_TE1 = self.log_scale_TE.exp().unsqueeze(-1) if self.chol_TEE is None else None
@@ -150,6 +150,9 @@ class VariationalRouter(Router):
     bench_variants = {"variational diag": ["router.covariance=diag"], "variational full": ["router.covariance=full"],
                       "variational diag, shared hidden": ["router.covariance=diag", "router.shared_hidden=true"],
                       "variational full, shared hidden": ["router.covariance=full", "router.shared_hidden=true"]}
+    # Held to what it cannot go below on a CPU: its heads in training, torch's one-at-a-time normal
+    # draws at evaluation (both measured; see the README's Performance section).
+    bench_targets = {**Router.bench_targets, "layer train": "heads", "model train": "heads", "eval": "normals"}
 
     def __init__(self, d_model: int, n_experts: int, cfg: VariationalConfig):
         super().__init__(d_model, n_experts, cfg)
@@ -218,9 +221,9 @@ class VariationalRouter(Router):
         post = self.posterior(u_TD)
         sample_probs_STE = None
         if self.training:  # one reparameterised sample, differentiable
-            probs_TE = expert_softmax(post.sample(1)[0])
+            probs_TE = expert_softmax(tempered(post.sample(1)[0], self.cfg.temperature))
         else:
-            mean = post.mean_softmax(self.cfg.samples, keep=self.keep_samples)
+            mean = post.mean_softmax(self.cfg.samples, keep=self.keep_samples, temperature=self.cfg.temperature)
             probs_TE, sample_probs_STE = mean.mean_TE(), mean.samples_STE()
         ids_TK, gates_TK = renormalised_topk(probs_TE, self.k)
         trace_T = post.trace_T()

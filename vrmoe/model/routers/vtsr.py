@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ...config import ConfigError, ModelConfig, RouterConfig
-from ..flops import SOFTMAX_FLOPS_PER_CLASS, linear_flops
+from ..flops import GUMBEL_FLOPS_PER_CLASS, SOFTMAX_FLOPS_PER_CLASS, linear_flops
 from .base import (Router, Routing, check_head_ratio, expert_softmax, gumbel_perturbed, inverse_softplus,
                    register_router, topk_overlap, zero_init_head)
 
@@ -23,6 +23,9 @@ class VTSRConfig(RouterConfig):
     # T(u) = softplus(head(u)) + min_temperature.
     min_temperature: float = 0.05
     head_hidden_ratio: float = 0.25
+    # sample: K experts drawn by Gumbel-top-K from softmax(l / T(u)) at evaluation too (the paper's
+    # Sample-K); topk: deterministic Top-K of l / T(u), which with one T per token is Top-K of l.
+    eval_mode: str = "sample"
 
     def check(self, model: ModelConfig) -> None:
         super().check(model)
@@ -31,12 +34,22 @@ class VTSRConfig(RouterConfig):
         if self.temperature_reg < 0:
             raise ConfigError(f"router.temperature_reg={self.temperature_reg} must be >= 0")
         check_head_ratio(self.head_hidden_ratio)
+        if self.eval_mode not in ("sample", "topk"):
+            raise ConfigError(f"router.eval_mode={self.eval_mode!r} must be sample or topk")
+
+    def samples_at_eval(self) -> bool:
+        return False  # one Gumbel draw per pass: S routing samples are never averaged within a pass
+
+    def draws_at_eval(self) -> bool:
+        return self.eval_mode == "sample"  # S single-sample passes for the BMA and mutual information
 
 
 @register_router
 class VTSRRouter(Router):
     """Variational temperature sampling: a head predicts ``T_phi(u) = softplus(.) + min_temperature``
-    (one per token, or one per expert with ``router.per_expert_temperature=true``), starting at 1.
+    (one per token, or one per expert with ``router.per_expert_temperature=true``), starting at 1;
+    K experts are drawn by Gumbel-top-K from ``softmax(l / T_phi)``, at evaluation too unless
+    ``router.eval_mode=topk``.
 
     Training samples K experts by Gumbel-top-K on ``l / T_phi``. The gates the experts see are the
     softmax over the selected scaled logits; their gradient is taken straight through from the
@@ -45,10 +58,14 @@ class VTSRRouter(Router):
     gate is the constant 1). ``temperature_reg * mean(-log T_phi)`` keeps T from collapsing, and
     ``min_temperature`` is a hard floor.
 
-    Evaluation is a single deterministic pass: Top-K on ``l / T_phi``, gates as in training. With
-    one temperature per token this selects the same experts as Top-K on ``l`` and T_phi only
-    reshapes the gates and the routing distribution; per-expert temperatures can change the
-    selection. The learned temperature itself is the uncertainty signal (``uncertainty_T``).
+    Evaluation with ``router.eval_mode=sample`` (the default, the paper's Sample-K) draws K experts
+    the same way, one draw per pass: S is not averaged within a pass, and evaluation's BMA and
+    mutual information come from S single-sample passes, as for ``router=temperature``.
+    ``eval_mode=topk`` is one deterministic pass, Top-K on ``l / T_phi``: with one temperature per
+    token that selects the same experts as Top-K on ``l`` (T_phi then only reshapes the gates and
+    the routing distribution; per-expert temperatures can change the selection), so sampling is
+    what lets VTSR route differently from the deterministic router. Gates are as in training. The
+    learned temperature itself is the uncertainty signal (``uncertainty_T``).
     """
 
     name = "vtsr"
@@ -81,7 +98,8 @@ class VTSRRouter(Router):
             relaxed_TK = expert_softmax(perturbed_TE).gather(-1, ids_TK)
             gates_TK = hard_TK.detach() + (relaxed_TK - relaxed_TK.detach())  # value hard, gradient relaxed
         else:
-            ids_TK = scaled_TE.topk(self.k, dim=-1).indices
+            choose_from_TE = gumbel_perturbed(scaled_TE) if self.cfg.eval_mode == "sample" else scaled_TE
+            ids_TK = choose_from_TE.topk(self.k, dim=-1).indices
             gates_TK = expert_softmax(scaled_TE.gather(-1, ids_TK))
         aux = (self.balance_terms(logits_TE, probs_TE, ids_TK)
                + self.cfg.temperature_reg * (-temperature_TX.log()).mean())
@@ -92,7 +110,9 @@ class VTSRRouter(Router):
                        uncertainty_T=temperature.mean(-1))
 
     def flops_per_token(self, samples: int) -> float:
-        # Evaluation is one deterministic pass: the temperature head, softplus, and l / T.
+        # One pass whatever S: the temperature head, softplus, l / T and, in sample mode, the Gumbel
+        # draw (GUMBEL_FLOPS_PER_CLASS counts the division by T too, counted here already).
         e = self.n_experts
-        return linear_flops(self.gate) + self.head_flops_per_token() + 2 * e + SOFTMAX_FLOPS_PER_CLASS * e \
-            + 2 * self.k
+        sampling = (GUMBEL_FLOPS_PER_CLASS - 1) * e if self.cfg.eval_mode == "sample" else 0
+        return linear_flops(self.gate) + self.head_flops_per_token() + 2 * e + sampling \
+            + SOFTMAX_FLOPS_PER_CLASS * e + 2 * self.k
