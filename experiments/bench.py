@@ -4,7 +4,7 @@
     python experiments/bench.py --threads 1 2        # the CPU rows once per thread count
     python experiments/bench.py --skip-train         # without the 60-step training run
 
-Writes ``<out>/bench.md`` (the tables, for the README) and ``<out>/bench.json`` (every
+Writes ``<out>/bench.md`` (the tables, for docs/performance.md) and ``<out>/bench.json`` (every
 number), default ``outputs/bench/<date>_<time>``. On top of the quick bench it measures:
 
 * every ``vrmoe bench`` section (the router overheads at E = 8, 16 and 64 included, and the

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper's recipe on a pretrained MoE language model, step by step (README, "The paper's recipe"):
+# The paper's recipe on a pretrained MoE language model, step by step (docs/pretrained.md, "The paper's recipe"):
 #   1. fine-tune the pretrained model on OpenBookQA until it is over-confident (every weight trains),
 #      and evaluate it: Top-K, and Top-K with temperature scaling fit on the calibration split;
 #   2. fit variational routers post hoc on the calibration split, mean-field and full covariance

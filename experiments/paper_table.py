@@ -5,7 +5,7 @@
     python experiments/paper_table.py --quick    # a CI-sized smoke version of both
     python experiments/paper_table.py --gpu      # the same protocol at gpt_small size on a CUDA GPU
 
-Design (see the README's "What holds and what does not"):
+Design (see docs/results.md, "What holds and what does not"):
 
 * **Three disjoint item splits** (``task=mcq``): fine-tuning items from the training text;
   calibration and test items from the two halves of the validation text, which neither the
@@ -57,7 +57,7 @@ from vrmoe.tracking import EVAL_FILE, read_json
 FORMATS = ("cloze", "letter")
 INVOCATIONS_FILE = "invocations.json"
 # The sweeps run where the over-confident regime appears at this scale (the letter format is not
-# learned by a d=64 model: its Top-K accuracy stays near chance, see the README).
+# learned by a d=64 model: its Top-K accuracy stays near chance, see docs/results.md).
 SWEEP_FORMAT = "cloze"
 SWEEP_SEEDS = 3
 

@@ -2,7 +2,7 @@
 from their published configurations (experiments/paper_models/*/config.json) on PyTorch's meta
 device: nothing is downloaded and no weight is allocated.
 
-    python experiments/recipe_memory.py            # a markdown table (the README's)
+    python experiments/recipe_memory.py            # a markdown table (docs/pretrained.md's)
 
 The rules are vrmoe's own (``vrmoe.model.load_dtype``, ``vrmoe.train.memory``): fine-tuning every
 weight under train.precision=bf16 keeps fp32 master weights, fp32 gradients and AdamW's two fp32

@@ -145,8 +145,9 @@ def test_bad_input_is_one_line_with_no_traceback_and_no_run_dir(tmp_path, args, 
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
     for word in words:
         assert word in err
-    # No run dir is left behind: neither records nor Hydra's own .hydra folder.
+    # No run dir is left behind: neither records nor Hydra's own .hydra folder, nor outputs/<date>/.
     assert not list(tmp_path.rglob("summary.json")) and not list(tmp_path.rglob(".hydra"))
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_empty_data_file_is_refused(tmp_path):
@@ -200,7 +201,20 @@ def test_a_diverging_run_stops_as_diverged_with_a_finite_checkpoint(tmp_path):
     state = load_checkpoint(tmp_path / "run", "run")
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     rows = _rows(tmp_path / "run")
-    assert all(math.isfinite(r["train/loss"]) for r in rows)  # skipped steps are counted, not averaged in
+    # Skipped steps are counted, not averaged in; an interval of skipped steps only measured no loss:
+    # null, never 0.0, in the log and in the summary, and a blank in vrmoe compare.
+    assert [(r["step"], r.get("skipped_steps")) for r in rows] == [(1, None), (2, None), (3, 1), (4, 1)]
+    assert all(math.isfinite(r["train/loss"]) and r["train/loss"] > 1 for r in rows[:2])
+    assert [(r["train/loss"], r["train/aux_loss"]) for r in rows[2:]] == [(None, None), (None, None)]
+    assert summary["final_train_loss"] is None and summary["final_val_loss"] == rows[1]["val/loss"]
+    from vrmoe.report.compare import compare, render
+
+    train(make_config(*TINY, "train.max_steps=2"), tmp_path / "healthy")
+    import csv
+
+    table = csv.DictReader(render(compare([tmp_path / "run", tmp_path / "healthy"]), "csv").splitlines())
+    assert {Path(r["path"]).name: r["train_loss"] for r in table} == {
+        "run": "", "healthy": str(_rows(tmp_path / "healthy")[-1]["train/loss"])}
     evaluation = run_cli("eval", f"run={tmp_path / 'run'}", cwd=tmp_path, check=False)
     assert evaluation.returncode == 2 and "diverged" in evaluation.stderr and not (tmp_path / "run" / "eval.json").exists()
 

@@ -1,7 +1,7 @@
 """``vrmoe bench``: performance ratios on the current device, as one table.
 
     vrmoe bench                        # about four minutes on 2 CPU cores
-    vrmoe bench --format markdown      # the same table, for the README
+    vrmoe bench --format markdown      # the same table, for docs/performance.md
     vrmoe bench --tiny                 # tiny shapes and one repeat: a smoke test in seconds
     vrmoe bench --only width           # the variational router against Top-K at D = 256 to 2048
 
@@ -933,7 +933,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     "Mixtral block, the Bayesian routers' training and S-sample evaluation overheads, and on CUDA "
                     "the GPU layer shapes and the MFU of model=gpt_small. Ratios come from interleaved rounds.")
     parser.add_argument("--format", choices=("table", "markdown"), default="table",
-                        help="a rich table (default) or a markdown table for the README")
+                        help="a rich table (default) or a markdown table for docs/performance.md")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes and one repeat (a smoke test)")
     parser.add_argument("--repeats", type=int, default=None, help=f"timed rounds per contender (default {QUICK.repeats})")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

@@ -2,13 +2,16 @@
 
 A checkpoint is one ``checkpoint.pt`` in the run dir, written atomically, holding the
 model and optimiser state, the step, the RNG state, the resolved config, the names of
-frozen parameters and the wall time so far. Every problem a user can cause (a missing,
-corrupt or foreign file, another model shape or router) is a one-line ConfigError.
+frozen parameters, the wall time so far and a SHA-256 ``checksum`` of all of it, checked on
+every load (a checkpoint written before checksums has none and loads unchecked). Every
+problem a user can cause (a missing, corrupt, altered or foreign file, another model shape
+or router) is a one-line ConfigError.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -28,8 +31,45 @@ _SHAPE_FREE_FIELDS = {"name", "dropout", "dispatch", "seq_len"}
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Atomic: a run killed mid-save keeps its previous checkpoint intact."""
+    """Atomic: a run killed mid-save keeps its previous checkpoint intact. The state's checksum goes
+    in with it, so a later change of its bytes (a disk or a copy that flips them while torch still
+    reads the file) is caught on load."""
+    state = {**state, "checksum": state_checksum(state)}
     atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def state_checksum(state: dict[str, Any]) -> str:
+    """SHA-256 of a checkpoint's content (every tensor's dtype, shape and bytes, every other value),
+    its own ``checksum`` entry left out. Computed on the loaded objects rather than the file's
+    bytes, so it can be stored inside the file it covers."""
+    digest = hashlib.sha256()
+    _feed(digest, {k: v for k, v in state.items() if k != "checksum"})
+    return digest.hexdigest()
+
+
+def _feed(digest: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())  # the raw bytes of any dtype (bf16 included)
+    elif isinstance(value, dict):
+        digest.update(b"{%d" % len(value))
+        for key, item in value.items():
+            _feed(digest, key)
+            _feed(digest, item)
+    elif isinstance(value, (list, tuple)):
+        digest.update(b"[%d" % len(value))
+        for item in value:
+            _feed(digest, item)
+    elif isinstance(value, (set, frozenset)):  # iteration order differs between processes
+        digest.update(b"<" + ",".join(sorted(repr(v) for v in value)).encode() + b">")
+    elif value is None or isinstance(value, (str, bytes, int, float, bool)):
+        digest.update(repr(value).encode() + b";")
+    else:  # another object: its repr may hold an address that differs on every load
+        digest.update(f"<{type(value).__qualname__}>".encode())
+
+
+CHECKSUM_MISMATCH = "does not match its checksum (its bytes changed after it was saved)"
 
 
 def checkpoint_paths(run_dir: Path) -> list[Path]:
@@ -42,12 +82,17 @@ def checkpoint_paths(run_dir: Path) -> list[Path]:
 
 def load_checkpoint(run_dir: str | Path, key: str) -> dict[str, Any]:
     """Read a run's newest readable checkpoint (falling back to an older one, with a warning, when
-    the newest is unreadable); ``key`` is the config key that named the run (for the message)."""
+    the newest is unreadable); ``key`` is the config key that named the run (for the message).
+    A checkpoint that does not match its checksum is refused: weights other than those saved
+    would be evaluated or built on."""
     return read_newest_checkpoint(run_dir, key)[0]
 
 
-def read_newest_checkpoint(run_dir: str | Path, key: str) -> tuple[dict[str, Any], list[Path]]:
-    """:func:`load_checkpoint`, and the newer checkpoints it had to pass over as unreadable."""
+def read_newest_checkpoint(run_dir: str | Path, key: str,
+                           resuming: bool = False) -> tuple[dict[str, Any], list[Path]]:
+    """:func:`load_checkpoint`, and the newer checkpoints it had to pass over as unreadable.
+    ``resuming``: a checkpoint that does not match its checksum is passed over like an unreadable
+    one (the run continues from the one before), not refused."""
     path = Path(run_dir).expanduser()
     if path.is_file():
         if path.suffix != ".pt":
@@ -72,13 +117,20 @@ def read_newest_checkpoint(run_dir: str | Path, key: str) -> tuple[dict[str, Any
             problems.append(f"{candidate.name} is not a vrmoe checkpoint")
             unreadable.append(candidate)
             continue
+        if "checksum" in state and state_checksum(state) != state["checksum"]:
+            if not resuming:
+                raise ConfigError(f"{key}={run_dir}: {candidate} {CHECKSUM_MISMATCH}; restore it from a copy, "
+                                  "or re-run the training that wrote it")
+            problems.append(f"{candidate.name} {CHECKSUM_MISMATCH}")
+            unreadable.append(candidate)
+            continue
         if problems:
             log_line(f"[yellow]warning:[/] {'; '.join(problems)}; using {candidate.name} (step {state.get('step')})")
         break
     else:
         raise ConfigError(f"{key}={run_dir}: {'; '.join(problems)}; re-run the training that wrote it")
     if int(state.get("version", 1)) < 2:
-        state["config"] = _config_from_v1(state["config"])
+        state["config"] = config_from_v1(state["config"])
     return state, unreadable
 
 
@@ -92,7 +144,7 @@ def set_aside_unreadable(paths: list[Path]) -> None:
         log_line(f"[yellow]warning:[/] moved the unreadable {path.name} aside to {aside.name}")
 
 
-def _config_from_v1(config: dict[str, Any]) -> dict[str, Any]:
+def config_from_v1(config: dict[str, Any]) -> dict[str, Any]:
     """Version 1 kept every router's keys in every router section (keep the router's own) and
     knew one backbone (the native one)."""
     router = dict(config.get("router", {}))
@@ -275,5 +327,5 @@ class Checkpointer:
 
 
 __all__ = ["CHECKPOINT_VERSION", "save_checkpoint", "load_checkpoint", "read_newest_checkpoint",
-           "set_aside_unreadable", "shape_mismatch", "load_weights_from_run",
+           "set_aside_unreadable", "state_checksum", "shape_mismatch", "load_weights_from_run",
            "load_run_weights", "check_resumable", "freeze_loaded", "restore_rng", "Checkpointer"]

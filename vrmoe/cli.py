@@ -108,7 +108,7 @@ def train_main(argv: list[str]) -> None:
     if here.enabled:
         if any(a in ("-m", "--multirun") for a in argv):
             fail("vrmoe train -m cannot run under torchrun; launch each multi-process job of a sweep "
-                 "with hydra/launcher=slurm (see README, Clusters)")
+                 "with hydra/launcher=slurm_ddp (see docs/distributed.md)")
         if not here.is_main:  # one writer: only rank 0 records Hydra's config
             argv = [*argv, "hydra.output_subdir=null"]
     prepare_hydra()

@@ -19,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -26,8 +27,8 @@ from .config import AVERAGED_SAMPLES, HF_NAME_NEEDED, AppConfig, ConfigError, Ro
 from .data.corpora import CORPORA
 from .model.routers import ROUTERS, router_class
 from .tasks import TASKS
-from .checkpoint import checkpoint_paths
-from .tracking import CHECKPOINT_FILE, SUMMARY_FILE, unwritable_reason
+from .checkpoint import checkpoint_paths, config_from_v1
+from .tracking import CHECKPOINT_FILE, SUMMARY_FILE, holds_run_records, read_json, unwritable_reason
 
 CONFIG_GROUPS = ("model", "router", "data", "train", "logger", "task", "eval", "experiment", "hparams_search")
 # Where each router's typed schema is stored for Hydra; a router's YAML extends it with
@@ -192,7 +193,8 @@ def check_overrides(overrides: list[str]) -> None:
             _check_router_key(key, value, chosen_routers)
         _check_type(parsed, key, schema[key])
         if key == "train.resume" and value not in ("", "null"):
-            if not checkpoint_paths(Path(value).expanduser()):
+            # A run stopped before its first checkpoint still has its records: it starts again there.
+            if not checkpoint_paths(Path(value).expanduser()) and not holds_run_records(Path(value).expanduser()):
                 raise ConfigError(f"train.resume={value}: no {CHECKPOINT_FILE} there; "
                                   "point it at the run dir of an interrupted run")
     # A fresh run never takes over a dir that holds a run: refused before Hydra writes its record there.
@@ -355,7 +357,8 @@ def compose_over_saved(saved: dict[str, Any] | AppConfig, overrides: Iterable[st
         if allowed and not any(key == a or (a.endswith(".") and key.startswith(a)) for a in allowed):
             raise ConfigError(f"{key}={value}: not {what}; allowed: {', '.join(allowed)}")
         if key in CONFIG_GROUPS:
-            node = OmegaConf.load(config_dir() / key / f"{value}.yaml")
+            packaged = config_dir() / key / f"{value}.yaml"
+            node = OmegaConf.load(packaged if packaged.is_file() else USER_CONFIG_DIR / key / f"{value}.yaml")
             cfg[key] = {k: v for k, v in OmegaConf.to_container(node).items() if k != "defaults"}
             continue
         parsed = OmegaConf.from_dotlist([item])
@@ -365,5 +368,55 @@ def compose_over_saved(saved: dict[str, Any] | AppConfig, overrides: Iterable[st
     return load_config(OmegaConf.to_container(cfg))
 
 
+def saved_run_config(run_dir: str | Path) -> dict[str, Any] | None:
+    """The config a run was made with, read from its run dir: its newest loadable checkpoint's (only
+    the config is read: tensors are mapped, not loaded), else its summary.json's, else Hydra's
+    record (.hydra/config.yaml) of a run stopped before it wrote either; None when there is none."""
+    run_dir = Path(run_dir).expanduser()
+    for path in checkpoint_paths(run_dir) if run_dir.is_dir() else []:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except Exception:  # unreadable: the next one, as a resume does
+            continue
+        if isinstance(state, dict) and isinstance(state.get("config"), dict):
+            return state["config"] if int(state.get("version", 1)) >= 2 else config_from_v1(state["config"])
+    config = (read_json(run_dir / SUMMARY_FILE) or {}).get("config")
+    if isinstance(config, dict):
+        return config
+    record = run_dir / ".hydra" / "config.yaml"
+    if record.is_file():
+        try:
+            return to_dict(load_config(OmegaConf.load(record)))
+        except Exception:  # a damaged record: as if there were none
+            return None
+    return None
+
+
+# Overrides that cannot be applied to a saved config key by key: presets that set keys anywhere,
+# and Hydra's additions and deletions.
+_COMPOSED_ONLY = ("+", "~", "experiment=", "hparams_search=")
+
+
+def load_job_config(cfg: DictConfig, overrides: list[str]) -> AppConfig:
+    """The config of a ``vrmoe train`` job. A resume (``train.resume=<dir>``) takes the config its
+    run was made with from the run dir (:func:`saved_run_config`) with the
+    command line's overrides on top, so the command a run prints to resume it runs as printed,
+    without the run's own overrides; a key given is then checked against the run like any other
+    (the resume refuses a change of what it trains). A resume whose run dir holds no config, or
+    whose overrides only Hydra can apply (``experiment=``, ``+key``), takes Hydra's composition."""
+    resume = OmegaConf.select(cfg, "train.resume")
+    saved = saved_run_config(resume) if resume else None
+    if saved is None or any(o.startswith(_COMPOSED_ONLY) for o in overrides):
+        return load_config(cfg)
+    saved_router = str(saved.get("router", {}).get("name", RouterConfig.name))
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key == "router" and value != saved_router:  # another router's section is not this run's to merge
+            raise ConfigError(f"train.resume={resume}: the run was made with another model or router "
+                              f"(router={saved_router}); resume with its own config")
+    return compose_over_saved(saved, [o for o in overrides if not o.startswith("router=")])
+
+
 __all__ = ["CONFIG_GROUPS", "config_dir", "group_options", "load_config", "from_dict", "split_hydra_args",
-           "check_overrides", "schema_keys", "prepare_hydra", "compose_config", "compose_over_saved", "KNOB_KEYS"]
+           "check_overrides", "schema_keys", "prepare_hydra", "compose_config", "compose_over_saved", "load_job_config",
+           "saved_run_config", "KNOB_KEYS"]

@@ -1,6 +1,6 @@
 """``vrmoe cost``: each router's FLOPs over Top-K's at the shapes of real MoE models, counted.
 
-    vrmoe cost experiments/paper_models        # every config.json under it: the README's tables
+    vrmoe cost experiments/paper_models        # every config.json under it: docs/results.md's tables
     vrmoe cost path/to/model_dir --samples 1 8 32
 
 Each model is built from its ``config.json`` alone on PyTorch's meta device (shapes only: no

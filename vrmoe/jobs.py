@@ -20,7 +20,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from . import distributed
-from .compose import load_config, prepare_hydra
+from .compose import load_job_config, prepare_hydra
 from .config import AppConfig, ConfigError
 from .console import fail, log_line, out_of_memory_message
 from .train.step import Diverged
@@ -46,7 +46,7 @@ def train_job(cfg: DictConfig) -> float:
     try:
         if multirun:  # a multi-task job of a Slurm/submitit sweep runs data-parallel
             distributed.start_in_job()
-        value = run_job(load_config(cfg), run_dir, overrides, group=group, run_name=run_name)
+        value = run_job(load_job_config(cfg, overrides), run_dir, overrides, group=group, run_name=run_name)
         distributed.finish()
         return value
     except ConfigError as exc:
@@ -175,17 +175,51 @@ class SweepReport(Callback):
 
 
 def interrupted_message(run_dir: Path, cfg: DictConfig) -> str:
-    """What Ctrl-C leaves: a checkpoint to resume from, or (stopped before the first one) nothing,
-    in which case the empty run dir goes too."""
+    """What Ctrl-C leaves: a checkpoint to resume from; a run stopped before its first checkpoint,
+    which the same command starts again in place; or (stopped before the run wrote anything)
+    nothing, in which case the empty run dir goes too."""
     if (run_dir / CHECKPOINT_FILE).exists():
         return f"interrupted; resume with: vrmoe train train.resume={run_dir}"
+    if (run_dir / SUMMARY_FILE).exists():
+        return f"interrupted before the first checkpoint; start it again with: vrmoe train train.resume={run_dir}"
     _drop_empty_run_dir(run_dir, cfg)
     return "interrupted before the first checkpoint; nothing to resume"
 
 
 def _drop_empty_run_dir(run_dir: Path, cfg: DictConfig) -> None:
-    """A run refused at validation leaves no directory behind (only a fresh one, never a resumed one)."""
+    """A run refused at validation leaves no directory behind (only a fresh one, never a resumed one):
+    neither its run dir nor the empty folders above it that its command created (outputs/<date>/)."""
     if OmegaConf.select(cfg, "train.resume"):
         return
     if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra"}:
         shutil.rmtree(run_dir, ignore_errors=True)
+    existed = RunDirRecord.existed
+    if existed is None or run_dir.exists():
+        return
+    folder = run_dir.absolute().parent
+    while folder != existed and existed in folder.parents:
+        try:
+            folder.rmdir()  # only an empty one: a run started beside it keeps it
+        except OSError:
+            return
+        folder = folder.parent
+
+
+class RunDirRecord(Callback):
+    """Before Hydra makes a run's dir (``hydra.run.dir``, with any missing folders above it): the
+    deepest of those folders that exists already, so that a refused run removes only the folders
+    its own command created."""
+
+    existed: Path | None = None
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        try:
+            folder = Path(str(config.hydra.run.dir)).absolute()
+        except Exception:  # a run dir that does not resolve is refused by Hydra itself
+            return
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        RunDirRecord.existed = folder
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        RunDirRecord.existed = None  # a sweep's jobs record their failures; no folder is removed

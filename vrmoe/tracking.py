@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -72,6 +73,13 @@ def unwritable_reason(folder: Path) -> str | None:
     return None
 
 
+def holds_run_records(run_dir: Path) -> bool:
+    """Whether a run started in ``run_dir`` (its summary.json, or Hydra's record of its config),
+    checkpoint or not."""
+    run_dir = Path(run_dir)
+    return (run_dir / SUMMARY_FILE).is_file() or (run_dir / ".hydra" / "config.yaml").is_file()
+
+
 def remove_stale_temporaries(run_dir: Path) -> list[Path]:
     """Temporary files that writers killed mid-write left in ``run_dir`` (their process is gone)."""
     removed = []
@@ -95,11 +103,17 @@ def pid_alive(pid: int) -> bool:
 
 class RunLock:
     """One writer per run dir: ``.vrmoe.lock`` holds the writer's pid and host. A second writer is
-    refused; a lock whose process is gone (a killed run) is taken over."""
+    refused; a lock without a live owner (its process on this host is gone, or the file is empty
+    or unreadable: a crash or a full disk while it was written) is taken over."""
+
+    # How long an unreadable lock is given to become readable: another writer may be between
+    # creating it and writing its owner (older versions created it empty, then wrote).
+    SETTLE_S = 1.0
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / LOCK_FILE
         self.held = False
+        self.took_over: str | None = None
 
     def owner(self) -> dict[str, Any] | None:
         return read_json(self.path)
@@ -112,24 +126,66 @@ class RunLock:
         owner = self.owner() or {}
         return owner.get("host") == socket.gethostname() and not pid_alive(int(owner.get("pid", 0) or 0))
 
+    def stale_reason(self) -> str | None:
+        """Why the lock has no live owner (it may be taken over), or None when it has one or when it
+        is held on another host (whose processes cannot be seen from here)."""
+        import time
+
+        deadline = time.monotonic() + self.SETTLE_S
+        owner = self.owner()
+        while owner is None and self.path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+            owner = self.owner()
+        if owner is None:
+            try:
+                empty = self.path.stat().st_size == 0
+            except OSError:  # removed meanwhile: free to take
+                return "it was removed"
+            return f"its {LOCK_FILE} was {'empty' if empty else 'unreadable'}"
+        pid = owner.get("pid")
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+            return f"its {LOCK_FILE} names no process"
+        if owner.get("host") == socket.gethostname() and not pid_alive(pid):
+            return f"its process (pid {pid}) is gone"
+        return None
+
     def acquire(self) -> bool:
-        """Take the lock; False when another live process holds it. True also means a stale lock
-        was taken over (``self.took_over``)."""
-        self.took_over = False
+        """Take the lock; False when another live process holds it. True also means a lock without
+        a live owner was taken over (``self.took_over`` says why)."""
+        self.took_over = None
         for _ in range(2):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                self._create()
             except FileExistsError:
-                if not self.stale():
+                reason = self.stale_reason()
+                if reason is None:
                     return False
                 self.path.unlink(missing_ok=True)
-                self.took_over = True
+                self.took_over = reason
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump({"pid": os.getpid(), "host": socket.gethostname()}, f)
             self.held = True
             return True
         return False
+
+    def _create(self) -> None:
+        """Create the lock with its owner already written (a hard link of a complete file), so no
+        other writer ever reads it empty; where links are not supported, create it, then write."""
+        owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
+        tmp = self.path.with_name(f"{self.path.name}{TMP_MARK}{os.getpid()}")
+        try:
+            tmp.write_text(owner, encoding="utf-8")
+            try:
+                os.link(tmp, self.path)
+                return
+            except FileExistsError:
+                raise
+            except OSError:  # a filesystem without hard links
+                pass
+        finally:
+            tmp.unlink(missing_ok=True)
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        with os.fdopen(fd, "w") as f:
+            f.write(owner)
 
     def release(self) -> None:
         if self.held:
@@ -218,6 +274,34 @@ def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], bool]:
         except json.JSONDecodeError:
             complete = False
     return rows, complete
+
+
+def metrics_rows(run_dir: Path, up_to_step: int) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows of a run's metrics.jsonl, and where the damaged lines at or before ``up_to_step`` were
+    ("step 3", or "after step 2" when the line's own step cannot be read). A damaged line after
+    that step (the one a kill cut short) is left out without a word: the run logs it again."""
+    path = Path(run_dir) / METRICS_FILE
+    rows: list[dict[str, Any]] = []
+    damaged: list[str] = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+            continue
+        # Rows are written step first: a line cut short usually still names its step.
+        head = re.match(r'\s*\{\s*"step"\s*:\s*(\d+)\s*[,}]', line)
+        before = rows[-1]["step"] if rows else 0
+        if head is not None:
+            if int(head.group(1)) <= up_to_step:
+                damaged.append(f"step {int(head.group(1))}")
+        elif before < up_to_step:
+            damaged.append(f"after step {before}")
+    return rows, damaged
 
 
 class Logger(Protocol):
@@ -332,9 +416,15 @@ class RunRecorder:
         path = self.run_dir / METRICS_FILE
         if resume_after_step is not None and path.exists():
             # Rows logged after the checkpoint will be produced again: drop them.
-            rows, _ = read_metrics(self.run_dir)
+            rows, damaged = metrics_rows(self.run_dir, resume_after_step)
             kept = "".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= resume_after_step)
             atomic_write_text(path, kept)
+            if damaged:  # they cannot be produced again: the log keeps a gap, and says so
+                from .console import log_line
+
+                log_line(f"[yellow]warning:[/] {METRICS_FILE} had {len(damaged)} damaged row(s) at or before the "
+                         f"checkpoint's step {resume_after_step} ({', '.join(damaged)}); dropped them, the log "
+                         "has a gap there")
         elif path.exists():
             path.unlink()
         self._file = open(path, "a", encoding="utf-8")

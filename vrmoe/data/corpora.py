@@ -172,7 +172,8 @@ def text_documents(path_str: str) -> list[tuple[str, str]]:
 
 def looks_binary(raw: bytes, sample: int = 8192) -> bool:
     """A NUL byte, or more than 10% of undecodable bytes, in the first ``sample`` bytes: a file
-    that would train on replacement characters rather than on text."""
+    that would be read as replacement characters rather than text. The one test of what is text,
+    for the corpus (``data.path``) and for evaluation's OOD files (``eval.ood_text``)."""
     head = raw[:sample]
     if b"\x00" in head:
         return True

@@ -49,7 +49,7 @@ from .. import distributed
 from ..checkpoint import load_run_weights
 from ..config import AppConfig, ConfigError, DataConfig
 from ..data.batches import eval_batches
-from ..data.corpora import Corpus, load_corpus
+from ..data.corpora import Corpus, load_corpus, looks_binary
 from ..data.mcq_datasets import (MCQQuestion, LetterTensors, check_split, encode_questions, load_questions,
                                  split_entry)
 from ..data.mcq import (MCQTensors, build_items, item_len, shuffle_words_within_sentences, split_text,
@@ -88,8 +88,8 @@ class ScoredSet:
 
 
 def check_eval_inputs(app: AppConfig) -> None:
-    """Refuse missing or empty OOD files, and a local OOD dataset's missing split, before any work
-    (and before training, with eval.at_end)."""
+    """Refuse missing, empty or binary OOD files, and a local OOD dataset's missing split, before any
+    work (and before training, with eval.at_end)."""
     for entry in app.eval.ood_mcq:
         name, split, _ = split_entry(entry, app.data.mcq_eval_split)
         check_split(name, split, f"eval.ood_mcq: {entry}")
@@ -99,9 +99,12 @@ def check_eval_inputs(app: AppConfig) -> None:
             raise ConfigError(f"eval.ood_text: {path_str} is not a file; give text files, "
                               "e.g. eval.ood_text=[notes.txt]")
         try:
-            text = path.read_text(encoding="utf-8", errors="replace")
+            raw = path.read_bytes()
         except OSError as exc:
             raise ConfigError(f"eval.ood_text: cannot read {path_str}: {exc.strerror}") from None
+        if looks_binary(raw):  # the same test as data.path: scoring replacement characters measures nothing
+            raise ConfigError(f"eval.ood_text: {path_str} is not UTF-8 text (it looks binary); give a text file")
+        text = raw.decode("utf-8", errors="replace")
         if not text.strip():
             raise ConfigError(f"eval.ood_text: {path_str} is empty; give a file with text in it")
 

@@ -21,6 +21,7 @@ import torch
 from ..checkpoint import (Checkpointer, check_resumable, checkpoint_paths, freeze_loaded, keep_trained_in_fp32,
                           load_run_weights, load_weights_from_run, read_newest_checkpoint, restore_rng,
                           set_aside_unreadable)
+from ..compose import saved_run_config
 from ..config import AppConfig, ConfigError, to_dict
 from ..console import console, log_line
 from ..data.corpora import Corpus, load_corpus
@@ -35,7 +36,7 @@ from ..model.routers import Router
 from ..plots import log_utilisation_image, write_run_plots
 from ..tasks import Task, build_task
 from ..tracking import (CHECKPOINT_FILE, METRICS_FILE, SUMMARY_FILE, NullRecorder, RunLock, RunRecorder,
-                        make_logger, remove_stale_temporaries, software_versions)
+                        make_logger, read_summary, remove_stale_temporaries, software_versions)
 from .memory import memory_line, training_memory
 from .meter import IntervalMeter
 from .step import Diverged, TrainStep, make_optimizer
@@ -138,8 +139,14 @@ class TrainingRun:
         here = distributed.env()
         device = distributed.device_for(here, resolve_device(app.train.device))
         distributed.check_batch(here, app.train.batch_size)
-        resume, unreadable = read_newest_checkpoint(app.train.resume, "train.resume") if app.train.resume else (None, [])
+        # A run stopped before its first checkpoint (interrupted while it set up, or killed while it
+        # wrote that checkpoint) starts again from step 0 in place: the same config, the same records.
+        restart = bool(app.train.resume) and restarts_from_scratch(Path(app.train.resume).expanduser())
+        resume, unreadable = (read_newest_checkpoint(app.train.resume, "train.resume", resuming=True)
+                              if app.train.resume and not restart else (None, []))
         overridden = check_resumable(resume, app) if resume is not None else []
+        if restart:
+            overridden = check_resumable({"config": saved_run_config(app.train.resume), "step": 0}, app)
         corpus = load_corpus(app.data, min_tokens=app.model.seq_len + 2, tokenizer=build_tokenizer(app))
         if corpus.tokenizer.vocab_size > app.model.vocab_size:
             raise ConfigError(f"model.vocab_size={app.model.vocab_size} is smaller than the tokenizer's "
@@ -168,7 +175,10 @@ class TrainingRun:
         if here.enabled:  # each rank draws its own routing noise, continued the same way on any resume
             torch.manual_seed(derived_seed(app.seed, RANK_STREAM + here.rank * app.train.max_steps + start_step))
 
-        lock = claim_run_dir(run_dir, resuming=resume is not None) if here.is_main else None
+        lock = claim_run_dir(run_dir, resuming=resume is not None or restart) if here.is_main else None
+        if restart and here.is_main:
+            log_line(f"[yellow]note:[/] {run_dir} holds no checkpoint (the run stopped before its first one was "
+                     "written); starting the run again from step 0")
         if here.is_main:  # before the first save, which would move them over the checkpoint resumed from
             set_aside_unreadable([path for path in unreadable if path.parent.resolve() == run_dir.resolve()])
         config = to_dict(app)
@@ -223,11 +233,13 @@ class TrainingRun:
             return
         if validated:
             log_utilisation_image(self.recorder.logger, self.run_dir, row["moe"], row["step"])
-        self.progress.update(self.progress.task_ids[0], completed=row["step"], loss=self.last_train,
+        self.progress.update(self.progress.task_ids[0], completed=row["step"],
+                             loss=float("nan") if self.last_train is None else self.last_train,
                              tps=row["tokens_per_s"])
         if self.progress.disable:
             val_part = f" val/loss {self.last_val:.4f}" if validated else ""
-            log_line(f"step {row['step']}/{self.app.train.max_steps} loss {self.last_train:.4f}{val_part} "
+            train_part = "-" if self.last_train is None else f"{self.last_train:.4f}"  # every step skipped
+            log_line(f"step {row['step']}/{self.app.train.max_steps} loss {train_part}{val_part} "
                      f"lr {row['lr']:.2e} {row['tokens_per_s']:.0f} tok/s")
 
     def finish(self, status: str, step: int) -> None:
@@ -252,6 +264,17 @@ class TrainingRun:
                      f"in {self.summary['wall_time_s']:.0f}s -> {self.run_dir}")
 
 
+def restarts_from_scratch(run_dir: Path) -> bool:
+    """Whether ``train.resume`` names a run that holds no checkpoint (at most the temporary file of
+    one that a kill cut short) but has its records and config: such a run is started again. Not a
+    run that ended (completed, or diverged), whose records would be written over."""
+    if not run_dir.is_dir() or checkpoint_paths(run_dir):
+        return False
+    if (read_summary(run_dir) or {}).get("status") in ("completed", "diverged"):
+        return False
+    return saved_run_config(run_dir) is not None
+
+
 def claim_run_dir(run_dir: Path, resuming: bool) -> RunLock:
     """Make the run dir this process's alone before anything is written: it must be writable, no
     other live run may hold it, and a fresh run never writes over another run's records."""
@@ -267,7 +290,8 @@ def claim_run_dir(run_dir: Path, resuming: bool) -> RunLock:
         raise ConfigError(f"the run dir {run_dir} is in use by another run (pid {owner.get('pid')} on "
                           f"{owner.get('host')}); wait for it, or choose another hydra.run.dir")
     if lock.took_over:
-        log_line(f"[yellow]note:[/] took over {run_dir} from a run that was killed")
+        log_line(f"[yellow]note:[/] took over the run dir {run_dir} from a run that no longer holds it "
+                 f"({lock.took_over})")
     held = [name for name in (SUMMARY_FILE, METRICS_FILE, CHECKPOINT_FILE) if (run_dir / name).exists()]
     if held and not resuming:
         lock.release()

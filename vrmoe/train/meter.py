@@ -62,8 +62,11 @@ class IntervalMeter:
         elapsed = time.perf_counter() - self.started
         n = max(self.steps, 1)
         extra = {"skipped_steps": self.skipped} if self.skipped else {}
+        # An interval of skipped steps only measured no loss: null, never a 0 that reads as a perfect fit.
+        measured = self.steps > 0
         row: dict[str, Any] = {
-            "step": step, "train/loss": float(self.loss_sum / n), "train/aux_loss": float(self.aux_sum / n),
+            "step": step, "train/loss": float(self.loss_sum / n) if measured else None,
+            "train/aux_loss": float(self.aux_sum / n) if measured else None,
             "tokens_per_s": (self.steps + self.skipped) * self.tokens_per_step / max(elapsed, 1e-9),
             "moe": {name: {k: (v / n).cpu().tolist() for k, v in s.items()}
                     for name, s in zip(self.layer_names, self.stat_sums or [])},

@@ -34,7 +34,7 @@ def main(argv: list[str]) -> None:
 
     parser = CommandParser(prog="vrmoe routers", description="The registered routers (router=<name>), their own "
                            "keys and defaults, whether they average S samples at evaluation, and their OOD signals.")
-    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown (the README's)")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown (README.md and docs/routers.md)")
     args = parser.parse_args(argv)
     rows = router_rows()
     if args.markdown:

@@ -176,7 +176,7 @@ class MCDropoutRouter(Router):
     name = "mc_dropout"
     Config = MCDropoutConfig
     # The exact sparse sampler's bookkeeping in PyTorch operations measured 1.26-1.36x on two
-    # threads (README, Performance): its floor short of a fused kernel.
+    # threads (docs/performance.md): its floor short of a fused kernel.
     bench_targets = {**Router.bench_targets, "eval": 1.40}
 
     def forward(self, u_TD: torch.Tensor) -> Routing:

@@ -151,7 +151,7 @@ class VariationalRouter(Router):
                       "variational diag, shared hidden": ["router.covariance=diag", "router.shared_hidden=true"],
                       "variational full, shared hidden": ["router.covariance=full", "router.shared_hidden=true"]}
     # Held to what it cannot go below on a CPU: its heads in training, torch's one-at-a-time normal
-    # draws at evaluation (both measured; see the README's Performance section).
+    # draws at evaluation (both measured; see docs/performance.md).
     bench_targets = {**Router.bench_targets, "layer train": "heads", "model train": "heads", "eval": "normals"}
 
     def __init__(self, d_model: int, n_experts: int, cfg: VariationalConfig):
