@@ -107,3 +107,13 @@ def test_posthoc_heads_train_on_the_papers_objective_unless_told_otherwise():
     posthoc = ("router=variational", "train.freeze=backbone", "train.init_from=somewhere")
     assert make_config(*posthoc).router.load_balance_weight == 0.0
     assert make_config(*posthoc, "router.load_balance_weight=0.05").router.load_balance_weight == 0.05
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["router=swag", "train.max_steps=10"], "router.swag_start=50 is not below train.max_steps=10: no iterate would"),
+    (["eval.mcq_items=0"], "eval.mcq_items=0 must be a positive integer, or null (the default)"),
+])
+def test_a_value_that_would_do_nothing_or_too_little_is_one_line(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        make_config(*overrides)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)

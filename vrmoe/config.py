@@ -295,11 +295,6 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _given(value: Optional[int]) -> int:
-    """A count where null means "all" or a default: range-checked only when given."""
-    return 1 if value is None else value
-
-
 def validate(c: AppConfig) -> None:
     """Range checks; each failure names the key and what is allowed. The router checks its own
     keys; the names of routers, corpora and tasks are checked against their registries where
@@ -328,6 +323,11 @@ def validate(c: AppConfig) -> None:
     _require(c.beta >= 0, f"beta={c.beta} is out of range; it must be >= 0")
     c.router.check(m)
     _require(t.max_steps >= 1, f"train.max_steps={t.max_steps} must be a positive integer")
+    # SWAG collects nothing before its warm-up ends: a run that never gets there is Top-K in disguise.
+    swag_start = getattr(c.router, "swag_start", None)
+    _require(swag_start is None or swag_start < t.max_steps,
+             f"router.swag_start={swag_start} is not below train.max_steps={t.max_steps}: no iterate would be "
+             "collected and evaluation would be plain Top-K; lower router.swag_start or train more steps")
     _require(t.batch_size >= 1, f"train.batch_size={t.batch_size} must be a positive integer")
     _require(t.lr > 0, f"train.lr={t.lr} must be > 0")
     _require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
@@ -356,11 +356,12 @@ def validate(c: AppConfig) -> None:
              "data=mcq needs data.mcq_name=<openbookqa, arc_easy, ..., a hub id, a directory or a .jsonl file>")
     _require(not c.eval.ood_mcq or d.name == "mcq",
              "eval.ood_mcq compares multiple-choice datasets; it needs data=mcq data.mcq_name=...")
-    for key, value in (("task.train_items", _given(c.task.train_items)), ("task.val_items", _given(c.task.val_items)),
-                       ("eval.windows", c.eval.windows), ("eval.mcq_items", _given(c.eval.mcq_items)),
-                       ("eval.batch_size", c.eval.batch_size), ("eval.stability_windows", c.eval.stability_windows),
-                       ("eval.calibration_items", _given(c.eval.calibration_items))):
+    for key, value in (("eval.windows", c.eval.windows), ("eval.batch_size", c.eval.batch_size),
+                       ("eval.stability_windows", c.eval.stability_windows)):
         _require(value >= 1, f"{key}={value} must be a positive integer")
+    for key, value in (("task.train_items", c.task.train_items), ("task.val_items", c.task.val_items),
+                       ("eval.mcq_items", c.eval.mcq_items), ("eval.calibration_items", c.eval.calibration_items)):
+        _require(value is None or value >= 1, f"{key}={value} must be a positive integer, or null (the default)")
     _require(c.task.format in ("auto", "cloze", "letter"),
              f"task.format={c.task.format!r} must be auto, cloze or letter")
     _require(c.task.resolved_format(d) == "letter" or d.name != "mcq",
