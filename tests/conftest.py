@@ -71,3 +71,30 @@ def interrupt_after_first_checkpoint(app, run_dir: Path, monkeypatch) -> None:
     with pytest.raises(KeyboardInterrupt):
         train(app, run_dir)
     monkeypatch.setattr(checkpoint_module, "save_checkpoint", original)
+
+
+def run_injected(code: str, *args: str, cwd: Path, wait: bool = True):
+    """``vrmoe <args>`` in a fresh process with a fault injected by ``code`` (run before the command):
+    the finished process, or with ``wait=False`` the running one (stdout and stderr to pipes)."""
+    script = f"{code}\nfrom vrmoe.cli import main\nmain({list(args)!r})\n"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true"}
+    if wait:
+        return subprocess.run([sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True, env=env,
+                              timeout=600)
+    return subprocess.Popen([sys.executable, "-c", script], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def run_in_process(*args: str, cwd: Path, capsys, monkeypatch) -> tuple[int, str]:
+    """``vrmoe <args>`` in this process (so a test can patch what it calls): its exit code and stderr."""
+    from vrmoe.cli import main
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # `vrmoe train` hands Hydra its command line there
+    capsys.readouterr()
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    return code, capsys.readouterr().err

@@ -118,3 +118,88 @@ def test_evaluation_sharded_over_two_ranks_gives_the_one_process_numbers(tmp_pat
     assert b["ood"]["far"]["auroc"] == pytest.approx(a["ood"]["far"]["auroc"], abs=1e-9)
     assert len(b["ood"]["scores"]["in"]["predictive_entropy"]) == len(a["ood"]["scores"]["in"]["predictive_entropy"])
     assert b["stability"]["jaccard"]["mean"] == pytest.approx(a["stability"]["jaccard"]["mean"], abs=1e-6)
+
+
+# `vrmoe train` that receives SIGINT (Ctrl-C) as the training step INTERRUPT_AT_STEP (0-based) begins,
+# on rank 0 (or the one process): that step finishes, is checkpointed, and the run stops.
+INTERRUPT_SCRIPT = """
+import os, signal, sys
+from vrmoe.cli import main
+from vrmoe.train import step as step_module
+
+original = step_module.TrainStep.__call__
+
+def signalled(self, step, forward):
+    if os.environ.get("RANK", "0") == "0" and step == int(os.environ["INTERRUPT_AT_STEP"]):
+        os.kill(os.getpid(), signal.SIGINT)
+    return original(self, step, forward)
+
+step_module.TrainStep.__call__ = signalled
+main(sys.argv[1:])
+"""
+# Rows at steps 3 and 6; the interrupt checkpoints step 4, so the row at 6 (steps 4-6) straddles it.
+STRADDLE = [*RUN, "train.max_steps=6", "train.log_every=3", "train.eval_every=6", "train.ckpt_every=100"]
+INTERRUPT_AT = {"INTERRUPT_AT_STEP": "3"}
+
+
+def without_time(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in rows(run_dir)]
+
+
+def interrupted(root: Path, name: str, nproc: int) -> Path:
+    """A run of STRADDLE stopped by SIGINT after step 4, with ``nproc`` ranks (1: one process)."""
+    script = root / "interrupt.py"
+    script.write_text(INTERRUPT_SCRIPT)
+    args = ["train", *STRADDLE, f"hydra.run.dir={name}"]
+    if nproc > 1:
+        proc = torchrun(*args, cwd=root, nproc=nproc, script=str(script), env=INTERRUPT_AT)
+    else:
+        proc = subprocess.run([sys.executable, str(script), *args], cwd=root, capture_output=True, text=True,
+                              timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1", **INTERRUPT_AT})
+    assert proc.returncode != 0 and "interrupted" in proc.stderr, proc.stderr
+    run = root / name
+    assert [r["step"] for r in rows(run)] == [3]
+    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+    return run
+
+
+@pytest.fixture(scope="module")
+def two_rank_straddle(tmp_path_factory) -> tuple[Path, Path]:
+    """The uninterrupted 2-rank run, and the same run interrupted mid-interval (its checkpoint at step 4)."""
+    root = tmp_path_factory.mktemp("straddle")
+    proc = torchrun("train", *STRADDLE, "hydra.run.dir=full", cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    return root / "full", interrupted(root, "part", nproc=2)
+
+
+def resumed_copy(part: Path, to: Path) -> Path:
+    shutil.copytree(part, to)
+    return to
+
+
+@pytest.mark.slow
+def test_resume_straddling_row_same_ranks(tmp_path, two_rank_straddle):
+    full, part = two_rank_straddle
+    run = resumed_copy(part, tmp_path / "run")
+    proc = torchrun("train", f"train.resume={run}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    # Every row bit for bit, the row at step 6 whose interval the interrupt straddles included.
+    assert without_time(run) == without_time(full)
+
+
+@pytest.mark.slow
+def test_resume_straddling_row_other_ranks(tmp_path, two_rank_straddle):
+    full, part = two_rank_straddle
+    # 2 ranks -> 1 process: the interval's mean over the 2 ranks continues in one process.
+    run = resumed_copy(part, tmp_path / "one")
+    proc = single("train", f"train.resume={run}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    assert_same_run(rows(full), rows(run))
+    # 1 process -> 2 ranks: each rank continues the one process's partial sums.
+    run = interrupted(tmp_path, "two", nproc=1)
+    proc = torchrun("train", f"train.resume={run}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    assert_same_run(rows(full), rows(run))

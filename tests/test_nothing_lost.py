@@ -133,7 +133,8 @@ def test_a_kill_during_the_first_checkpoint_write_starts_the_run_again_bit_ident
     # kill -9 while the first checkpoint is being written: half a file under its temporary name.
     killed = _run_python("import os, signal, torch\n"
                          "def torn(state, f, *a, **k):\n"
-                         "    open(f, 'wb').write(b'PK\\x03\\x04 half a checkpoint')\n"
+                         "    f.write(b'PK\\x03\\x04 half a checkpoint')\n"
+                         "    f.flush()\n"
                          "    os.kill(os.getpid(), signal.SIGKILL)\n"
                          "torch.save = torn", "train", *args, "hydra.run.dir=run", cwd=tmp_path)
     run = tmp_path / "run"

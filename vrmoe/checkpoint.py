@@ -15,7 +15,7 @@ import hashlib
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -30,12 +30,20 @@ CHECKPOINT_VERSION = 2
 _SHAPE_FREE_FIELDS = {"name", "dropout", "dispatch", "seq_len"}
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Atomic: a run killed mid-save keeps its previous checkpoint intact. The state's checksum goes
-    in with it, so a later change of its bytes (a disk or a copy that flips them while torch still
-    reads the file) is caught on load."""
+def save_checkpoint(path: Path, state: dict[str, Any], before_replace: Callable[[], Any] | None = None) -> None:
+    """Atomic: a run killed mid-save, or whose disk fills, keeps its previous checkpoint intact.
+    The state's checksum goes in with it, so a later change of its bytes (a disk or a copy that
+    flips them while torch still reads the file) is caught on load. ``before_replace`` runs once
+    the new file is complete (see :func:`~vrmoe.tracking.atomic_write`)."""
     state = {**state, "checksum": state_checksum(state)}
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+    def write(tmp: Path) -> None:
+        # Through a Python file, so a full disk is an OSError naming its cause (torch's own writer
+        # reports it as a RuntimeError about zip positions).
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+
+    atomic_write(path, write, before_replace=before_replace)
 
 
 def state_checksum(state: dict[str, Any]) -> str:
@@ -158,8 +166,10 @@ def config_from_v1(config: dict[str, Any]) -> dict[str, Any]:
 def shape_mismatch(saved: dict[str, Any], current: ModelConfig) -> list[str]:
     """Model fields that differ in a way that changes parameter shapes."""
     now = to_dict(AppConfig(model=current))["model"]
-    return [f"model.{k}: {saved.get(k)} there, {now[k]} here" for k in now
-            if k not in _SHAPE_FREE_FIELDS and saved.get(k) != now[k]]
+    # A key a record lacks is newer than the record: its default is what that run was built with.
+    default = to_dict(AppConfig())["model"]
+    return [f"model.{k}: {saved.get(k, default[k])} there, {now[k]} here" for k in now
+            if k not in _SHAPE_FREE_FIELDS and saved.get(k, default[k]) != now[k]]
 
 
 def load_weights_from_run(model: torch.nn.Module, model_cfg: ModelConfig, run_dir: str, key: str) -> set[str]:
@@ -308,13 +318,16 @@ class Checkpointer:
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              interval: dict[str, Any] | None = None) -> None:
         """``interval``: the log interval's partial sums, so a resume logs the interval it was in.
-        The previous ``keep - 1`` checkpoints move aside (checkpoint.1.pt is the one before)."""
-        if self.path.exists() and self.keep > 1:
+        The previous ``keep - 1`` checkpoints move aside (checkpoint.1.pt is the one before) once the
+        new one is completely written: a write that fails (a full disk) leaves them all in place."""
+
+        def move_aside() -> None:
             for i in range(self.keep - 1, 0, -1):
                 source = self.path if i == 1 else self.path.with_name(f"checkpoint.{i - 1}.pt")
                 if source.exists():
                     os.replace(source, self.path.with_name(f"checkpoint.{i}.pt"))
-        save_checkpoint(self.path, {
+
+        state = {
             "interval": interval,
             "version": CHECKPOINT_VERSION, "step": step, "config": self.config,
             "model": {k: v for k, v in model.state_dict().items() if k not in self.reloadable},
@@ -323,7 +336,11 @@ class Checkpointer:
                     "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None},
             "frozen": self.frozen,
             "wall_time_s": self.wall_time(),
-        })
+        }
+        if self.path.exists() and self.keep > 1:
+            save_checkpoint(self.path, state, before_replace=move_aside)
+        else:
+            save_checkpoint(self.path, state)
 
 
 __all__ = ["CHECKPOINT_VERSION", "save_checkpoint", "load_checkpoint", "read_newest_checkpoint",

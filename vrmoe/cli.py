@@ -90,7 +90,7 @@ def train_main(argv: list[str]) -> None:
 
     from . import distributed
     from .compose import check_overrides, prepare_hydra, split_hydra_args
-    from .jobs import train_job
+    from .jobs import NO_HYDRA_RECORD, train_job
 
     try:
         overrides = split_hydra_args(argv)
@@ -103,14 +103,16 @@ def train_main(argv: list[str]) -> None:
         fail(str(exc))
     if any(a in ("-m", "--multirun") for a in argv):
         say_duplicate_jobs(overrides)
-    if any(a.startswith("train.resume=") and a.split("=", 1)[1] not in ("", "null") for a in argv):
-        argv = [*argv, "hydra.output_subdir=null"]  # the resumed run keeps its own Hydra record
-    if here.enabled:
-        if any(a in ("-m", "--multirun") for a in argv):
-            fail("vrmoe train -m cannot run under torchrun; launch each multi-process job of a sweep "
-                 "with hydra/launcher=slurm_ddp (see docs/distributed.md)")
-        if not here.is_main:  # one writer: only rank 0 records Hydra's config
-            argv = [*argv, "hydra.output_subdir=null"]
+    if here.enabled and any(a in ("-m", "--multirun") for a in argv):
+        fail("vrmoe train -m cannot run under torchrun; launch each multi-process job of a sweep "
+             "with hydra/launcher=slurm_ddp (see docs/distributed.md)")
+    if not any(a in ("-sc", "--shell-completion") for a in argv):
+        # Hydra writes no record into the run dir: the run writes it once it holds the dir (a fresh
+        # run on rank 0 only; a resumed run keeps its own). Placed after the last override (it
+        # wins over a given hydra.output_subdir) and before any flag (argparse takes the overrides
+        # in one piece).
+        at = max((i + 1 for i, a in enumerate(argv) if a in overrides), default=0)
+        argv = [*argv[:at], NO_HYDRA_RECORD, *argv[at:]]
     prepare_hydra()
     app = hydra.main(version_base="1.3", config_path="conf", config_name="config")(train_job)
     sys.argv = ["vrmoe train", *argv]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from typing import Any, Callable, NoReturn
 
@@ -27,14 +28,19 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
 def run_command(name: str, func: Callable[..., Any], *args: Any) -> Any:
     """Run a command's entry point: bad input (:class:`ConfigError`) ends in one error line and
-    exit code 2, running out of memory in one line and exit code 1, Ctrl-C in one line and exit
-    code 130."""
+    exit code 2, running out of memory or a file that cannot be written (a full disk) in one line
+    and exit code 1, Ctrl-C in one line and exit code 130."""
     try:
         return func(*args)
     except ConfigError as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         fail(f"{name} interrupted", code=130)
+    except OSError as exc:  # files are written whole (atomically): what was there before is still there
+        where = f" {exc.filename}:" if exc.filename else ""
+        full = exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # a full disk, or a quota
+        fix = "free some space, then run it again" if full else "check the path and its permissions, then run it again"
+        fail(f"{name}:{where} {exc.strerror or exc}; {fix}", code=1)
     except (MemoryError, RuntimeError) as exc:
         message = out_of_memory_message(name, exc)
         if message is None:

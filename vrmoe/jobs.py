@@ -9,6 +9,7 @@ Optuna sweeper can drive it. In a multirun sweep a failed job is recorded in its
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import shutil
@@ -17,14 +18,21 @@ import traceback
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from . import distributed
+from .checkpoint import checkpoint_paths
 from .compose import load_job_config, prepare_hydra
 from .config import AppConfig, ConfigError
 from .console import fail, log_line, out_of_memory_message
+from .train.loop import RunDirTaken, UnrecordedCompletion, check_run_dir_free
 from .train.step import Diverged
-from .tracking import CHECKPOINT_FILE, EVAL_FILE, SUMMARY_FILE, read_json, read_summary, write_json
+from .tracking import (EVAL_FILE, SUMMARY_FILE, atomic_write_text, read_json, read_summary, unwritable_reason,
+                       write_json)
+
+# `vrmoe train` ends its command line with this, so that Hydra writes no record (.hydra/) into the
+# run dir before the run holds it: the job writes the record (record_files) once it holds the lock.
+NO_HYDRA_RECORD = "hydra.output_subdir=null"
 
 
 def train_job(cfg: DictConfig) -> float:
@@ -43,26 +51,36 @@ def train_job(cfg: DictConfig) -> float:
         # in a worker process could name another time.
         sweep_dir = run_dir.parents[len(Path(hc.sweep.subdir).parts) - 1]
         group, run_name = sweep_group(sweep_dir), sweep_run_name(sweep_dir, overrides)
+    record = record_files(cfg)
     try:
+        if multirun and not OmegaConf.select(cfg, "train.resume"):  # another sweep's job: refused before setup
+            check_run_dir_free(run_dir, key="hydra.sweep.dir")
         if multirun:  # a multi-task job of a Slurm/submitit sweep runs data-parallel
             distributed.start_in_job()
-        value = run_job(load_job_config(cfg, overrides), run_dir, overrides, group=group, run_name=run_name)
+        value = run_job(load_job_config(cfg, overrides), run_dir, overrides, group=group, run_name=run_name,
+                        record=record)
         distributed.finish()
         return value
+    except RunDirTaken as exc:  # another run's dir: nothing is written there, not even this failure
+        if multirun:
+            SweepReport.refused.append(run_dir)
+            log_line(f"[red]job {hc.job.num} refused:[/] {exc}")
+            return math.nan
+        fail(str(exc))
     except ConfigError as exc:
         if multirun:  # record it and let the rest of the sweep run
-            record_failed_job(run_dir, overrides, str(exc), hc.job.num)
+            record_failed_job(run_dir, overrides, str(exc), hc.job.num, record=record)
             return math.nan
         _drop_empty_run_dir(run_dir, cfg)
         fail(str(exc))
     except KeyboardInterrupt:
         fail(interrupted_message(run_dir, cfg), code=130)
     except OSError as exc:  # a full disk or a vanished directory while the run writes
-        message = f"cannot write {exc.filename or run_dir}: {exc.strerror or exc}"
+        message = write_failure_message(exc, run_dir)
         if multirun:
             record_failed_job(run_dir, overrides, message, hc.job.num)
             return math.nan
-        fail(message)
+        fail(message, code=1)
     except Diverged as exc:  # recorded in summary.json as diverged
         if multirun:
             log_line(f"[red]job {hc.job.num} diverged:[/] {exc}")
@@ -80,9 +98,10 @@ def train_job(cfg: DictConfig) -> float:
 
 
 def run_job(app: AppConfig, run_dir: Path, overrides: list[str] | None = None, group: str | None = None,
-            run_name: str | None = None) -> float:
+            run_name: str | None = None, record: dict[str, str] | None = None) -> float:
     """One run: train it, evaluate it when ``eval.at_end`` asks, and return its objective. Every
-    input the evaluation needs is checked before the training starts."""
+    input the evaluation needs is checked before the training starts; ``record`` is Hydra's record
+    of the job (:func:`record_files`)."""
     from .eval.context import check_eval_inputs
     from .eval.run import evaluate_run
     from .train import train
@@ -90,7 +109,7 @@ def run_job(app: AppConfig, run_dir: Path, overrides: list[str] | None = None, g
     check_objective(app)
     if app.eval.at_end:
         check_eval_inputs(app)  # a missing OOD file fails now, not after the training
-    summary = train(app, run_dir, overrides, group=group, run_name=run_name)
+    summary = train(app, run_dir, overrides, group=group, run_name=run_name, record=record)
     evaluation = evaluate_run(run_dir, app) if app.eval.at_end else None  # under torchrun, sharded over ranks
     return objective(app.train.objective, summary, evaluation)
 
@@ -123,15 +142,59 @@ def run_objective(run_dir: Path, name: str) -> float:
 
 
 def record_failed_job(run_dir: Path, overrides: list[str], error: str, job_num: int,
-                      traceback: str | None = None) -> None:
-    """Mark a sweep job failed in its summary.json (keeping what train() already recorded there)."""
+                      traceback: str | None = None, record: dict[str, str] | None = None) -> None:
+    """Mark a sweep job failed in its summary.json (keeping what train() already recorded there),
+    with Hydra's ``record`` of the job where a job refused before it trained has none yet."""
     summary = read_summary(run_dir) or {"overrides": overrides}
     summary.update({"status": "failed", "error": error})
     if traceback:
         summary["traceback"] = traceback
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / SUMMARY_FILE, summary)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in (record or {}).items():
+            if not (run_dir / name).exists():
+                (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(run_dir / name, text)
+        write_json(run_dir / SUMMARY_FILE, summary)
+    except OSError as exc:  # a full disk: the failure is said here, and the sweep's count says it too
+        error = f"{error} (not recorded: cannot write {exc.filename or run_dir}: {exc.strerror or exc})"
     log_line(f"[red]job {job_num} failed:[/] {error}")
+
+
+def record_files(cfg: DictConfig) -> dict[str, str]:
+    """Hydra's record of a job (config.yaml, hydra.yaml and overrides.yaml under
+    ``hydra.output_subdir``, .hydra by default), as Hydra writes it; empty when the command line
+    set hydra.output_subdir=null. The run writes it once it holds its run dir (see NO_HYDRA_RECORD)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = copy.deepcopy(HydraConfig.instance().cfg)
+    given = list(hydra_cfg.hydra.overrides.hydra)
+    if NO_HYDRA_RECORD in given:  # vrmoe train's own (its last): the record keeps the command line's choice
+        del given[len(given) - 1 - given[::-1].index(NO_HYDRA_RECORD)]
+    subdirs = [item.split("=", 1)[1] for item in given if item.startswith("hydra.output_subdir=")]
+    subdir = subdirs[-1] if subdirs else ".hydra"
+    if subdir in ("null", ""):
+        return {}
+    with read_write(hydra_cfg.hydra), open_dict(hydra_cfg.hydra):
+        hydra_cfg.hydra.output_subdir = subdir
+        hydra_cfg.hydra.overrides.hydra = given
+    return {f"{subdir}/config.yaml": OmegaConf.to_yaml(cfg), f"{subdir}/hydra.yaml": OmegaConf.to_yaml(hydra_cfg),
+            f"{subdir}/overrides.yaml": OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task)}
+
+
+def write_failure_message(exc: OSError, run_dir: Path) -> str:
+    """One line for a write that failed (a full disk): the file, the reason, whether summary.json
+    could say so, and how to go on from what the run dir holds."""
+    line = f"cannot write {exc.filename or run_dir}: {exc.strerror or exc}"
+    if (read_summary(run_dir) or {}).get("status") == "running":
+        line += " (its summary.json could not be updated and still says running)"
+    if isinstance(exc, UnrecordedCompletion):
+        return f"the run completed, but {line}; free some space: {checkpoint_paths(run_dir)[0]} holds its final weights"
+    if checkpoint_paths(run_dir):
+        return f"{line}; free some space, then resume with: vrmoe train train.resume={run_dir}"
+    if (run_dir / SUMMARY_FILE).exists():
+        return f"{line}; free some space, then start it again with: vrmoe train train.resume={run_dir}"
+    return f"{line}; free some space, or choose another hydra.run.dir"
 
 
 def sweep_group(sweep_dir: Path) -> str:
@@ -161,24 +224,48 @@ def sweep_run_name(sweep_dir: Path, overrides: list[str]) -> str | None:
 
 
 class SweepReport(Callback):
-    """At the end of a sweep: one line counting the jobs by status, and exit code 1 when any
-    failed (the other jobs still ran), so scripts notice a partial sweep."""
+    """At the end of a sweep: one line counting its jobs by status, and exit code 1 when any failed
+    or was refused (the other jobs still ran), so scripts notice a partial sweep. Its jobs are those
+    whose summary.json it wrote, and those refused because their run dir was another run's (in a
+    launcher's worker process, a refused job says so in that job's output and is not counted)."""
+
+    refused: list[Path] = []  # run dirs of this process's jobs refused as another run's
+
+    def __init__(self) -> None:
+        self.before: dict[Path, tuple[int, int]] = {}
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        """The records already in the sweep dir (another sweep's): not this sweep's to count."""
+        SweepReport.refused = []
+        self.before = {p: _identity(p) for p in Path(str(config.hydra.sweep.dir)).rglob(SUMMARY_FILE)}
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        statuses = [(read_summary(p.parent) or {}).get("status", "unknown") for p in sweep_dir.rglob(SUMMARY_FILE)]
+        refused = {p.absolute() for p in SweepReport.refused}
+        statuses = [(read_summary(p.parent) or {}).get("status", "unknown") for p in sweep_dir.rglob(SUMMARY_FILE)
+                    if p.parent.absolute() not in refused and self.before.get(p) != _identity(p)]
+        statuses += ["refused"] * len(refused)
         counts = {s: statuses.count(s) for s in sorted(set(statuses))}
         log_line(f"sweep: {', '.join(f'{n} {s}' for s, n in counts.items()) or 'no jobs'} -> {sweep_dir} "
                  f"(vrmoe compare {sweep_dir})")
-        if counts.get("failed"):
+        if counts.get("failed") or counts.get("refused"):
             sys.exit(1)
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    """Which version of a file is there (records are replaced whole, so a rewrite is a new inode)."""
+    try:
+        info = path.stat()
+    except OSError:
+        return (0, 0)
+    return (info.st_ino, info.st_mtime_ns)
 
 
 def interrupted_message(run_dir: Path, cfg: DictConfig) -> str:
     """What Ctrl-C leaves: a checkpoint to resume from; a run stopped before its first checkpoint,
     which the same command starts again in place; or (stopped before the run wrote anything)
     nothing, in which case the empty run dir goes too."""
-    if (run_dir / CHECKPOINT_FILE).exists():
+    if checkpoint_paths(run_dir):
         return f"interrupted; resume with: vrmoe train train.resume={run_dir}"
     if (run_dir / SUMMARY_FILE).exists():
         return f"interrupted before the first checkpoint; start it again with: vrmoe train train.resume={run_dir}"
@@ -208,18 +295,29 @@ def _drop_empty_run_dir(run_dir: Path, cfg: DictConfig) -> None:
 class RunDirRecord(Callback):
     """Before Hydra makes a run's dir (``hydra.run.dir``, with any missing folders above it): the
     deepest of those folders that exists already, so that a refused run removes only the folders
-    its own command created."""
+    its own command created. A run dir or sweep dir that cannot be made (a file in its path, a
+    read-only or full disk) is one line, before Hydra tries."""
 
     existed: Path | None = None
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         try:
-            folder = Path(str(config.hydra.run.dir)).absolute()
+            run_dir = Path(str(config.hydra.run.dir))
         except Exception:  # a run dir that does not resolve is refused by Hydra itself
             return
+        folder = run_dir.absolute()
         while not folder.exists() and folder != folder.parent:
             folder = folder.parent
         RunDirRecord.existed = folder
+        if reason := unwritable_reason(run_dir):
+            _drop_empty_run_dir(run_dir, config)
+            fail(f"hydra.run.dir={run_dir} cannot be written ({reason}); choose a writable directory")
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         RunDirRecord.existed = None  # a sweep's jobs record their failures; no folder is removed
+        try:
+            sweep_dir = Path(str(config.hydra.sweep.dir))
+        except Exception:
+            return
+        if reason := unwritable_reason(sweep_dir):
+            fail(f"hydra.sweep.dir={sweep_dir} cannot be written ({reason}); choose a writable directory")

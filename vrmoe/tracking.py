@@ -25,16 +25,23 @@ LOCK_FILE = ".vrmoe.lock"
 TMP_MARK = ".tmp"
 
 
-def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """``write(tmp)``, fsync, then rename over ``path`` and fsync the directory: a crash or a power
-    loss mid-write never leaves half a file or an empty one, and the previous version survives
-    until the new one is complete."""
+def atomic_write(path: Path, write: Callable[[Path], Any], before_replace: Callable[[], Any] | None = None) -> None:
+    """``write(tmp)``, fsync, then rename over ``path`` and fsync the directory: a crash, a power
+    loss or a full disk mid-write never leaves half a file or an empty one, and the previous version
+    survives until the new one is complete. ``before_replace`` runs once the new version is complete
+    (a checkpoint moves its predecessors aside then, not before). A failed write names ``path``, not
+    its temporary file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        try:
+            write(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:

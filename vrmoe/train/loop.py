@@ -12,6 +12,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from ..model.routers import Router
 from ..plots import log_utilisation_image, write_run_plots
 from ..tasks import Task, build_task
 from ..tracking import (CHECKPOINT_FILE, METRICS_FILE, SUMMARY_FILE, NullRecorder, RunLock, RunRecorder,
-                        make_logger, read_summary, remove_stale_temporaries, software_versions)
+                        atomic_write_text, make_logger, read_summary, remove_stale_temporaries, software_versions)
 from .memory import memory_line, training_memory
 from .meter import IntervalMeter
 from .step import Diverged, TrainStep, make_optimizer
@@ -54,12 +55,14 @@ def reloadable_from_base(model: Backbone, frozen: set[str], trained: set[str], f
 
 
 def train(app: AppConfig, run_dir: Path, overrides: list[str] | None = None,
-          group: str | None = None, run_name: str | None = None) -> dict[str, Any]:
+          group: str | None = None, run_name: str | None = None,
+          record: dict[str, str] | None = None) -> dict[str, Any]:
     """Train one run into ``run_dir``; return its summary (also written to summary.json).
 
     ``group`` and ``run_name`` name the W&B run (a sweep passes its group and the overrides it
-    varies); by default the run is named by all its overrides."""
-    run = TrainingRun.start(app, Path(run_dir), overrides or [], group, run_name)
+    varies); by default the run is named by all its overrides. ``record``: files (a path relative
+    to the run dir -> its text) that a fresh run writes once it holds the run dir (Hydra's record)."""
+    run = TrainingRun.start(app, Path(run_dir), overrides or [], group, run_name, record)
     train_step = TrainStep(run.model, run.optimizer, app.train, run.device)
     forward_model = distributed.wrap(run.model, run.dist, run.device)
     forward_model = torch.compile(forward_model) if app.train.compile else forward_model
@@ -84,12 +87,16 @@ def train(app: AppConfig, run_dir: Path, overrides: list[str] | None = None,
                     run.record(row, validated=validate)
                 stopping = stop.agreed()  # Ctrl-C or SIGTERM during the step: it finished, save it and stop
                 if step % app.train.ckpt_every == 0 or step == max_steps or stopping:
-                    run.save_checkpoint(step, meter)
+                    with stop.saving():
+                        run.save_checkpoint(step, meter)
                 if stopping:
                     raise KeyboardInterrupt
         status = "completed"
     except KeyboardInterrupt:  # a second Ctrl-C aborts at once: the last checkpoint stands
         status = "interrupted"
+        raise
+    except OSError as exc:  # a full disk: the last checkpoint stands, and the summary says why the run stopped
+        run.summary["error"] = f"cannot write {exc.filename or run.run_dir}: {exc.strerror or exc}"
         raise
     except Diverged as exc:
         status = "diverged"
@@ -132,7 +139,7 @@ class TrainingRun:
 
     @classmethod
     def start(cls, app: AppConfig, run_dir: Path, overrides: list[str], group: str | None,
-              run_name: str | None) -> "TrainingRun":
+              run_name: str | None, record: dict[str, str] | None = None) -> "TrainingRun":
         """Resume checks, corpus and task, model (fresh, resumed or from another run, frozen as
         asked), optimiser, logger and the first summary: everything that can refuse the run is
         decided before anything is written."""
@@ -176,52 +183,63 @@ class TrainingRun:
             torch.manual_seed(derived_seed(app.seed, RANK_STREAM + here.rank * app.train.max_steps + start_step))
 
         lock = claim_run_dir(run_dir, resuming=resume is not None or restart) if here.is_main else None
-        if restart and here.is_main:
-            log_line(f"[yellow]note:[/] {run_dir} holds no checkpoint (the run stopped before its first one was "
-                     "written); starting the run again from step 0")
-        if here.is_main:  # before the first save, which would move them over the checkpoint resumed from
-            set_aside_unreadable([path for path in unreadable if path.parent.resolve() == run_dir.resolve()])
-        config = to_dict(app)
-        logger = make_logger(app.logger.name, run_dir, config, app.logger.project, app.logger.mode,
-                             app.logger.entity, app.logger.group or group, run_name or run_name_from(overrides),
-                             app.logger.tags, app.logger.init_timeout)
-        recorder = (RunRecorder(run_dir, logger, resume_after_step=start_step if resume else None) if here.is_main
-                    else NullRecorder())
-        counts = model.parameter_counts()
-        memory = training_memory(model)
-        summary: dict[str, Any] = {
-            "status": "running", "step": start_step, "max_steps": app.train.max_steps,
-            "router": app.router.name, "overrides": overrides,
-            "params_total": counts["total"], "params_active": counts["active"],
-            "params_trainable": memory["params_trainable"], "memory": memory,
-            "unigram_entropy": corpus.unigram_entropy(), "device": str(device),
-            "train_tokens": len(corpus.train), "val_tokens": len(corpus.val), "config": config,
-            "versions": software_versions(),
-        }
-        if ignored:  # knobs the router does not read: on record, and said below
-            summary["ignored_knobs"] = ignored
-        recorder.write_summary(summary)
-        if here.enabled:
-            summary["world_size"] = here.world_size
-        if overridden:  # train.resume_override=true: what changed, on record
-            summary["resume_override"] = overridden
-        (log_line if here.is_main else _quiet)(memory_line(memory, task.tokens_per_step))
-        (log_line if here.is_main else _quiet)(f"[bold]{app.router.name}[/] router, {counts['total'] / 1e6:.2f}M params "
-                 f"({counts['active'] / 1e6:.2f}M active), {app.data.name}: {len(corpus.train) / 1e6:.2f}M train "
-                 f"tokens, unigram entropy {summary['unigram_entropy']:.3f} nats, device {device}, run dir {run_dir}")
-        if ignored:
-            (log_line if here.is_main else _quiet)(f"[yellow]note:[/] {ignored_message(app.router, ignored)}")
-        wall_before = float(resume.get("wall_time_s", 0.0)) if resume else 0.0
-        trained = {name for name, p in model.named_parameters() if p.requires_grad}
-        checkpointer = Checkpointer(run_dir, app, frozen, wall_before, device,
-                                    reloadable=reloadable_from_base(model, frozen, trained, app.train.freeze))
-        return cls(app, run_dir, device, corpus, task, model, optimizer, start_step, checkpointer, recorder, summary,
-                   make_progress(app.train.max_steps, start_step, quiet=not here.is_main), here,
-                   resume.get("interval") if resume is not None else None, lock)
+        try:
+            if record and here.is_main and resume is None and not restart:  # a resumed run keeps its own
+                for name, text in record.items():
+                    (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+                    atomic_write_text(run_dir / name, text)
+            if restart and here.is_main:
+                log_line(f"[yellow]note:[/] {run_dir} holds no checkpoint (the run stopped before its first one was "
+                         "written); starting the run again from step 0")
+            if here.is_main:  # before the first save, which would move them over the checkpoint resumed from
+                set_aside_unreadable([path for path in unreadable if path.parent.resolve() == run_dir.resolve()])
+            config = to_dict(app)
+            logger = make_logger(app.logger.name, run_dir, config, app.logger.project, app.logger.mode,
+                                 app.logger.entity, app.logger.group or group, run_name or run_name_from(overrides),
+                                 app.logger.tags, app.logger.init_timeout)
+            recorder = (RunRecorder(run_dir, logger, resume_after_step=start_step if resume else None) if here.is_main
+                        else NullRecorder())
+            counts = model.parameter_counts()
+            memory = training_memory(model)
+            summary: dict[str, Any] = {
+                "status": "running", "step": start_step, "max_steps": app.train.max_steps,
+                "router": app.router.name, "overrides": overrides,
+                "params_total": counts["total"], "params_active": counts["active"],
+                "params_trainable": memory["params_trainable"], "memory": memory,
+                "unigram_entropy": corpus.unigram_entropy(), "device": str(device),
+                "train_tokens": len(corpus.train), "val_tokens": len(corpus.val), "config": config,
+                "versions": software_versions(),
+            }
+            if ignored:  # knobs the router does not read: on record, and said below
+                summary["ignored_knobs"] = ignored
+            recorder.write_summary(summary)
+            if here.enabled:
+                summary["world_size"] = here.world_size
+            if overridden:  # train.resume_override=true: what changed, on record
+                summary["resume_override"] = overridden
+            (log_line if here.is_main else _quiet)(memory_line(memory, task.tokens_per_step))
+            (log_line if here.is_main else _quiet)(
+                f"[bold]{app.router.name}[/] router, {counts['total'] / 1e6:.2f}M params "
+                f"({counts['active'] / 1e6:.2f}M active), {app.data.name}: {len(corpus.train) / 1e6:.2f}M train "
+                f"tokens, unigram entropy {summary['unigram_entropy']:.3f} nats, device {device}, run dir {run_dir}")
+            if ignored:
+                (log_line if here.is_main else _quiet)(f"[yellow]note:[/] {ignored_message(app.router, ignored)}")
+            wall_before = float(resume.get("wall_time_s", 0.0)) if resume else 0.0
+            trained = {name for name, p in model.named_parameters() if p.requires_grad}
+            checkpointer = Checkpointer(run_dir, app, frozen, wall_before, device,
+                                        reloadable=reloadable_from_base(model, frozen, trained, app.train.freeze))
+            return cls(app, run_dir, device, corpus, task, model, optimizer, start_step, checkpointer, recorder,
+                       summary, make_progress(app.train.max_steps, start_step, quiet=not here.is_main), here,
+                       resume.get("interval") if resume is not None else None, lock)
+        except BaseException:  # a full disk while the first records are written: the dir is free again
+            if lock is not None:
+                lock.release()
+            raise
 
     def save_checkpoint(self, step: int, meter: IntervalMeter) -> None:
+        interval = meter.state()  # every rank's partial sums of the log interval (gathered: all ranks call it)
         if self.dist.is_main:  # every rank holds the same weights: one writes them
-            self.checkpointer.save(step, self.model, self.optimizer, interval=meter.state())
+            self.checkpointer.save(step, self.model, self.optimizer, interval=interval)
 
     def record(self, row: dict[str, Any], validated: bool) -> None:
         """One metrics.jsonl row, mirrored to the logger and shown as progress."""
@@ -254,14 +272,23 @@ class TrainingRun:
         try:
             self.recorder.write_summary(self.summary)
             write_run_plots(self.run_dir, n_experts=self.app.model.n_experts, logger=self.recorder.logger, step=step)
-        except OSError as exc:  # a full disk: say so, and let the error that ended the run be the one shown
-            log_line(f"[red]could not write the final records to {self.run_dir}:[/] {exc.strerror or exc}")
-        self.recorder.close(failed=status == "failed")
-        if self.lock is not None:
-            self.lock.release()
+        except OSError as exc:  # a full disk
+            if status == "completed":  # the records are what the run made: losing them is its error
+                raise UnrecordedCompletion(exc.errno, exc.strerror or str(exc), exc.filename) from exc
+            # A run that ended otherwise shows the error that ended it, whose line says whether its
+            # summary.json could be updated.
+        finally:
+            self.recorder.close(failed=status == "failed")
+            if self.lock is not None:
+                self.lock.release()
         if status == "completed":
             log_line(f"done: val/loss {self.last_val:.4f} nats (unigram entropy {self.summary['unigram_entropy']:.4f}) "
                      f"in {self.summary['wall_time_s']:.0f}s -> {self.run_dir}")
+
+
+class UnrecordedCompletion(OSError):
+    """A run that completed, but whose final records (summary.json, the figures) could not be
+    written: its checkpoint holds the final weights."""
 
 
 def restarts_from_scratch(run_dir: Path) -> bool:
@@ -275,6 +302,34 @@ def restarts_from_scratch(run_dir: Path) -> bool:
     return saved_run_config(run_dir) is not None
 
 
+class RunDirTaken(ConfigError):
+    """The run dir is another run's (a live run holds its lock, or a fresh run finds another run's
+    records there): refused, and nothing is written there."""
+
+
+def _in_use(run_dir: Path, lock: RunLock, key: str = "hydra.run.dir") -> RunDirTaken:
+    owner = lock.owner() or {}
+    return RunDirTaken(f"the run dir {run_dir} is in use by another run (pid {owner.get('pid')} on "
+                       f"{owner.get('host')}); wait for it, or choose another {key}")
+
+
+def _check_no_other_run(run_dir: Path, key: str = "hydra.run.dir") -> None:
+    held = [name for name in (SUMMARY_FILE, METRICS_FILE, CHECKPOINT_FILE) if (run_dir / name).exists()]
+    if held:
+        raise RunDirTaken(f"the run dir {run_dir} already holds a run ({', '.join(held)}); choose another "
+                          f"{key}, or continue it with train.resume={run_dir}")
+
+
+def check_run_dir_free(run_dir: Path, key: str = "hydra.run.dir") -> None:
+    """Before a fresh run sets up: refuse (:class:`RunDirTaken`) a run dir that a live run holds or
+    that holds another run; ``key`` is the setting that chose the dir. :func:`claim_run_dir` checks
+    again as it takes the lock."""
+    lock = RunLock(run_dir)
+    if lock.path.exists() and lock.stale_reason() is None:
+        raise _in_use(run_dir, lock, key)
+    _check_no_other_run(run_dir, key)
+
+
 def claim_run_dir(run_dir: Path, resuming: bool) -> RunLock:
     """Make the run dir this process's alone before anything is written: it must be writable, no
     other live run may hold it, and a fresh run never writes over another run's records."""
@@ -286,28 +341,29 @@ def claim_run_dir(run_dir: Path, resuming: bool) -> RunLock:
         raise ConfigError(f"cannot write to the run dir {run_dir}: {exc.strerror or exc}; "
                           "choose a writable hydra.run.dir") from None
     if not acquired:
-        owner = lock.owner() or {}
-        raise ConfigError(f"the run dir {run_dir} is in use by another run (pid {owner.get('pid')} on "
-                          f"{owner.get('host')}); wait for it, or choose another hydra.run.dir")
+        raise _in_use(run_dir, lock)
     if lock.took_over:
         log_line(f"[yellow]note:[/] took over the run dir {run_dir} from a run that no longer holds it "
                  f"({lock.took_over})")
-    held = [name for name in (SUMMARY_FILE, METRICS_FILE, CHECKPOINT_FILE) if (run_dir / name).exists()]
-    if held and not resuming:
-        lock.release()
-        raise ConfigError(f"the run dir {run_dir} already holds a run ({', '.join(held)}); choose another "
-                          f"hydra.run.dir, or continue it with train.resume={run_dir}")
+    if not resuming:
+        try:
+            _check_no_other_run(run_dir)
+        except RunDirTaken:
+            lock.release()
+            raise
     remove_stale_temporaries(run_dir)
     return lock
 
 
 class StopRequest:
     """SIGINT (Ctrl-C) and SIGTERM (what Slurm and torchrun send before a kill) ask the loop to stop
-    after the current optimiser step, which is then checkpointed; a second signal aborts at once.
-    Under torchrun the ranks agree on the step to stop after."""
+    after the current optimiser step, which is then checkpointed; a second signal aborts at once,
+    or, while a checkpoint is being written, as soon as it is written. Under torchrun the ranks
+    agree on the step to stop after."""
 
     def __init__(self, here: DistEnv):
         self.here, self.requested, self._previous = here, False, {}
+        self._saving = self._deferred = False
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
@@ -320,10 +376,28 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
+        if self.requested and self._saving:  # the checkpoint being written is the one to resume from
+            if not self._deferred:
+                log_line("[yellow]writing the checkpoint[/]: the run stops as soon as it is written")
+            self._deferred = True
+            return
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
         log_line("[yellow]stopping after this step[/] (a checkpoint follows; interrupt again to abort at once)")
+
+    @contextmanager
+    def saving(self):
+        """A checkpoint being written is not cut short by a second signal (it would leave the run
+        with an older checkpoint, or none): the signal is said in one line, and the run stops once
+        the checkpoint is written."""
+        self._saving, self._deferred = True, False
+        try:
+            yield
+        finally:
+            self._saving = False
+        if self._deferred:
+            raise KeyboardInterrupt
 
     def agreed(self) -> bool:
         """Whether any rank was asked to stop (one small all-reduce a step under torchrun)."""
