@@ -3,9 +3,11 @@
     python experiments/bench.py                      # about twice vrmoe bench's time, plus training
     python experiments/bench.py --threads 1 2        # the CPU rows once per thread count
     python experiments/bench.py --skip-train         # without the 60-step training run
+    python experiments/bench.py --record experiments/results/bench --label long   # also a dated record
 
 Writes ``<out>/bench.md`` (the tables, for docs/performance.md) and ``<out>/bench.json`` (every
-number), default ``outputs/bench/<date>_<time>``. On top of the quick bench it measures:
+number), default ``outputs/bench/<date>_<time>``; with ``--record DIR``, ``bench.md`` is also kept
+as a dated record, as ``vrmoe bench --record`` keeps one. On top of the quick bench it measures:
 
 * every ``vrmoe bench`` section (the router overheads at E = 8, 16 and 64 included, and the
   opt-in width section: the variational router against Top-K at D = 256 to 2048) with 41
@@ -32,7 +34,7 @@ from pathlib import Path
 import torch
 
 from vrmoe.bench import (QUICK, SECTIONS, Row, device_name, render_markdown, render_rich, run_benchmarks,
-                         shared_cpu_warning)
+                         shared_cpu_warning, start_record)
 from vrmoe.console import CommandParser, log_line, run_command
 from vrmoe.device import resolve_device
 from vrmoe.tracking import read_metrics, read_summary
@@ -70,12 +72,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=LONG.repeats)
     parser.add_argument("--train-steps", type=int, default=60)
     parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--record", type=Path, default=None, metavar="DIR",
+                        help="also keep bench.md as DIR/<date>_<device>_<commit>[_<label>].md (docs/performance.md)")
+    parser.add_argument("--label", default=None, help="a word that ends the record's file name (with --record)")
     args = parser.parse_args(argv)
     for option, value in (("--repeats", args.repeats), ("--threads", min(args.threads)),
                           ("--train-steps", args.train_steps)):
         if value < 1:
             parser.error(f"{option} {value}: must be at least 1")
+    if args.label is not None and args.record is None:
+        parser.error("--label names a record's file: add --record DIR")
     device = resolve_device("auto")
+    command = ["python", "experiments/bench.py", *(sys.argv[1:] if argv is None else argv)]
+    record = start_record(args.record, device, command, args.label) if args.record else None
     sizes = dataclasses.replace(LONG, repeats=args.repeats)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -94,6 +103,9 @@ def main(argv: list[str] | None = None) -> None:
     title = f"vrmoe bench, long form; medians of {sizes.repeats} interleaved rounds"
     render_rich(rows, title)
     (args.out / "bench.md").write_text(render_markdown(rows, title) + "\n", encoding="utf-8")
+    if record is not None:
+        record.write(render_markdown(rows, title))
+        log_line(f"wrote {record.path}")
     (args.out / "bench.json").write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1) + "\n",
                                          encoding="utf-8")
     log_line(f"wrote {args.out / 'bench.md'} and {args.out / 'bench.json'}")

@@ -32,8 +32,16 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MARKER = re.compile(r"<!-- BEGIN GENERATED: (?P<name>[\w-]+) \(python experiments/docs_pages\.py\) -->\n"
-                    r".*?<!-- END GENERATED: (?P=name) -->", re.DOTALL)
+COMMAND = "python experiments/docs_pages.py"
+
+
+def marker(command: str) -> re.Pattern:
+    """The generated blocks that ``command`` writes: ``name`` and ``body`` (the lines between the markers)."""
+    return re.compile(rf"<!-- BEGIN GENERATED: (?P<name>[\w-]+) \({re.escape(command)}\) -->\n"
+                      r"(?P<body>.*?)<!-- END GENERATED: (?P=name) -->", re.DOTALL)
+
+
+MARKER = marker(COMMAND)
 # The config groups whose options are YAML files, besides the groups of vrmoe.compose.CONFIG_GROUPS.
 LAUNCHER_GROUP = "hydra/launcher"
 
@@ -140,13 +148,18 @@ PAGES: dict[str, tuple[str, ...]] = {
 BLOCKS = {"routers": router_table, "configuration": configuration_block}
 
 
-def render(text: str, blocks: dict[str, str]) -> str:
-    """``text`` with each generated block replaced by its content now."""
+def render(text: str, blocks: dict[str, str], command: str = COMMAND) -> str:
+    """``text`` with each block that ``command`` generates replaced by its content in ``blocks``."""
     def fill(match: re.Match) -> str:
         name = match.group("name")
-        return (f"<!-- BEGIN GENERATED: {name} (python experiments/docs_pages.py) -->\n"
+        return (f"<!-- BEGIN GENERATED: {name} ({command}) -->\n"
                 f"{blocks[name]}\n<!-- END GENERATED: {name} -->")
-    return MARKER.sub(fill, text)
+    return marker(command).sub(fill, text)
+
+
+def generated_blocks(text: str, command: str = COMMAND) -> dict[str, str]:
+    """The blocks of ``text`` that ``command`` generates: name -> content (without its last newline)."""
+    return {m.group("name"): m.group("body").removesuffix("\n") for m in marker(command).finditer(text)}
 
 
 def rendered(root: Path = ROOT) -> dict[Path, str]:
@@ -161,6 +174,32 @@ def rendered(root: Path = ROOT) -> dict[Path, str]:
             raise SystemExit(f"{page}: generated blocks {found}, expected {list(names)}")
         out[path] = render(text, blocks)
     return out
+
+
+# ---------------------------------------------------------------------------
+# Reading the pages' commands
+# ---------------------------------------------------------------------------
+
+FENCE = re.compile(r"^```(?P<lang>[^\n`]*)\n(?P<body>.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
+
+
+def bash_blocks(text: str) -> list[str]:
+    """The bodies of a page's ``bash`` (or ``sh``, ``shell``) fenced blocks."""
+    return [m.group("body") for m in FENCE.finditer(text) if m.group("lang").strip() in ("bash", "sh", "shell")]
+
+
+def command_lines(block: str) -> list[str]:
+    """A shell block's command lines: continuation lines joined, blank and comment-only lines dropped."""
+    lines = block.replace("\\\n", " ").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def quick_start(readme: str) -> list[str]:
+    """The command lines of the README's Quick start: the first bash block under ``## Quick start``."""
+    section = re.search(r"^## Quick start\n(?P<body>.*?)(?=^## )", readme, re.DOTALL | re.MULTILINE)
+    if section is None or not bash_blocks(section.group("body")):
+        raise ValueError("README.md: no bash block under '## Quick start'")
+    return command_lines(bash_blocks(section.group("body"))[0])
 
 
 def main(argv: list[str] | None = None) -> int:

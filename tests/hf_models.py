@@ -39,7 +39,21 @@ def family_configs() -> dict:
         # the second-best expert is in the other group), compressed queries, weights scaled by 2.5.
         "deepseek_v2": tf.DeepseekV2Config(**MLA, q_lora_rank=16, topk_method="group_limited_greedy", n_group=2,
                                            topk_group=1, routed_scaling_factor=2.5),
+        # DeepSeek-V3 (Moonlight's configuration too): sigmoid scores plus the selection bias, Top-K inside
+        # the best two of four groups (scored by their best two), renormalised, weights scaled by 2.5.
+        "deepseek_v3": tf.DeepseekV3Config(**MLA, q_lora_rank=16, n_group=4, topk_group=2, norm_topk_prob=True,
+                                           routed_scaling_factor=2.5),
+        # GLM-4.5: sigmoid scores plus the selection bias, one group, renormalised, factor 1.8.
+        "glm4_moe": tf.Glm4MoeConfig(**SHAPE, head_dim=8, intermediate_size=48, moe_intermediate_size=16,
+                                     n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                                     first_k_dense_replace=1, n_group=1, topk_group=1, norm_topk_prob=True,
+                                     routed_scaling_factor=1.8),
     }
+
+
+#: Families whose routers carry a selection bias (e_score_correction_bias): the stand-ins give it
+#: random values, as a trained checkpoint's are, so that it changes the selection.
+SELECTION_BIAS = ("deepseek_v3", "glm4_moe")
 
 
 def train_tokenizer(path: Path, vocab_size: int = VOCAB, bos: bool = False) -> None:
@@ -84,6 +98,9 @@ def _save(config, path: Path, seed: int, bos: bool) -> Path:
     for p in model.parameters():  # some families leave stacked expert weights uninitialised
         if p.ndim >= 2:
             torch.nn.init.normal_(p, std=0.1)
+    for name, buffer in model.named_buffers():  # the selection bias, of the scores' own size
+        if name.endswith("e_score_correction_bias"):
+            torch.nn.init.normal_(buffer, std=0.1)
     model.save_pretrained(path)
     return path
 

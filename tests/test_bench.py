@@ -3,6 +3,7 @@ performance targets live in the benchmark's output, not in tests."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +92,78 @@ def test_tiny_bench_prints_every_row_as_markdown(tmp_path):
         assert [c[4] for c in cells(f"train step by parts: {label} / topk")] == \
             [c[4] for c in cells(f"train step: {label} / topk")]
     assert [c[4] for c in cells("train step by parts: mc_dropout / topk")] == ["", "<= 1.03"]
+
+
+RECORD_NAME = r"(?P<date>\d{4}-\d{2}-\d{2})_(?P<device>[a-z0-9-]+)_(?P<commit>[0-9a-f]{7}|no-commit)(?:_(?P<label>[a-z0-9-]+))?\.md"
+RECORD_KEYS = ["date", "commit", "device", "python", "torch", "vrmoe", "transformers", "command"]
+
+
+def record_fields(text: str) -> dict[str, str]:
+    """A record's header: its leading ``- key: value`` lines."""
+    header = text.split("\n\n", 1)[0]
+    return dict(line[2:].split(": ", 1) for line in header.splitlines())
+
+
+def test_record_keeps_the_markdown_output_named_by_date_device_and_commit(tmp_path):
+    from vrmoe.tracking import software_versions
+
+    proc = run_cli("bench", "--tiny", "--only", "layer", "--format", "markdown", "--record", "records",
+                   "--label", "smoke-1", cwd=tmp_path)
+    (path,) = (tmp_path / "records").iterdir()
+    match = re.fullmatch(RECORD_NAME, path.name)
+    assert match and match["device"].startswith("cpu") and match["label"] == "smoke-1"
+    versions = software_versions()
+    assert match["commit"] == (versions["git_commit"][:7] if versions["git_commit"] else "no-commit")
+    text = path.read_text()
+    fields = record_fields(text)
+    assert list(fields) == RECORD_KEYS
+    assert fields["date"].startswith(match["date"]) and fields["date"].endswith(" UTC")
+    assert fields["commit"].endswith(("(clean tree)", "(with uncommitted changes)", "(not a git checkout)"))
+    assert fields["device"].startswith("CPU ") and fields["torch"] == versions["torch"]
+    assert fields["python"] == versions["python"] and fields["vrmoe"] == versions["vrmoe"]
+    assert fields["command"] == ("`OMP_NUM_THREADS=1 vrmoe bench --tiny --only layer --format markdown --record records "
+                                 "--label smoke-1`")
+    body = text.split("\n\n", 1)[1]
+    assert body.startswith("**vrmoe bench on CPU ") and body.rstrip() in proc.stdout  # the output as printed
+    # The same run again is refused before it measures anything; a label names it apart.
+    again = run_cli("bench", "--tiny", "--only", "layer", "--record", "records", "--label", "smoke-1", cwd=tmp_path,
+                    check=False)
+    assert again.returncode == 2 and f"{path.relative_to(tmp_path)} exists; add --label" in again.stderr
+
+
+def test_record_name_and_header_from_their_parts():
+    from datetime import date, datetime, timezone
+
+    from vrmoe.bench import record_header, record_path
+
+    assert record_path(Path("r"), date(2026, 12, 3), "cpu-amd-epyc", "6d6096eff29b+dirty", "run1") == \
+        Path("r/2026-12-03_cpu-amd-epyc_6d6096e_run1.md")
+    assert record_path(Path("r"), date(2026, 12, 3), "nvidia-h100", None).name == "2026-12-03_nvidia-h100_no-commit.md"
+    header = record_header(datetime(2026, 12, 3, 7, 5, tzinfo=timezone.utc),
+                           {"vrmoe": "0.1.0", "python": "3.11.2", "torch": "2.13.0", "transformers": None,
+                            "git_commit": "abc123+dirty"}, "CPU X", "vrmoe bench")
+    assert record_fields(header) == {"date": "2026-12-03 07:05 UTC", "commit": "abc123 (with uncommitted changes)",
+                                     "device": "CPU X", "python": "3.11.2", "torch": "2.13.0", "vrmoe": "0.1.0",
+                                     "transformers": "not installed", "command": "`vrmoe bench`"}
+
+
+def test_the_kept_records_are_named_and_headed_alike():
+    records = sorted((Path(__file__).resolve().parents[1] / "experiments" / "results" / "bench").glob("*.md"))
+    assert records
+    for path in records:
+        assert re.fullmatch(RECORD_NAME, path.name), path.name
+        fields = record_fields(path.read_text())
+        assert list(fields) == RECORD_KEYS, path.name
+        assert fields["date"].startswith(path.name[:10]), path.name
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--label", "run1"], "--label names a record's file: add --record DIR"),
+    (["--record", "r", "--label", "Run 1"], "--label 'Run 1': lower-case letters, digits and single hyphens"),
+])
+def test_bad_record_options_name_the_option(tmp_path, args, message):
+    with pytest.raises(ConfigError, match=message):
+        bench_main(["--tiny", "--only", "layer", *[str(tmp_path / a) if a == "r" else a for a in args]])
 
 
 def test_width_section_runs_only_when_asked_at_the_widths_given(tmp_path):

@@ -5,10 +5,12 @@ citation files agree."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +28,19 @@ TRAIN_COMMAND = ("python3 -m venv .venv && . .venv/bin/activate && pip install t
 TEST_COMMAND = ("python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && pip install '.[test]' "
                 "&& python -m pytest -q")
 
-FENCE = re.compile(r"^```(?P<lang>[^\n`]*)\n(?P<body>.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
+
+
+def load_experiment(name: str):
+    """A script of experiments/ as a module, importing its neighbours as it does when run there."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+
+
+DOCS_PAGES = load_experiment("docs_pages")
+FENCE, bash_blocks, command_lines = DOCS_PAGES.FENCE, DOCS_PAGES.bash_blocks, DOCS_PAGES.command_lines
 LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\((?P<target>[^)\s]+)(?:\s+\"[^\"]*\")?\)")
 HEADING = re.compile(r"^#{1,6}\s+(?P<title>.+?)\s*#*\s*$", re.MULTILINE)
 PLACEHOLDER = re.compile(r"<[^<>\n]*>")
@@ -86,17 +100,13 @@ def test_the_link_check_sees_a_missing_file_and_a_missing_heading(tmp_path):
 # `vrmoe train` commands
 # ---------------------------------------------------------------------------
 
-def bash_blocks(text: str) -> list[str]:
-    return [m.group("body") for m in FENCE.finditer(text) if m.group("lang").strip() in ("bash", "sh", "shell")]
-
-
 def train_commands(text: str) -> list[tuple[str, list[str]]]:
     """(the command line, its arguments after `vrmoe train`) for each `vrmoe train` of a bash block,
     continuation lines joined, comments dropped and $VARIABLES expanded as the shell would; a
     `<placeholder>` becomes one word."""
     found = []
     for block in bash_blocks(text):
-        for line in block.replace("\\\n", " ").splitlines():
+        for line in command_lines(block):
             words = [os.path.expandvars(w) for w in shlex.split(PLACEHOLDER.sub("<placeholder>", line), comments=True)]
             for i in range(len(words) - 1):
                 if words[i] == "vrmoe" and words[i + 1] == "train":
@@ -195,21 +205,54 @@ def test_the_command_check_catches_a_misspelt_key():
 # Generated parts, the two commands, the layout, the citation
 # ---------------------------------------------------------------------------
 
-def docs_pages():
-    spec = importlib.util.spec_from_file_location("docs_pages", ROOT / "experiments" / "docs_pages.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_generated_pages_equal_what_the_code_writes_now():
-    for path, text in docs_pages().rendered().items():
+    for path, text in DOCS_PAGES.rendered().items():
         assert path.read_text() == text, f"{path.relative_to(ROOT)} is stale: run python experiments/docs_pages.py"
 
 
 def test_the_readme_router_table_is_vrmoe_routers_markdown():
-    assert docs_pages().router_table() in (ROOT / "README.md").read_text()
+    assert DOCS_PAGES.router_table() in (ROOT / "README.md").read_text()
 
+
+def test_the_readme_compare_table_is_what_the_showcase_wrote():
+    blocks = DOCS_PAGES.generated_blocks((ROOT / "README.md").read_text(), "python experiments/readme_showcase.py")
+    assert blocks == {"compare": (ROOT / "docs" / "images" / "compare.md").read_text().rstrip("\n")}
+
+
+def test_the_performance_page_quotes_its_record_whole():
+    page = (ROOT / "docs" / "performance.md").read_text()
+    record = ROOT / "experiments" / "results" / "bench" / re.search(r"the record\s+\[`([^`]+)`\]", page).group(1)
+    assert record.read_text().split("\n\n", 1)[1].rstrip("\n") in page  # the output below the record's header
+
+
+def test_the_quick_start_runs_its_steps_in_order_on_the_dirs_they_make(tmp_path):
+    timings = load_experiment("quickstart_timings")
+    lines = DOCS_PAGES.quick_start((ROOT / "README.md").read_text())
+    assert [line.split()[:2] for line in lines] == [["vrmoe", "train"]] * 4 + [["vrmoe", w] for w in
+                                                                             ("eval", "compare", "dashboard")]
+    day = tmp_path / "outputs" / "2026-12-03"
+    for name in ("10-00-00-000001_topk", "10-05-00-000001_topk", "10-30-00-000001_topk", "11-00-00-000001_variational"):
+        (day / name).mkdir(parents=True)
+    # Each placeholder path is the newest run dir that matches it: the post-hoc step starts from the
+    # fine-tuned run, the evaluation reads the post-hoc one.
+    assert "train.init_from=outputs/2026-12-03/10-30-00-000001_topk" in timings.step_words(lines[3], tmp_path, False)
+    assert timings.step_words(lines[4], tmp_path, False) == ["vrmoe", "eval",
+                                                             "run=outputs/2026-12-03/11-00-00-000001_variational", "S=8"]
+    smoke = timings.step_words(lines[0], tmp_path, True)
+    assert smoke == ["vrmoe", "train", "model=tiny", "model.seq_len=64", "train.max_steps=20"]
+    with pytest.raises(SystemExit, match="no run directory made so far matches outputs/\\*/\\*_swag"):
+        timings.resolve("run=outputs/<date>/<time>_swag", tmp_path)
+
+
+
+@pytest.mark.slow
+def test_the_quick_start_runs_as_written():
+    # Every step of the README's quick start, in order, as a user types it (at model=tiny and 20
+    # steps): a step that the code no longer accepts fails here, not on a newcomer's machine.
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "quickstart_timings.py"), "--smoke"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| `vrmoe dashboard outputs/ -o report.html` |" in proc.stdout
 
 def test_the_readmes_two_commands_are_the_ones_ci_runs():
     ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith("python3 -m venv")]

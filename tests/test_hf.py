@@ -26,13 +26,14 @@ from vrmoe.eval.run import evaluate_run  # noqa: E402
 from vrmoe.data.corpora import load_corpus  # noqa: E402
 from vrmoe.model import build_model, build_tokenizer  # noqa: E402
 from vrmoe.model import hf  # noqa: E402
-from vrmoe.model.hf import HFBackbone, group_limited_topk  # noqa: E402
-from vrmoe.model.routers import router_config  # noqa: E402
+from vrmoe.model.hf import HFBackbone  # noqa: E402
+from vrmoe.model.routers import build_router, router_config  # noqa: E402
 from vrmoe.tracking import EVAL_FILE  # noqa: E402
 from vrmoe.train import train  # noqa: E402
 
 from conftest import make_config, run_cli  # noqa: E402
-from hf_models import PAPER_MODELS, family_configs, save_paper_standin, save_tiny_model, train_tokenizer  # noqa: E402
+from hf_models import (PAPER_MODELS, SELECTION_BIAS, family_configs, save_paper_standin, save_tiny_model,  # noqa: E402
+                       train_tokenizer)
 
 FAMILIES = list(family_configs())
 RUN = ["logger=none", "model.seq_len=32", "train.batch_size=4", "train.log_every=2", "train.eval_every=2",
@@ -62,16 +63,24 @@ def test_swapped_topk_router_gives_the_original_logits(tiny_models, family):
         near = hf_model(tiny_models[family], "variational", sigma_init=1e-6)(idx).logits_BLV
     # Mixtral, Qwen and OLMoE renormalise exactly as vrmoe does (bitwise); GraniteMoE and gpt-oss take a
     # softmax over the K selected logits, equal to the renormalised softmax up to rounding; DeepSeek-V2
-    # takes the selected softmax entries, vrmoe's softmax equal to its own up to rounding.
+    # takes the selected softmax entries, vrmoe's softmax equal to its own up to rounding; DeepSeek-V3
+    # and GLM-4-MoE select on the sigmoid scores plus their bias and renormalise the selected scores.
     torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
     # sigma = 1e-6 with the residual head at zero: the same routing up to noise of that size.
     torch.testing.assert_close(near, want, atol=1e-4, rtol=0)
+    if family in SELECTION_BIAS:  # the probit mean of the sigmoid scores: sigmoid(mu) itself at sigma = 1e-6
+        with torch.no_grad():
+            probit = hf_model(tiny_models[family], "variational", sigma_init=1e-6, sigmoid_mean="probit", samples=4)
+            torch.testing.assert_close(probit(idx).logits_BLV, want, atol=1e-4, rtol=0)
+        original_bias = [m.e_score_correction_bias for m in original.modules() if hasattr(m, "e_score_correction_bias")]
+        for layer, bias in zip(swapped.moe_layers, original_bias, strict=True):
+            assert torch.equal(layer.router.e_score_correction_bias, bias)
     # Every MoE layer is swapped: both layers, or DeepSeek's two after its dense first layer.
     first_moe = getattr(original.config, "first_k_dense_replace", 0)
     assert swapped.moe_layer_names == [f"layer{i}" for i in range(first_moe, original.config.num_hidden_layers)]
 
 
-@pytest.mark.parametrize("family", ["deepseek_v2_lite", "deepseek_v2"])
+@pytest.mark.parametrize("family", ["deepseek_v2_lite", "deepseek_v2", "deepseek_v3", "glm4_moe"])
 def test_the_routing_vrmoe_sees_is_the_one_the_deepseek_model_uses(tiny_models, family):
     original = transformers.AutoModelForCausalLM.from_pretrained(tiny_models[family]).eval()
     used = []  # (logits, weights, indices) of the original routers
@@ -83,29 +92,46 @@ def test_the_routing_vrmoe_sees_is_the_one_the_deepseek_model_uses(tiny_models, 
         original(input_ids=idx)
         out = hf_model(tiny_models[family], "topk")(idx)
     scale = original.config.routed_scaling_factor
-    grouped_differs = False
+    rule_differs = False
     for routing, stats, (_, weights_TK, ids_TK) in zip(out.routings, out.layer_stats, used):
-        # The experts the model ran, weighted by the selected entries of the routing distribution
-        # times routed_scaling_factor (not renormalised); the statistics count the same experts.
+        # The experts the model ran, weighted by the selected scores times routed_scaling_factor: the
+        # entries of the routing distribution as they are (DeepSeek-V2), or the selected sigmoid scores
+        # renormalised (DeepSeek-V3, GLM: the distribution's entries renormalised, the same ratios);
+        # the statistics count the same experts.
         assert torch.equal(routing.expert_ids_TK.sort(-1).values, ids_TK.sort(-1).values)
-        torch.testing.assert_close(routing.gates_TK, routing.probs_TE.gather(-1, routing.expert_ids_TK) * scale)
+        selected_TK = routing.probs_TE.gather(-1, routing.expert_ids_TK)
+        if family in SELECTION_BIAS:
+            selected_TK = selected_TK / selected_TK.sum(-1, keepdim=True)
+        torch.testing.assert_close(routing.gates_TK, selected_TK * scale)
         torch.testing.assert_close(routing.gates_TK.sort(-1).values, weights_TK.sort(-1).values, atol=1e-6, rtol=0)
         counts_E = torch.bincount(ids_TK.reshape(-1), minlength=8).float()
         torch.testing.assert_close(stats["utilisation"], counts_E / counts_E.sum())
         plain_TK = routing.probs_TE.topk(2, dim=-1).indices.sort(-1).values
-        grouped_differs |= bool((plain_TK != routing.expert_ids_TK.sort(-1).values).any())
-    # DeepSeek-V2's group limit changes the selection on some tokens; V2-Lite's greedy rule never does.
-    assert grouped_differs == (family == "deepseek_v2")
+        rule_differs |= bool((plain_TK != routing.expert_ids_TK.sort(-1).values).any())
+    # DeepSeek-V2's group limit, and DeepSeek-V3's and GLM's bias (and V3's groups), change the
+    # selection on some tokens; V2-Lite's greedy rule never does.
+    assert rule_differs == (family != "deepseek_v2_lite")
 
 
-def test_group_limited_top_k_keeps_the_routers_choices_in_the_kept_groups():
-    # Two groups of three experts; the first holds the best score, so only it is kept.
+def test_group_limited_top_k_chooses_inside_the_kept_groups():
+    # Two groups of three experts; the first holds the best score, so only it is kept (softmax: a group
+    # scores its best entry, DeepSeek-V2's rule).
     probs_TE = torch.tensor([[0.35, 0.05, 0.15, 0.25, 0.10, 0.10]])
-    top_k = torch.tensor([[0, 3]])  # what a deterministic router picks: the rule gives the group's best two
-    assert group_limited_topk(probs_TE, top_k, n_group=2, topk_group=1).sort(-1).values.tolist() == [[0, 2]]
-    sampled = torch.tensor([[1, 3]])  # a sampling router's draw: expert 1 is allowed and stays, 3 is not
-    assert group_limited_topk(probs_TE, sampled, n_group=2, topk_group=1).sort(-1).values.tolist() == [[0, 1]]
-    assert group_limited_topk(probs_TE, top_k, n_group=2, topk_group=2).sort(-1).values.tolist() == [[0, 3]]
+
+    def chosen(n_group, topk_group, perturbed_TE=None):
+        router = build_router(4, 6, router_config("topk", k=2, n_group=n_group, topk_group=topk_group))
+        return router.select(probs_TE, perturbed_TE)[0].sort(-1).values.tolist()
+
+    assert chosen(2, 1) == [[0, 2]]  # the kept group's best two, not the plain Top-K [0, 3]
+    assert chosen(2, 2) == [[0, 3]]
+    # A sampling router's draw is made inside the kept groups too: expert 3's perturbed score is the
+    # largest, but its group is out.
+    assert chosen(2, 1, torch.tensor([[0.0, 2.0, 0.0, 9.0, 0.0, 0.0]])) == [[0, 1]]
+    # Sigmoid scores (DeepSeek-V3's rule): a group scores the sum of its best two, so the second group
+    # (0.8 + 0.7) beats the first (0.9 + 0.1) though the first holds the best expert.
+    router = build_router(4, 6, router_config("topk", k=2, n_group=2, topk_group=1, scoring_func="sigmoid"))
+    scores_TE = torch.tensor([[0.9, 0.1, 0.1, 0.8, 0.7, 0.1]])
+    assert router.select(scores_TE)[0].sort(-1).values.tolist() == [[3, 4]]
 
 
 def test_deepseek_shape_parameters_and_flops(tiny_models):
@@ -218,6 +244,14 @@ def test_the_last_n_layers_get_the_router_the_rest_top_k(tiny_models):
     assert [layer.router.name for layer in model.moe_layers] == ["topk", "variational"]
 
 
+@pytest.mark.parametrize("override", ["router.scoring_func=sigmoid", "router.n_group=2", "model.n_shared_experts=1",
+                                      "router.routed_scaling_factor=2.5"])
+def test_the_native_routing_keys_are_one_line_for_a_pretrained_model(tiny_models, override):
+    with pytest.raises(ConfigError) as err:
+        make_config("model=hf", f"model.hf_name={tiny_models['deepseek_v3']}", override)
+    assert str(err.value).startswith(f"{override} is for the native model; model=hf")
+
+
 def test_k_and_the_shape_follow_the_checkpoint(tiny_models):
     cfg = make_config("model=hf", f"model.hf_name={tiny_models['qwen3_moe']}")
     vocab = len(transformers.AutoTokenizer.from_pretrained(tiny_models["qwen3_moe"]))
@@ -270,7 +304,8 @@ def test_the_corpus_uses_the_checkpoints_tokenizer(tiny_models):
 @pytest.mark.parametrize("make, words", [
     (lambda root: root / "nowhere", ["model.hf_name", "no such directory"]),
     (lambda root: save_dense(root / "llama"), ["not a Mixture-of-Experts model"]),
-    (lambda root: save_family(root / "dsv3", transformers.DeepseekV3Config), ["deepseek_v3", "cannot be swapped"]),
+    # DeepSeek-V3's default n_group=8 cannot split 4 experts into groups.
+    (lambda root: save_family(root / "dsv3", transformers.DeepseekV3Config), ["n_group=8", "group-limited Top-K"]),
 ])
 def test_bad_models_are_one_line_exit_2_and_nothing_written(tmp_path, make, words):
     path = make(tmp_path)

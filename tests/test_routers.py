@@ -15,7 +15,7 @@ from torch.distributions import MultivariateNormal, Normal, kl_divergence
 
 from vrmoe.config import ConfigError
 from vrmoe.model.routers import ROUTERS, build_router, renormalised_topk, router_config
-from vrmoe.model.routers.base import (SoftmaxMean, expert_softmax, sample_chunks, standard_exponential_like,
+from vrmoe.model.routers.base import (ScoreMean, expert_softmax, sample_chunks, standard_exponential_like,
                                       token_chunks)
 from vrmoe.model.routers.mc_dropout import GeometricGaps, Scratch, shared_scratch
 from vrmoe.model.routers.topk import TopKRouter
@@ -275,7 +275,7 @@ def test_mc_dropout_every_path_samples_dropout(path):
     elif path == "masks, training":
         probs = router.train()(u).probs_TE.detach()
     else:
-        acc = SoftmaxMean(4, keep=True)
+        acc = ScoreMean(4, keep=True)
         with torch.no_grad():
             router._dense_passes(u, acc)
         probs = acc.samples_STE()
@@ -292,7 +292,7 @@ def test_mc_dropout_masked_passes_are_u_times_the_keep_mask(samples):
     router = make_router("mc_dropout", samples=samples, dropout=p)
     u = tokens(16).requires_grad_()
     torch.manual_seed(5)
-    acc = SoftmaxMean(samples, keep=True)
+    acc = ScoreMean(samples, keep=True)
     router._masked_passes(u, acc)
     probs = acc.samples_STE() if samples > 1 else acc.mean_TE().unsqueeze(0)
     (grad,) = torch.autograd.grad((probs * torch.arange(probs.numel()).view_as(probs)).sum(), u)
@@ -395,7 +395,7 @@ def test_bernoulli_positions_with_a_vanishing_p_and_an_empty_range():
 @pytest.mark.parametrize("mode", ["samples", "tokens"])
 def test_softmax_mean_in_chunks_is_the_mean_of_the_softmaxes(mode):
     logits_STE = torch.randn(7, 50, N_EXPERTS, generator=torch.Generator().manual_seed(4)) * 3
-    acc = SoftmaxMean(7, keep=True)
+    acc = ScoreMean(7, keep=True)
     if mode == "samples":
         start = 0
         for size in sample_chunks(7, 50 * N_EXPERTS, chunk_elements=2 * 50 * N_EXPERTS):

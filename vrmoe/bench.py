@@ -4,6 +4,7 @@
     vrmoe bench --format markdown      # the same table, for docs/performance.md
     vrmoe bench --tiny                 # tiny shapes and one repeat: a smoke test in seconds
     vrmoe bench --only width           # the variational router against Top-K at D = 256 to 2048
+    vrmoe bench --record experiments/results/bench   # also keep the output as a dated record
 
 Every ratio compares contenders measured in the same process, run in turns (A, B, C, B, C,
 A, ..., the order rotating every round): the "ms" column is a contender's median time, the
@@ -59,10 +60,14 @@ import dataclasses
 import math
 import os
 import platform
+import re
+import shlex
 import statistics
 import sys
 import time
 from dataclasses import dataclass
+from datetime import date, datetime, timezone
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
@@ -811,17 +816,22 @@ def gpu_rows(sizes: Sizes, device: torch.device) -> list[Row]:
 # Output
 # ---------------------------------------------------------------------------
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA), torch {torch.__version__}"
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; the platform's processor or machine elsewhere)."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    return cpu
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA), torch {torch.__version__}"
     policy = os.environ.get("OMP_WAIT_POLICY", "unset")
-    return (f"CPU {cpu}, {torch.get_num_threads()} torch threads of {os.cpu_count()} cores "
+    return (f"CPU {cpu_model()}, {torch.get_num_threads()} torch threads of {os.cpu_count()} cores "
             f"(OMP_WAIT_POLICY {policy}), torch {torch.__version__}")
 
 
@@ -893,6 +903,80 @@ def render_rich(rows: list[Row], title: str) -> None:
 
 
 # ---------------------------------------------------------------------------
+# Records: an output kept as a dated file
+# ---------------------------------------------------------------------------
+
+RECORD_LABEL = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
+# The environment variables that change what a bench measures, written into a record's command.
+RECORD_ENVIRONMENT = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "CUDA_VISIBLE_DEVICES")
+
+
+def device_slug(device: torch.device) -> str:
+    """The hardware in a record's file name: the GPU's or the CPU's model name in lower case, words
+    joined by hyphens (``cpu-amd-epyc``, ``nvidia-h100-80gb-hbm3``)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu {cpu_model()}"
+    name = re.sub(r"\((r|tm)\)", "", name.lower())
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+
+
+def record_path(directory: Path, day: date, device: str, commit: str | None, label: str | None = None) -> Path:
+    """``<directory>/<YYYY-MM-DD>_<device>_<short commit>[_<label>].md`` (``no-commit`` outside a checkout)."""
+    short = commit[:7] if commit else "no-commit"
+    return directory / ("_".join([day.isoformat(), device, short, *([label] if label else [])]) + ".md")
+
+
+def record_command(words: list[str]) -> str:
+    """The command line as a shell would rerun it, the environment variables that change a
+    measurement (``RECORD_ENVIRONMENT``) first where they are set."""
+    env = [f"{name}={shlex.quote(os.environ[name])}" for name in RECORD_ENVIRONMENT if name in os.environ]
+    return " ".join([*env, shlex.join(words)])
+
+
+def record_header(when: datetime, versions: dict[str, str | None], device: str, command: str) -> str:
+    """The facts that head a record, one ``- key: value`` line each."""
+    commit = versions.get("git_commit")
+    if commit is None:
+        commit_text = "not recorded (not a git checkout)"
+    else:
+        state = "with uncommitted changes" if commit.endswith("+dirty") else "clean tree"
+        commit_text = f"{commit.removesuffix('+dirty')} ({state})"
+    fields = {"date": f"{when:%Y-%m-%d %H:%M} UTC", "commit": commit_text, "device": device,
+              "python": versions.get("python"), "torch": versions.get("torch"), "vrmoe": versions.get("vrmoe"),
+              "transformers": versions.get("transformers") or "not installed", "command": f"`{command}`"}
+    return "\n".join(f"- {key}: {value}" for key, value in fields.items())
+
+
+@dataclass(frozen=True)
+class Record:
+    """Where an output will be kept, and the header that goes above it."""
+
+    path: Path
+    header: str
+
+    def write(self, body: str) -> None:
+        from .tracking import atomic_write_text
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path, f"{self.header}\n\n{body.rstrip()}\n")
+
+
+def start_record(directory: Path, device: torch.device, command: list[str], label: str | None = None) -> Record:
+    """The record of a run about to start: named by today's date (UTC), the device and vrmoe's
+    commit, refused before anything is measured when the label is malformed or the file exists."""
+    from .tracking import software_versions
+
+    if label is not None and not RECORD_LABEL.fullmatch(label):
+        raise ConfigError(f"--label {label!r}: lower-case letters, digits and single hyphens only "
+                          "(it ends the record's file name)")
+    when = datetime.now(timezone.utc)
+    versions = software_versions()
+    path = record_path(directory, when.date(), device_slug(device), versions["git_commit"], label)
+    if path.exists():
+        raise ConfigError(f"--record: {path} exists; add --label to name this run apart")
+    return Record(path, record_header(when, versions, device_name(device), record_command(command)))
+
+
+# ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 
@@ -944,6 +1028,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "when named)")
     parser.add_argument("--widths", type=int, nargs="+", default=None,
                         help=f"the width section's model widths D (default {' '.join(map(str, QUICK.widths))})")
+    parser.add_argument("--record", type=Path, default=None, metavar="DIR",
+                        help="also keep the markdown output as DIR/<date>_<device>_<commit>[_<label>].md, headed by "
+                             "the date, commit, device, versions and this command (docs/performance.md)")
+    parser.add_argument("--label", default=None,
+                        help="a word that ends the record's file name (with --record): run1, threads1, ...")
     return parser.parse_args(argv)
 
 
@@ -971,6 +1060,9 @@ def main(argv: list[str]) -> None:
             if width < 4:
                 raise ConfigError(f"--widths {width}: must be at least 4 (heads of D/4)")
         sizes = dataclasses.replace(sizes, widths=tuple(args.widths))
+    if args.label is not None and args.record is None:
+        raise ConfigError("--label names a record's file: add --record DIR")
+    record = start_record(args.record, device, ["vrmoe", "bench", *argv], args.label) if args.record else None
     warning = shared_cpu_warning(device)
     if warning:
         log_line(f"[yellow]note:[/] {warning}")
@@ -981,11 +1073,14 @@ def main(argv: list[str]) -> None:
         print(render_markdown(rows, title))
     else:
         render_rich(rows, title)
+    if record is not None:
+        record.write(render_markdown(rows, title))
+        log_line(f"wrote {record.path}")
     if device.type != "cuda" and "gpu" in args.only:
         log_line("GPU rows (three bf16 layer shapes, MFU of model=gpt_small, graph breaks) need CUDA; skipped here")
     log_line(f"bench took {time.perf_counter() - start:.0f}s")
     sys.stdout.flush()
 
 
-__all__ = ["main", "run_benchmarks", "Sizes", "QUICK", "TINY", "Row", "interleaved_times", "round_ratios", "median_interval", "peak_memory_mb",
+__all__ = ["main", "run_benchmarks", "start_record", "Record", "Sizes", "QUICK", "TINY", "Row", "interleaved_times", "round_ratios", "median_interval", "peak_memory_mb",
            "graph_breaks", "model_throughput", "compose_config", "render_markdown"]

@@ -44,6 +44,9 @@ class ModelConfig:
     dispatch: str = "auto"
     # Experts per token the model is made with; the knob K follows it unless set.
     top_k: int = 2
+    # Shared experts per MoE layer (DeepSeek's n_shared_experts): one always-on SwiGLU of width
+    # n_shared_experts * expert_hidden beside the routed experts; 0: none. model=hf keeps its checkpoint's.
+    n_shared_experts: int = 0
     # model=hf: a Hugging Face hub id or a local directory written by save_pretrained.
     hf_name: Optional[str] = None
 
@@ -66,6 +69,25 @@ class RouterConfig:
     # indices counted from 0, the first MoE layer ([12], [0,8,16,24]); the others keep deterministic
     # Top-K. Any: structured configs have no unions; __post_init__ and check() hold it to these forms.
     layers: Any = "all"
+    # How logits become expert scores: softmax over the experts (the paper), or sigmoid, each expert on
+    # its own (DeepSeek-V3, GLM-4.5, Moonlight); every router samples and averages scores of this kind.
+    scoring_func: str = "softmax"
+    # The K selected scores are rescaled to sum to 1 (the gates); false hands the experts the scores as
+    # they are (DeepSeek-V2, Qwen1.5-MoE).
+    norm_topk_prob: bool = True
+    # A factor on the gates (DeepSeek's routed_scaling_factor).
+    routed_scaling_factor: float = 1.0
+    # Grouped selection: the experts form n_group equal groups, the topk_group best groups stay and
+    # the K experts are chosen inside them (a group's score is its best score under softmax, as in
+    # DeepSeek-V2, and the sum of its best two under sigmoid, as in DeepSeek-V3). 1: no groups.
+    n_group: int = 1
+    # The expert groups kept for selection (router.n_group), the best first; K must fit in them.
+    topk_group: int = 1
+    # Auxiliary-loss-free balancing (DeepSeek-V3's bias update speed): after every training step each
+    # expert's selection bias moves by this much towards balance (up if it took fewer than the mean
+    # load, down if more). The bias is added to the scores for selection only, never to the gates, and
+    # checkpoints store it. 0: off (a sigmoid router still selects with the bias it loaded).
+    bias_update_speed: float = 0.0
 
     def __post_init__(self) -> None:
         self.layers = canonical_layers(self.layers)
@@ -82,6 +104,26 @@ class RouterConfig:
                  "layers) or a list of MoE layer indices, e.g. router.layers=[0,2]")
         if self.name != "topk":
             _require(model.moe_every > 0, f"router={self.name} needs MoE layers, but model.moe_every=0 builds none")
+        _require(self.scoring_func in ("softmax", "sigmoid"),
+                 f"router.scoring_func={self.scoring_func!r} must be softmax or sigmoid")
+        _require(self.routed_scaling_factor > 0,
+                 f"router.routed_scaling_factor={self.routed_scaling_factor} must be > 0")
+        _require(self.bias_update_speed >= 0,
+                 f"router.bias_update_speed={self.bias_update_speed} must be >= 0 (0 turns the bias updates off)")
+        n_group, topk_group = self.n_group, self.topk_group
+        _require(n_group >= 1 and model.n_experts % n_group == 0,
+                 f"router.n_group={n_group} must divide model.n_experts={model.n_experts} into equal groups "
+                 "(1: no groups)")
+        _require(1 <= topk_group <= n_group,
+                 f"router.topk_group={topk_group} is out of range; it must be in [1, router.n_group={n_group}]")
+        _require(self.k <= topk_group * (model.n_experts // n_group),
+                 f"K={self.k} experts do not fit in router.topk_group={topk_group} group(s) of "
+                 f"{model.n_experts // n_group}; raise router.topk_group or lower K")
+        if model.backbone != "hf":  # model=hf learns its scoring from the checkpoint, checked there
+            self.check_scoring()
+
+    def check_scoring(self) -> None:
+        """Checks of a router's own keys against ``scoring_func`` (a router with such keys extends it)."""
 
     def samples_at_eval(self) -> bool:
         """Whether evaluation averages S routing samples, so that S changes its result and cost."""
@@ -210,8 +252,9 @@ class TaskConfig:
     name: str = "lm"
     # mcq: the items trained on, from the split fit_split names (epochs = max_steps * batch_size /
     # train_items), and val_items held-out items of the calibration split (val/loss, val/accuracy).
-    # null: every question of a dataset's split (fitting on the calibration split holds its last
-    # val_items out, by default a fifth of it up to 256), 2000 cloze items made from text, 256 to validate.
+    # null: every question of a dataset's split, or 2000 items made from text, and 256 to validate;
+    # fitting on the calibration split (of a dataset or of text) holds its last val_items out, by
+    # default a fifth of it up to 256, and fits on the rest.
     train_items: Optional[int] = None
     val_items: Optional[int] = None
     # mcq: longest cloze sentence in bytes (capped at model.seq_len).
@@ -316,6 +359,15 @@ def validate(c: AppConfig) -> None:
                  f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads} into an even head size")
     _require(m.backbone != "hf" or bool(m.hf_name), HF_NAME_NEEDED)
     _require(m.moe_every >= 0, f"model.moe_every={m.moe_every} must be >= 0 (0 = no MoE layers)")
+    _require(m.n_shared_experts >= 0, f"model.n_shared_experts={m.n_shared_experts} must be >= 0 (0 = none)")
+    if m.backbone == "hf":  # a pretrained family routes and shares experts as its checkpoint says
+        given = [f"{section}.{key}={str(getattr(where, key)).lower()}" for section, where, key, default in (
+            ("model", m, "n_shared_experts", 0), ("router", c.router, "scoring_func", "softmax"),
+            ("router", c.router, "norm_topk_prob", True), ("router", c.router, "routed_scaling_factor", 1.0),
+            ("router", c.router, "n_group", 1), ("router", c.router, "topk_group", 1))
+            if getattr(where, key) != default]
+        _require(not given, f"{given[0] if given else ''} is for the native model; model=hf scores, groups and "
+                 "scales as its checkpoint's family does and keeps its shared experts: drop it")
     _require(0 <= m.dropout < 1, f"model.dropout={m.dropout} must be in [0, 1)")
     _require(m.dispatch in ("auto", "loop", "grouped_mm"),
              f"model.dispatch={m.dispatch!r} must be one of auto, loop, grouped_mm")

@@ -100,9 +100,9 @@ class MetaBackbone(HFBackbone):
         the MoE layers ``router.layers`` chooses and Top-K on the others, as HFBackbone does."""
         templates: dict[tuple, nn.Module] = {}
         self.moe_layers = []
-        for (module_name, original), layer_cfg in zip(self._originals, router_layer_plan(len(self._originals),
-                                                                                          router_cfg)):
-            swapped = SwappedRouter(original, self._meta_router(original, layer_cfg, templates), self._rule)
+        plan = router_layer_plan(len(self._originals), self._rule.configure(router_cfg))
+        for (module_name, original), layer_cfg in zip(self._originals, plan):
+            swapped = SwappedRouter(original, self._meta_router(original, layer_cfg, templates))
             parent, attr = _parent(self.hf, module_name)
             setattr(parent, attr, swapped)
             self.moe_layers.append(swapped)

@@ -6,24 +6,22 @@ last N, ``router.layers=N``) by a vrmoe router whose deterministic gate is the p
 one (NN_det, the prior's mean). The model's own experts, shared experts and routing
 conventions are kept; each supported family's convention is one :class:`Convention`:
 
-* every supported family scores experts with a softmax over the router logits; whether the
-  K selected weights are renormalised to sum to 1 is the family's (Mixtral, GraniteMoE and
-  gpt-oss always; Qwen2/Qwen3-MoE and OLMoE as ``norm_topk_prob`` says; DeepSeek-V2 never),
-  and so are a bias on the router (gpt-oss), a factor on the weights (DeepSeek-V2's
-  ``routed_scaling_factor``) and the selection rule (Top-K, or DeepSeek-V2's group-limited
-  Top-K: the ``topk_group`` of ``n_group`` expert groups with the best top score, Top-K
-  inside them);
-* vrmoe's router decides the selection and its routing distribution (S-averaged at
-  evaluation for the sampling routers); the family's rule is applied to them on the way
-  out of the router (:class:`RoutingRule`), so the :class:`Routing` every caller sees (the
-  experts, the routing statistics, the stability and posterior probes) holds the experts the
-  model uses and the weights it hands them: the router's renormalised gates where the family
-  renormalises, the selected entries of the routing distribution where it does not, times
-  the family's factor.
+* the scores: a softmax over the router logits (Mixtral, Qwen-MoE, OLMoE, GraniteMoE, gpt-oss,
+  DeepSeek-V2), or a sigmoid of each logit with a score-correction bias that only the selection
+  sees (DeepSeek-V3 and Moonlight, GLM-4-MoE); whether the K selected scores are renormalised
+  to sum to 1 (Mixtral, GraniteMoE and gpt-oss always; Qwen2/Qwen3-MoE, OLMoE, DeepSeek-V3 and
+  GLM-4-MoE as ``norm_topk_prob`` says; DeepSeek-V2 never); a bias on the router (gpt-oss); a
+  factor on the weights (DeepSeek's and GLM's ``routed_scaling_factor``); and the selection
+  rule (Top-K, or group-limited Top-K: the ``topk_group`` best of ``n_group`` expert groups,
+  Top-K inside them);
+* the family's convention becomes the router keys that express it (``router.scoring_func``,
+  ``norm_topk_prob``, ``routed_scaling_factor``, ``n_group``, ``topk_group``: :class:`RoutingRule`),
+  and the pretrained selection bias is loaded into the router's own; the vrmoe router then
+  routes exactly as a native router with those keys does (:meth:`Router.select`), so the
+  :class:`Routing` every caller sees (the experts, the routing statistics, the stability and
+  posterior probes) holds the experts the model uses and the weights it hands them.
 
-With ``router=topk`` the swapped model computes what the original does. DeepSeek-V3 and
-GLM-4-MoE routing (sigmoid scores with a score-correction bias that only the selection sees)
-is not a softmax distribution a vrmoe router samples from, and is refused with one line.
+With ``router=topk`` the swapped model computes what the original does.
 """
 
 from __future__ import annotations
@@ -49,80 +47,53 @@ from .routers import Router, Routing, build_router
 
 @dataclass(frozen=True)
 class RoutingRule:
-    """What one model does with its routing distribution: its family's :class:`Convention` as
-    its config sets it."""
+    """One model's routing as router keys: its family's :class:`Convention` as its config sets it."""
 
-    renormalise: bool  # the K selected weights are rescaled to sum to 1
-    scale: float = 1.0  # a factor on the selected weights
-    groups: tuple[int, int] | None = None  # (n_group, topk_group): group-limited Top-K
+    scoring_func: str = "softmax"
+    norm_topk_prob: bool = True  # the K selected scores are rescaled to sum to 1
+    routed_scaling_factor: float = 1.0  # a factor on the selected weights
+    n_group: int = 1  # group-limited Top-K: the topk_group best of n_group groups
+    topk_group: int = 1
 
-    def apply(self, routing: Routing) -> Routing:
-        """The routing with the experts the model uses and the weights it hands them."""
-        ids_TK = routing.expert_ids_TK
-        if self.groups is not None:
-            ids_TK = group_limited_topk(routing.probs_TE, ids_TK, *self.groups)
-        if self.renormalise and ids_TK is routing.expert_ids_TK:
-            gates_TK = routing.gates_TK  # the router's own renormalised gates
-        elif self.renormalise:
-            top_TK = routing.probs_TE.gather(-1, ids_TK)
-            gates_TK = top_TK / top_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(top_TK.dtype).tiny)
-        else:  # the selected entries of the routing distribution, as the family uses them
-            gates_TK = routing.probs_TE.gather(-1, ids_TK)
-        if self.scale != 1.0:
-            gates_TK = gates_TK * self.scale
-        if ids_TK is routing.expert_ids_TK and gates_TK is routing.gates_TK:
-            return routing
-        return dataclasses.replace(routing, expert_ids_TK=ids_TK, gates_TK=gates_TK)
-
-    def after_router(self, router: nn.Module, args: tuple, routing: Routing) -> Routing:
-        """A forward hook on the vrmoe router (a method, not a closure: the model stays picklable)."""
-        return self.apply(routing)
+    def configure(self, cfg: RouterConfig) -> RouterConfig:
+        """``cfg`` with the family's routing keys (the command line cannot set them for model=hf)."""
+        out = dataclasses.replace(cfg, **dataclasses.asdict(self))
+        out.check_scoring()
+        return out
 
 
 @dataclass(frozen=True)
 class Convention:
-    """How a family turns softmax routing scores into the experts' weights (read off the
-    family's ``*TopkRouter`` in ``transformers``)."""
+    """How a family turns router logits into the experts' weights (read off the family's
+    ``*TopkRouter`` in ``transformers``)."""
 
     renormalise: bool | None = True  # None: as config.norm_topk_prob says
     scaled: bool = False  # the weights are multiplied by config.routed_scaling_factor
-    grouped: bool = False  # config.topk_method may be "group_limited_greedy" (n_group, topk_group)
+    # Group-limited Top-K: "method" where config.topk_method may be "group_limited_greedy" (DeepSeek-V2),
+    # "always" where the router always applies config.n_group and topk_group (DeepSeek-V3, GLM-4-MoE).
+    grouped: str | None = None
+    scoring_func: str = "softmax"  # sigmoid: sigmoid scores and a selection bias (e_score_correction_bias)
 
     def rule(self, name: str, config: Any) -> RoutingRule:
         renormalise = self.renormalise
         if renormalise is None:
             renormalise = bool(getattr(config, "norm_topk_prob", False))
         scale = float(getattr(config, "routed_scaling_factor", None) or 1.0) if self.scaled else 1.0
-        method = (getattr(config, "topk_method", None) or "greedy") if self.grouped else "greedy"
-        if method == "greedy":
-            return RoutingRule(renormalise, scale)
-        if method != "group_limited_greedy":
+        method = (getattr(config, "topk_method", None) or "greedy") if self.grouped == "method" else "greedy"
+        if method not in ("greedy", "group_limited_greedy"):
             raise ConfigError(f"model.hf_name={name}: topk_method={method} is not a selection rule vrmoe swaps; "
                               "supported: greedy, group_limited_greedy")
-        n_group, topk_group, n_experts = config.n_group, config.topk_group, config.num_experts
+        if method == "greedy" and self.grouped != "always":
+            return RoutingRule(self.scoring_func, renormalise, scale)
+        n_group, topk_group = config.n_group, config.topk_group
+        n_experts, top_k = config.n_routed_experts, config.num_experts_per_tok
         if not (isinstance(n_group, int) and isinstance(topk_group, int) and 1 <= topk_group <= n_group
-                and n_experts % n_group == 0):
-            raise ConfigError(f"model.hf_name={name}: group_limited_greedy needs n_group dividing the "
-                              f"{n_experts} experts and 1 <= topk_group <= n_group (its config has n_group={n_group}, "
-                              f"topk_group={topk_group}); fix the checkpoint's config.json")
-        return RoutingRule(renormalise, scale, (n_group, topk_group))
-
-
-def group_limited_topk(probs_TE: torch.Tensor, ids_TK: torch.Tensor, n_group: int, topk_group: int) -> torch.Tensor:
-    """DeepSeek-V2's group-limited Top-K on a routing distribution: the experts form ``n_group``
-    equal groups, the ``topk_group`` groups with the highest top score stay, and K experts are
-    chosen inside them. The router's own choices (``ids_TK``) that fall in the kept groups come
-    first: for a router that picks the Top-K of ``probs_TE`` this is exactly the Top-K of the
-    kept groups' scores, and a router that samples its choice keeps the samples the rule allows."""
-    n_tokens, n_experts = probs_TE.shape
-    per_group = n_experts // n_group
-    best_TG = probs_TE.detach().view(n_tokens, n_group, per_group).amax(-1)
-    kept_TG = torch.zeros_like(best_TG, dtype=torch.bool).scatter_(-1, best_TG.topk(topk_group, dim=-1).indices, True)
-    kept_TE = kept_TG.repeat_interleave(per_group, dim=-1)
-    chosen_TE = torch.zeros_like(kept_TE).scatter_(-1, ids_TK, True) & kept_TE
-    # Scores are in [0, 1]: adding 2 ranks every kept choice of the router above every other expert.
-    rank_TE = probs_TE.detach().masked_fill(~kept_TE, 0.0) + 2.0 * chosen_TE
-    return rank_TE.topk(ids_TK.shape[-1], dim=-1).indices
+                and n_experts % n_group == 0 and top_k <= topk_group * (n_experts // n_group)):
+            raise ConfigError(f"model.hf_name={name}: group-limited Top-K needs n_group dividing the {n_experts} "
+                              f"experts, 1 <= topk_group <= n_group and the {top_k} experts per token inside the "
+                              f"kept groups (its config has n_group={n_group}, topk_group={topk_group}); fix the "
+                              "checkpoint's config.json")
+        return RoutingRule(self.scoring_func, renormalise, scale, n_group, topk_group)
 
 
 # model_type -> the family's routing convention (the families whose routing a vrmoe router can take over).
@@ -132,13 +103,14 @@ CONVENTIONS: dict[str, Convention] = {
     "granitemoe": Convention(renormalise=True), "granitemoeshared": Convention(renormalise=True),
     "gpt_oss": Convention(renormalise=True),
     # transformers' DeepseekV2TopkRouter never renormalises, whatever config.norm_topk_prob says.
-    "deepseek_v2": Convention(renormalise=False, scaled=True, grouped=True),
+    "deepseek_v2": Convention(renormalise=False, scaled=True, grouped="method"),
+    # DeepSeek-V3 (and Moonlight, which uses its configuration) and GLM-4.5: sigmoid scores plus the
+    # selection bias, Top-K inside the best topk_group of n_group groups (each scored by its best two).
+    "deepseek_v3": Convention(renormalise=None, scaled=True, grouped="always", scoring_func="sigmoid"),
+    "glm4_moe": Convention(renormalise=None, scaled=True, grouped="always", scoring_func="sigmoid"),
 }
 # Families with MoE routing that a vrmoe router cannot express, and why.
-UNSUPPORTED_ROUTING = {
-    "deepseek_v3": "sigmoid expert scores with a score-correction bias that only the selection sees, and grouped Top-K",
-    "glm4_moe": "sigmoid expert scores with a score-correction bias that only the selection sees, and grouped Top-K",
-}
+UNSUPPORTED_ROUTING: dict[str, str] = {}
 HF_INSTALL = "pip install 'vrmoe[hf]'"
 # The first release whose every supported family routes through a ``*TopKRouter`` module that
 # returns (logits, weights, indices): GraniteMoE's returned them in another order before 5.21.
@@ -197,6 +169,8 @@ def config_value(name: str, key: str) -> Any:
     A family whose routing cannot be swapped is refused here, when the config is composed."""
     cfg = hf_config(name)
     check_family(name, cfg.model_type)
+    if cfg.model_type in CONVENTIONS:  # a routing rule its config does not make sense of is refused now
+        CONVENTIONS[cfg.model_type].rule(name, cfg)
     aliases = {"n_experts": ("num_local_experts", "num_experts", "n_routed_experts"),
                "top_k": ("num_experts_per_tok", "moe_topk", "top_k"),
                "d_model": ("hidden_size",), "n_layers": ("num_hidden_layers",), "vocab_size": ("vocab_size",)}
@@ -219,18 +193,16 @@ def check_family(name: str, family: str) -> None:
 class SwappedRouter(nn.Module):
     """Stands where the family's router stood and answers as it did: (logits, weights, indices).
 
-    The vrmoe router inside decides, and the family's rule is applied to its output by a
-    forward hook on it, so whoever calls the router (this module, the posterior probe's extra
-    draws) gets the selection and weights the model uses. The last routing and its statistics
-    are kept for the backbone to collect after the forward pass (one module per layer, no
-    global state)."""
+    The vrmoe router inside decides, built with the family's routing keys (:class:`RoutingRule`),
+    so whoever calls the router (this module, the posterior probe's extra draws) gets the
+    selection and weights the model uses. The last routing and its statistics are kept for the
+    backbone to collect after the forward pass (one module per layer, no global state)."""
 
-    def __init__(self, original: nn.Module, router: Router, rule: RoutingRule):
+    def __init__(self, original: nn.Module, router: Router):
         super().__init__()
-        self.router, self.rule = router, rule
+        self.router = router
         self.n_experts, self.hidden_dim = router.n_experts, original.weight.shape[1]
         self.last: tuple[Routing, dict[str, torch.Tensor]] | None = None
-        router.register_forward_hook(rule.after_router)
 
     def forward(self, hidden_states: torch.Tensor):
         # The router (its heads train) stays in fp32 when the frozen model is loaded in bf16.
@@ -278,11 +250,11 @@ class HFBackbone(nn.Module):
         rule = CONVENTIONS[family].rule(name, config)
         self.hf.config.use_cache = False
         pretrained_ids = {id(p) for p in self.hf.parameters()}
-        plan = router_layer_plan(len(originals), router_cfg)
+        plan = router_layer_plan(len(originals), rule.configure(router_cfg))
         self.moe_layers: list[SwappedRouter] = []
         self.moe_layer_names: list[str] = []
         for (module_name, original), layer_cfg in zip(originals, plan):
-            swapped = SwappedRouter(original, self._router_from(original, layer_cfg), rule)
+            swapped = SwappedRouter(original, self._router_from(original, layer_cfg))
             parent, attr = _parent(self.hf, module_name)
             setattr(parent, attr, swapped)
             self.moe_layers.append(swapped)
@@ -296,16 +268,21 @@ class HFBackbone(nn.Module):
                                       if id(p) in pretrained_ids or id(p) in gate_ids}
 
     def _router_from(self, original: nn.Module, cfg: RouterConfig) -> Router:
-        """A vrmoe router whose gate is the pretrained router's weight (and bias, where it has one)."""
+        """A vrmoe router whose gate is the pretrained router's weight (and bias, where it has one),
+        and whose selection bias is the pretrained one (DeepSeek-V3's and GLM's
+        ``e_score_correction_bias``)."""
         n_experts, d_model = original.weight.shape
         router = build_router(d_model, n_experts, cfg)
         bias = getattr(original, "bias", None)
         if bias is not None:
             router.gate = nn.Linear(d_model, n_experts, bias=True)
+        selection_bias = getattr(original, "e_score_correction_bias", None)
         with torch.no_grad():
             router.gate.weight.copy_(original.weight)
             if bias is not None:
                 router.gate.bias.copy_(bias)
+            if selection_bias is not None:
+                router.e_score_correction_bias.copy_(selection_bias)
         return router
 
     # -- the backbone contract ------------------------------------------------------------

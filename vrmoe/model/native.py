@@ -66,6 +66,10 @@ class Block(nn.Module):
         self.norm2 = nn.RMSNorm(cfg.d_model)
         self.moe = moe
         self.ffn = SwiGLU(cfg.d_model, cfg.dense_hidden) if moe is None else None
+        # DeepSeek's shared experts: one SwiGLU as wide as n_shared_experts routed ones, that every
+        # token goes through beside the K routed experts (no router sees it).
+        self.shared_experts = (SwiGLU(cfg.d_model, cfg.n_shared_experts * cfg.expert_hidden)
+                               if moe is not None and cfg.n_shared_experts > 0 else None)
 
     def forward(self, x, cos, sin):
         x = x + self.attn(self.norm1(x), cos, sin)
@@ -73,6 +77,8 @@ class Block(nn.Module):
         if self.moe is None:
             return x + self.ffn(h), None
         out = self.moe(h)
+        if self.shared_experts is not None:
+            return x + out.y_TD + self.shared_experts(h), out
         return x + out.y_TD, out
 
 
@@ -186,6 +192,8 @@ class MoETransformer(nn.Module):
                 layer_router = next(routers)
                 experts += layer_router.k * swiglu_flops(cfg.d_model, cfg.expert_hidden) + 2 * layer_router.k * cfg.d_model
                 router += layer_router.flops_per_token(samples)
+                if block.shared_experts is not None:  # counted as model=hf counts them: with the dense MLPs
+                    other += swiglu_flops(cfg.d_model, cfg.n_shared_experts * cfg.expert_hidden)
             else:
                 other += swiglu_flops(cfg.d_model, cfg.dense_hidden)
         other += 2 * cfg.d_model * cfg.vocab_size  # output head (tied to the embedding)

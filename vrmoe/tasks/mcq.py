@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from .. import distributed
 from ..config import ConfigError
 from ..data.batches import derived_seed
-from ..data.mcq import MCQBatch, split_items
+from ..data.mcq import MCQBatch, build_items, item_len, split_items, split_text
 from .base import register_task
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -29,29 +30,41 @@ VAL_SHARE = 0.2
 
 def item_counts(app: "AppConfig", corpus: "Corpus") -> tuple[int, int]:
     """(items trained on, items validated on). A dataset's split is used whole by default
-    (``task.train_items=null``); fitting on the calibration split holds its last ``task.val_items``
-    out for validation (by default a fifth, at most 256), so both counts must fit in it."""
+    (``task.train_items=null``); text yields up to ``TEXT_TRAIN_ITEMS`` fine-tuning items. Fitting
+    on the calibration split, of a dataset or of text, holds its last ``task.val_items`` out for
+    validation (by default a fifth, at most 256) and fits on the rest, so both counts must fit in it."""
     task = app.task
-    if corpus.questions is None:
+    if corpus.questions is None and task.fit_split != "calibration":
         return (task.train_items or TEXT_TRAIN_ITEMS), (task.val_items or VAL_ITEMS)
-    fit_split, calibration = corpus.questions[task.fit_split], corpus.questions["calibration"]
+    n_calibration, said = calibration_size(app, corpus)
     if task.fit_split != "calibration":
+        fit_split = corpus.questions[task.fit_split]
         n_fit = len(fit_split) if task.train_items is None else task.train_items
         if n_fit > len(fit_split):
             raise ConfigError(f"task.train_items={n_fit}: the {app.data.mcq_train_split} split has {len(fit_split)} "
                               f"questions; give at most {len(fit_split)}, or null for all of them")
-        return n_fit, task.val_items or min(VAL_ITEMS, len(calibration))
-    n_val = task.val_items or max(1, min(VAL_ITEMS, round(VAL_SHARE * len(calibration))))
-    room = len(calibration) - n_val
+        return n_fit, task.val_items or min(VAL_ITEMS, n_calibration)
+    n_val = task.val_items or max(1, min(VAL_ITEMS, round(VAL_SHARE * n_calibration)))
+    room = n_calibration - n_val
     if room < 1:
-        raise ConfigError(f"task.val_items={n_val}: the calibration split has {len(calibration)} questions, too few to "
-                          "hold that many out for validation and fit on the rest; lower task.val_items or name a "
-                          "larger split with data.mcq_calibration_split")
+        raise ConfigError(f"task.val_items={n_val}: {said}, too few to hold that many out for "
+                          "validation and fit on the rest; lower task.val_items or give a larger calibration split "
+                          "(data.mcq_calibration_split, or data.val_fraction for text)")
     n_fit = room if task.train_items is None else task.train_items
     if n_fit > room:
-        raise ConfigError(f"task.train_items={n_fit}: the calibration split has {len(calibration)} questions and "
-                          f"task.val_items={n_val} of them validate; give at most {room}, or null for the rest")
+        raise ConfigError(f"task.train_items={n_fit}: {said} and task.val_items={n_val} of them "
+                          f"validate; give at most {room}, or null for the rest")
     return n_fit, n_val
+
+
+def calibration_size(app: "AppConfig", corpus: "Corpus") -> tuple[int, str]:
+    """How many items the calibration split holds, and a message's words for it."""
+    if corpus.questions is not None:
+        n = len(corpus.questions["calibration"])
+        return n, f"the calibration split has {n} questions"
+    # Text has no natural count: as many items as its calibration half yields.
+    n = len(build_items(split_text(corpus, "calibration"), sys.maxsize, item_len(app)))
+    return n, f"the calibration text yields {n} items"
 
 
 @register_task

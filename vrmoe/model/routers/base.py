@@ -22,9 +22,14 @@ one YAML file in ``conf/router/``. The class owns everything about itself:
 * ``posthoc_trained_parameters()``: the loaded weights its post-hoc method trains (SWAG's gate),
   which ``train.freeze=backbone`` then leaves trainable.
 
-Routers that average S routing samples share :class:`SoftmaxMean`: the samples are drawn and
-turned into routing distributions a chunk at a time and only their running sum is kept, so
-S x T x E numbers never exist at once unless ``Router.keep_samples`` asks for them.
+How logits become expert scores, and scores the experts and gates a token gets, is one
+:class:`Scoring` (``router.scoring_func``, ``norm_topk_prob``, ``routed_scaling_factor``,
+``n_group``/``topk_group``) that every router reads through :meth:`Router.select`; the selection
+bias that auxiliary-loss-free balancing moves lives on the base class too.
+
+Routers that average S routing samples share :class:`ScoreMean`: the samples are drawn and
+turned into scores a chunk at a time and only their running sum is kept, so S x T x E numbers
+never exist at once unless ``Router.keep_samples`` asks for them.
 
 Shape suffixes: T tokens, D model width, E experts, K experts per token,
 S Monte-Carlo samples, C the samples of one chunk, P packed lower-triangle entries.
@@ -39,6 +44,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ...config import ConfigError, ModelConfig, RouterConfig
 from ...distributed import sum_over_ranks, world_size
@@ -48,11 +54,16 @@ from ..flops import SOFTMAX_FLOPS_PER_CLASS, linear_flops
 @dataclass
 class Routing:
     expert_ids_TK: torch.Tensor  # long, the selected experts
-    gates_TK: torch.Tensor  # the selected experts' weights, summing to 1 per token
-    probs_TE: torch.Tensor  # the routing distribution selection was made from (S-averaged at evaluation)
+    # The selected experts' weights: summing to 1 per token with router.norm_topk_prob (the default),
+    # times router.routed_scaling_factor.
+    gates_TK: torch.Tensor
+    # The routing distribution selection was made from (S-averaged at evaluation): the softmax, or the
+    # sigmoid scores normalised to sum to 1 (router.scoring_func=sigmoid).
+    probs_TE: torch.Tensor
     aux_loss: torch.Tensor  # scalar, weighted: load balance + z-loss + the router's own terms
     stats: dict[str, torch.Tensor] = field(default_factory=dict)  # detached diagnostics
-    # The S per-sample routing distributions whose mean is probs_TE, only where they were asked for
+    # The S per-sample routing distributions whose mean is probs_TE (under sigmoid scoring: whose
+    # mean, normalised, is probs_TE), only where they were asked for
     # (the router's ``keep_samples`` is True) and S > 1; None otherwise. The default leaves them
     # out: the mean is accumulated without them (evaluation's mutual information runs S
     # single-sample passes instead, see vrmoe/eval/context.py).
@@ -89,8 +100,65 @@ class Router(nn.Module):
     def __init__(self, d_model: int, n_experts: int, cfg: RouterConfig):
         super().__init__()
         self.n_experts, self.k, self.cfg = n_experts, cfg.k, cfg
+        self.scoring = Scoring.of(cfg)
         self.gate = nn.Linear(d_model, n_experts, bias=False)
         nn.init.normal_(self.gate.weight, std=d_model ** -0.5 * 0.1)
+        # The selection bias (DeepSeek-V3's e_score_correction_bias): added to the scores for selection
+        # only. It exists where it can matter, a sigmoid router (a family's checkpoint or a post-hoc
+        # base brings one) or one whose training moves it, and is trained state there; elsewhere it
+        # is None and the state_dict holds no entry for it (checkpoints of softmax runs are unchanged).
+        uses_bias = cfg.scoring_func == "sigmoid" or cfg.bias_update_speed > 0
+        self.register_buffer("e_score_correction_bias", torch.zeros(n_experts) if uses_bias else None)
+
+    def select(self, scores_TE: torch.Tensor, perturbed_TE: torch.Tensor | None = None,
+               scaled_TE: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K experts of every token and their gates, from its scores (S-averaged at evaluation).
+
+        Selection is Top-K of ``scores + bias`` inside the kept expert groups, or, for a router that
+        samples, of ``perturbed_TE`` (its Gumbel-perturbed :meth:`sampling_log_weights`) inside the
+        same groups; the groups are kept on the unperturbed scores. Gates are the selected scores as
+        :meth:`Scoring.gates` makes them (``scaled_TE``: the scaled logits the scores came from, where
+        the router has them). In training the bias then moves towards balance
+        (``router.bias_update_speed``)."""
+        bias_E = self.e_score_correction_bias
+        if perturbed_TE is None and bias_E is None and self.scoring.plain:
+            if scaled_TE is None:
+                return renormalised_topk(scores_TE, self.k)  # the paper's Top-K, the numbers it always gave
+            perturbed_TE = scaled_TE  # Top-K of the scaled logits is that of their softmax, without its rounding
+        choice_TE = scores_TE.detach() if bias_E is None else scores_TE.detach() + bias_E
+        if self.scoring.grouped:
+            kept_TE = self.scoring.kept_groups(choice_TE)
+            choice_TE = (choice_TE if perturbed_TE is None else perturbed_TE.detach()).masked_fill(~kept_TE, -math.inf)
+        elif perturbed_TE is not None:
+            choice_TE = perturbed_TE.detach()
+        ids_TK = choice_TE.topk(self.k, dim=-1).indices
+        if self.training and self.cfg.bias_update_speed > 0:
+            self.update_bias(ids_TK)
+        return ids_TK, self.scoring.gates(scores_TE, ids_TK, scaled_TE)
+
+    def sampling_log_weights(self, scaled_TE: torch.Tensor, scores_TE: torch.Tensor) -> torch.Tensor:
+        """What a sampling router perturbs with Gumbel noise: the log of the weights it draws K experts
+        in proportion to (Gumbel-top-K), from the scaled logits and the scores made of them. Without a
+        bias the weights are the scores, so the draw is from the routing distribution
+        (``softmax(l / T)``, or ``sigmoid(l / T)`` normalised); with one they are the scores plus the
+        bias, floored at 0 (an expert whose corrected score is not positive is not drawn): the draw
+        is in proportion to what Top-K takes the largest of."""
+        bias_E = self.e_score_correction_bias
+        if bias_E is None:
+            return self.scoring.log_weights(scaled_TE)
+        return (scores_TE + bias_E).clamp_min(torch.finfo(scores_TE.dtype).tiny).log()
+
+    @torch.no_grad()
+    def update_bias(self, ids_TK: torch.Tensor) -> None:
+        """Auxiliary-loss-free balancing (Wang et al. 2024; DeepSeek-V3): every expert's bias moves by
+        ``router.bias_update_speed`` times the sign of its load error, up for an expert that took fewer
+        than the mean number of slots, down for one that took more. Training routes each step's batch
+        once, so this runs once per optimiser step, on that step's load (the global batch's under
+        torchrun, so every rank moves its bias alike)."""
+        counts_E = torch.zeros(self.n_experts, device=ids_TK.device, dtype=torch.float32)
+        counts_E.scatter_add_(0, ids_TK.reshape(-1), torch.ones(ids_TK.numel(), device=ids_TK.device))
+        counts_E = sum_over_ranks(counts_E)
+        self.e_score_correction_bias.add_((counts_E.mean() - counts_E).sign() * self.cfg.bias_update_speed)
 
     def balance_terms(self, logits_TE: torch.Tensor, probs_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
         # In training every rank routes its slice of one global batch in step; evaluation is per rank.
@@ -116,8 +184,9 @@ class Router(nn.Module):
         return []
 
     def topk_flops_per_token(self) -> float:
-        """What deterministic Top-K on the same gate costs: the logit layer, the softmax and the
-        renormalisation of the K gates (Top-K selection is comparisons and is not counted)."""
+        """What deterministic Top-K on the same gate costs: the logit layer, the softmax (a sigmoid
+        is counted alike) and the renormalisation of the K gates (Top-K selection is comparisons and
+        is not counted)."""
         return linear_flops(self.gate) + SOFTMAX_FLOPS_PER_CLASS * self.n_experts + 2 * self.k
 
     def head_flops_per_token(self) -> float:
@@ -189,6 +258,88 @@ def renormalised_topk(scores_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, to
     """Top-K of a probability vector, the selected entries renormalised to sum to 1."""
     top_TK, ids_TK = scores_TE.topk(k, dim=-1)
     return ids_TK, top_TK / top_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(top_TK.dtype).tiny)
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How a router's logits become expert scores, and the selected scores gates: the router keys
+    ``scoring_func``, ``norm_topk_prob``, ``routed_scaling_factor``, ``n_group`` and ``topk_group``,
+    read here and nowhere else.
+
+    * **softmax** (the paper): the scores are a distribution over the experts.
+    * **sigmoid** (DeepSeek-V3, GLM-4.5, Moonlight): each expert's score is ``sigmoid`` of its own
+      logit, so an expert's score depends on nothing but its logit; the routing distribution
+      (``Routing.probs_TE``: the balance loss, the gate entropy) is the scores normalised to sum to 1.
+
+    A router that samples routes averages scores of this kind (``mean_s sigmoid(l_s / T)`` under
+    sigmoid) before selection, and a router that draws K experts draws them in proportion to the
+    scores (:meth:`log_weights`)."""
+
+    func: str = "softmax"
+    renormalise: bool = True
+    scale: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+
+    @classmethod
+    def of(cls, cfg: RouterConfig) -> "Scoring":
+        return cls(cfg.scoring_func, cfg.norm_topk_prob, float(cfg.routed_scaling_factor), cfg.n_group,
+                   cfg.topk_group)
+
+    @property
+    def grouped(self) -> bool:
+        return self.topk_group < self.n_group
+
+    @property
+    def plain(self) -> bool:
+        """The paper's rule: softmax scores, the K selected renormalised, no factor, no groups."""
+        return self.func == "softmax" and self.renormalise and self.scale == 1.0 and not self.grouped
+
+    def scores(self, logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """The scores of logits whose experts lie along ``dim`` (any layout: the sample chunks of
+        :class:`ScoreMean` keep the experts off the innermost dimension)."""
+        if self.func == "sigmoid":
+            return logits.sigmoid()
+        return expert_softmax(logits) if dim == -1 else logits.softmax(dim)
+
+    def distribution(self, scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """The routing distribution of scores: the softmax itself, or the sigmoid scores normalised."""
+        if self.func == "softmax":
+            return scores
+        return scores / scores.sum(dim, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
+
+    def log_weights(self, scaled_TE: torch.Tensor) -> torch.Tensor:
+        """Log-weights whose Gumbel-top-K draws K experts from the routing distribution of the scaled
+        logits ``l / T``: the scaled logits themselves under softmax (``log softmax`` up to a constant
+        per token), ``log sigmoid(l / T)`` under sigmoid (the normalised scores)."""
+        return scaled_TE if self.func == "softmax" else F.logsigmoid(scaled_TE)
+
+    def kept_groups(self, choice_TE: torch.Tensor) -> torch.Tensor:
+        """Which experts lie in the ``topk_group`` best of the ``n_group`` equal groups (bool, T x E),
+        a group scored by its best selection score under softmax (DeepSeek-V2) and by the sum of its
+        best two under sigmoid (DeepSeek-V3, GLM-4.5; its only one if a group holds one expert)."""
+        n_tokens, n_experts = choice_TE.shape
+        per_group = n_experts // self.n_group
+        grouped_TGX = choice_TE.view(n_tokens, self.n_group, per_group)
+        if self.func == "softmax":
+            group_TG = grouped_TGX.amax(-1)
+        else:
+            group_TG = grouped_TGX.topk(min(2, per_group), dim=-1).values.sum(-1)
+        kept_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(
+            -1, group_TG.topk(self.topk_group, dim=-1).indices, True)
+        return kept_TG.repeat_interleave(per_group, dim=-1)
+
+    def gates(self, scores_TE: torch.Tensor, ids_TK: torch.Tensor, scaled_TE: torch.Tensor | None = None) -> torch.Tensor:
+        """The selected experts' weights: their scores, rescaled to sum to 1 with ``norm_topk_prob``,
+        times ``routed_scaling_factor``. Under softmax with the scaled logits at hand the renormalised
+        scores are the softmax over the selected scaled logits (the same numbers, fewer roundings)."""
+        if self.func == "softmax" and self.renormalise and scaled_TE is not None:
+            gates_TK = expert_softmax(scaled_TE.gather(-1, ids_TK))
+        else:
+            gates_TK = scores_TE.gather(-1, ids_TK)
+            if self.renormalise:
+                gates_TK = gates_TK / gates_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(gates_TK.dtype).tiny)
+        return gates_TK if self.scale == 1.0 else gates_TK * self.scale
 
 
 def zero_init_head(d_model: int, hidden_ratio: float, n_out: int, bias_init: float | torch.Tensor) -> nn.Sequential:
@@ -264,8 +415,9 @@ def token_chunks(n_tokens: int, elements_per_token: int, chunk_elements: int = S
     return [slice(start, min(start + size, n_tokens)) for start in range(0, n_tokens, size)]
 
 
-class SoftmaxMean:
-    """``mean_s softmax(l_s)`` over S routing samples of every token, accumulated a chunk at a time.
+class ScoreMean:
+    """``mean_s scores(l_s)`` over S routing samples of every token (``softmax(l_s)``, or the
+    element-wise ``sigmoid(l_s)``: :class:`Scoring`), accumulated a chunk at a time.
 
     Chunks keep the experts off the innermost dimension, so the softmax over E runs vectorised
     across the samples or tokens that are innermost (PyTorch's softmax over a contiguous last
@@ -273,12 +425,12 @@ class SoftmaxMean:
     Either all chunks are sample chunks, (C, E, T): C samples of every token
     (:meth:`add_samples`), or all are token chunks, (X, E, S): every sample of X consecutive
     tokens (:meth:`add_tokens`). Only the running sums outlive a chunk, unless ``keep`` asks for
-    the per-sample distributions. Differentiable: a router evaluated with gradients on gets them
+    the per-sample scores. Differentiable: a router evaluated with gradients on gets them
     through the mean.
     """
 
-    def __init__(self, n_samples: int, keep: bool = False, temperature: float = 1.0):
-        self.n_samples = n_samples
+    def __init__(self, n_samples: int, keep: bool = False, temperature: float = 1.0, scoring: Scoring = Scoring()):
+        self.n_samples, self.scoring = n_samples, scoring
         # Every sample's distribution is softmax(l_s / T) (the routing temperature; T = 1 divides nothing).
         self.temperature = temperature
         self.sum_ET: torch.Tensor | None = None  # sample chunks: the running sum over samples
@@ -287,8 +439,8 @@ class SoftmaxMean:
 
     def add_samples(self, logits_CET: torch.Tensor) -> None:
         """C more samples of every token, as logits (C, E, T) (any strides)."""
-        logits_CET = tempered(logits_CET, self.temperature)
-        sum_ET = logits_CET.softmax(1).sum(0) if self.kept is None else self._kept(logits_CET.softmax(1)).sum(0)
+        scores_CET = self.scoring.scores(tempered(logits_CET, self.temperature), dim=1)
+        sum_ET = scores_CET.sum(0) if self.kept is None else self._kept(scores_CET).sum(0)
         if self.sum_ET is None:
             self.sum_ET = sum_ET
         elif sum_ET.requires_grad or self.sum_ET.requires_grad:
@@ -298,8 +450,8 @@ class SoftmaxMean:
 
     def add_tokens(self, logits_XES: torch.Tensor) -> None:
         """All S samples of the next X tokens, as logits (X, E, S) (any strides)."""
-        probs_XES = tempered(logits_XES, self.temperature).softmax(1)
-        self.token_sums_XE.append((probs_XES if self.kept is None else self._kept(probs_XES)).sum(-1))
+        scores_XES = self.scoring.scores(tempered(logits_XES, self.temperature), dim=1)
+        self.token_sums_XE.append((scores_XES if self.kept is None else self._kept(scores_XES)).sum(-1))
 
     def _kept(self, probs: torch.Tensor) -> torch.Tensor:
         self.kept.append(probs)
@@ -313,12 +465,12 @@ class SoftmaxMean:
         return (sum_TE * (1.0 / self.n_samples)).contiguous()
 
     def samples_STE(self) -> torch.Tensor | None:
-        """The per-sample distributions (S, T, E) when kept and S > 1, else None."""
+        """The per-sample routing distributions (S, T, E) when kept and S > 1, else None."""
         if self.kept is None or self.n_samples == 1:
             return None
         if self.token_sums_XE:
-            return torch.cat(self.kept).permute(2, 0, 1)
-        return torch.cat(self.kept).transpose(1, 2)
+            return self.scoring.distribution(torch.cat(self.kept).permute(2, 0, 1))
+        return self.scoring.distribution(torch.cat(self.kept).transpose(1, 2))
 
 
 def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -11,8 +11,7 @@ import torch.nn.functional as F
 
 from ...config import ConfigError, ModelConfig
 from ..flops import SOFTMAX_FLOPS_PER_CLASS, linear_flops
-from .base import (Router, Routing, SoftmaxMean, TemperedConfig, register_router, renormalised_topk, sample_chunks,
-                   topk_overlap)
+from .base import Router, Routing, ScoreMean, TemperedConfig, register_router, sample_chunks, topk_overlap
 
 #: Positions (tokens x samples x input features) per chunk of the sparse sampler: about p x 8M
 #: dropped features, whose bookkeeping lives in reused scratch buffers (:class:`Scratch`, about
@@ -160,8 +159,8 @@ class GeometricGaps:
 class MCDropoutRouter(Router):
     """Dropout (p = ``router.dropout``) on the router input, kept on at evaluation.
 
-    Training is one dropped-out pass; evaluation averages the softmaxes of S passes and takes
-    Top-K of the average (gates renormalised), like the variational router. ``topk_overlap``
+    Training is one dropped-out pass; evaluation averages the scores (softmaxes, or sigmoids) of S
+    passes and selects on the average (:meth:`Router.select`), like the variational router. ``topk_overlap``
     compares the choice with the dropout-free Top-K.
 
     On CPU the dropped features are drawn sparsely (:class:`GeometricGaps`: about p x D per token
@@ -182,7 +181,7 @@ class MCDropoutRouter(Router):
     def forward(self, u_TD: torch.Tensor) -> Routing:
         n_samples = 1 if self.training else self.cfg.samples
         clean_logits_TE = self.gate(u_TD).float()
-        acc = SoftmaxMean(n_samples, keep=self.keep_samples, temperature=self.cfg.temperature)
+        acc = ScoreMean(n_samples, keep=self.keep_samples, temperature=self.cfg.temperature, scoring=self.scoring)
         if self.cfg.dropout == 0:  # every pass is the clean one
             for _ in range(n_samples):
                 acc.add_samples(clean_logits_TE.T.unsqueeze(0))
@@ -192,19 +191,20 @@ class MCDropoutRouter(Router):
             self._masked_passes(u_TD, acc)
         else:
             self._sparse_passes(u_TD, clean_logits_TE, acc)
-        probs_TE = acc.mean_TE()
-        ids_TK, gates_TK = renormalised_topk(probs_TE, self.k)
+        scores_TE = acc.mean_TE()
+        ids_TK, gates_TK = self.select(scores_TE)
+        probs_TE = self.scoring.distribution(scores_TE)
         return Routing(ids_TK, gates_TK.to(u_TD.dtype), probs_TE,
                        self.balance_terms(clean_logits_TE, probs_TE, ids_TK),
                        {"topk_overlap": topk_overlap(ids_TK, clean_logits_TE)}, acc.samples_STE())
 
-    def _dense_passes(self, u_TD: torch.Tensor, acc: SoftmaxMean) -> None:
+    def _dense_passes(self, u_TD: torch.Tensor, acc: ScoreMean) -> None:
         """S passes through ``F.dropout``, a chunk of samples at a time."""
         for size in sample_chunks(acc.n_samples, u_TD.numel()):
             u_CTD = F.dropout(u_TD.expand(size, *u_TD.shape), self.cfg.dropout, training=True)
             acc.add_samples(self.gate(u_CTD).float().transpose(1, 2))
 
-    def _masked_passes(self, u_TD: torch.Tensor, acc: SoftmaxMean) -> None:
+    def _masked_passes(self, u_TD: torch.Tensor, acc: ScoreMean) -> None:
         """S differentiable passes of ``u * m``, m the keep mask ``1 / (1 - p)`` everywhere but 0 at
         the features the sparse draw drops, as ``F.dropout`` scales them: computed as ``u / (1 - p)``
         with the dropped entries zeroed (the same products; no mask tensor, and the backward
@@ -219,7 +219,7 @@ class MCDropoutRouter(Router):
             dropped_u = scaled.index_fill_(0, gaps.ones(scaled.numel(), p, scratch=scratch).long(), 0.0)
             acc.add_samples(self.gate(dropped_u.view(size, *u_TD.shape)).float().transpose(1, 2))
 
-    def _sparse_passes(self, u_TD: torch.Tensor, clean_logits_TE: torch.Tensor, acc: SoftmaxMean) -> None:
+    def _sparse_passes(self, u_TD: torch.Tensor, clean_logits_TE: torch.Tensor, acc: ScoreMean) -> None:
         """S passes from the dropped features alone (no gradients).
 
         A chunk of C samples (a power of two) is one Bernoulli(p) sequence over its T x C x D'

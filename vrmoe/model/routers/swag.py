@@ -11,8 +11,7 @@ import torch.nn.functional as F
 
 from ...config import ConfigError, ModelConfig
 from ..flops import SOFTMAX_FLOPS_PER_CLASS, linear_flops
-from .base import (Router, Routing, SoftmaxMean, TemperedConfig, expert_softmax, register_router, renormalised_topk,
-                   sample_chunks, topk_overlap)
+from .base import Router, Routing, ScoreMean, TemperedConfig, register_router, sample_chunks, topk_overlap
 
 # Maddox et al.'s SWAG draw: the diagonal and the low-rank halves each carry half the covariance.
 HALF_SQRT = math.sqrt(0.5)
@@ -63,8 +62,8 @@ class SWAGRouter(Router):
 
     Evaluation draws S gates ``W_s = mean + diag(sigma) z1 / sqrt 2 + D z2 / sqrt(2 (K' - 1))``,
     ``sigma^2 = max(second - mean^2, 0)``, K' the deviations held (at most K), and routes on the
-    mean of the S softmaxes of ``u W_s^T`` (accumulated in chunks, :class:`SoftmaxMean`): Top-K of
-    it, the selected entries renormalised. S multiplies router work only. The logits are the mean
+    mean of the S softmaxes (or sigmoids) of ``u W_s^T`` (accumulated in chunks, :class:`ScoreMean`),
+    selecting on it as every router does (:meth:`Router.select`). S multiplies router work only. The logits are the mean
     gate's once, plus each sample's ``u N_s^T`` for its noise ``N_s = W_s - mean`` (under bf16
     the noise, small beside the weights, keeps its precision). Before any iterate, or with zero
     variance, evaluation is exactly Top-K on the gate (on the mean, which zero variance makes
@@ -158,8 +157,9 @@ class SWAGRouter(Router):
     def _topk(self, u_TD: torch.Tensor, weight_ED: torch.Tensor, stats: dict[str, torch.Tensor]) -> Routing:
         """Deterministic Top-K on ``u W^T`` (+ the gate's bias): TopKRouter's computation."""
         logits_TE = F.linear(u_TD, weight_ED, self.gate.bias).float()
-        probs_TE = expert_softmax(logits_TE)
-        ids_TK, gates_TK = renormalised_topk(probs_TE, self.k)
+        scores_TE = self.scoring.scores(logits_TE)
+        ids_TK, gates_TK = self.select(scores_TE)
+        probs_TE = self.scoring.distribution(scores_TE)
         uncertainty_T = None if self.training else logits_TE.new_zeros(logits_TE.shape[0])
         return Routing(ids_TK, gates_TK.to(u_TD.dtype), probs_TE, self.balance_terms(logits_TE, probs_TE, ids_TK),
                        stats, uncertainty_T=uncertainty_T)
@@ -168,7 +168,7 @@ class SWAGRouter(Router):
         n_samples, (n_tokens, d_model) = self.cfg.samples, u_TD.shape
         base_TE = F.linear(u_TD, mean_ED, self.gate.bias).float()
         base_ET, u_DT = base_TE.T, u_TD.T
-        acc = SoftmaxMean(n_samples, keep=self.keep_samples, temperature=self.cfg.temperature)
+        acc = ScoreMean(n_samples, keep=self.keep_samples, temperature=self.cfg.temperature, scoring=self.scoring)
         noise_sum_ET = noise_square_sum_ET = None
         deviation_scale = self.deviation_scale()
         for size in sample_chunks(n_samples, self.n_experts * (n_tokens + d_model)):
@@ -181,8 +181,9 @@ class SWAGRouter(Router):
                 noise_sum_ET = noise_sum_ET + noise_CET.sum(0)
                 noise_square_sum_ET = noise_square_sum_ET + noise_CET.square().sum(0)
             acc.add_samples(noise_CET + base_ET)
-        probs_TE = acc.mean_TE()
-        ids_TK, gates_TK = renormalised_topk(probs_TE, self.k)
+        scores_TE = acc.mean_TE()
+        ids_TK, gates_TK = self.select(scores_TE)
+        probs_TE = self.scoring.distribution(scores_TE)
         if n_samples > 1:
             spread_ET = noise_square_sum_ET - noise_sum_ET.square() / n_samples
             variance_T = (spread_ET.sum(0) / (n_samples - 1)).detach().clamp_min(0.0)

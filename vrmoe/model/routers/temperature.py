@@ -1,4 +1,4 @@
-"""Temperature sampling at a fixed T: Gumbel-top-K from softmax(logits / T)."""
+"""Temperature sampling at a fixed T: Gumbel-top-K from softmax(logits / T) (or the normalised sigmoid scores)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import torch
 
 from ...config import ConfigError, ModelConfig
 from ..flops import GUMBEL_FLOPS_PER_CLASS, SOFTMAX_FLOPS_PER_CLASS, linear_flops
-from .base import (Router, Routing, TemperedConfig, expert_softmax, gumbel_perturbed, register_router,
-                   topk_overlap)
+from .base import Router, Routing, TemperedConfig, gumbel_perturbed, register_router, topk_overlap
 
 
 @dataclass
@@ -37,6 +36,13 @@ class TemperatureRouter(Router):
     T < 1 sharpens towards Top-K, T > 1 flattens towards uniform. Sampling happens in training
     and, with ``router.eval_mode=sample``, at evaluation (one draw: S is unused); ``eval_mode=topk``
     evaluates deterministically. Gates are the softmax over the selected scaled logits.
+
+    Under ``router.scoring_func=sigmoid`` the draw is from the normalised scores ``sigmoid(l / T) /
+    sum`` (with a selection bias, from the scores plus the bias: :meth:`Router.sampling_log_weights`),
+    and the gates are the selected scores, normalised and scaled as the scoring says. T then moves
+    every score towards 0 or 1 (T < 1) or towards 1/2 (T > 1) on its own, so T < 1 does not
+    approach Top-K as it does under softmax: it approaches a uniform draw among the experts with
+    positive logits.
     """
 
     name = "temperature"
@@ -45,10 +51,13 @@ class TemperatureRouter(Router):
     def forward(self, u_TD: torch.Tensor) -> Routing:
         logits_TE = self.gate(u_TD).float()
         scaled_TE = logits_TE / self.cfg.temperature
-        probs_TE = expert_softmax(scaled_TE)
-        choose_from_TE = gumbel_perturbed(scaled_TE) if self.training or self.cfg.eval_mode == "sample" else scaled_TE
-        ids_TK = choose_from_TE.topk(self.k, dim=-1).indices
-        gates_TK = expert_softmax(scaled_TE.gather(-1, ids_TK))
+        scores_TE = self.scoring.scores(scaled_TE)
+        if self.training or self.cfg.eval_mode == "sample":
+            perturbed_TE = gumbel_perturbed(self.sampling_log_weights(scaled_TE, scores_TE))
+        else:
+            perturbed_TE = None
+        ids_TK, gates_TK = self.select(scores_TE, perturbed_TE, scaled_TE)
+        probs_TE = self.scoring.distribution(scores_TE)
         return Routing(ids_TK, gates_TK.to(u_TD.dtype), probs_TE, self.balance_terms(logits_TE, probs_TE, ids_TK),
                        {"topk_overlap": topk_overlap(ids_TK, logits_TE)})
 

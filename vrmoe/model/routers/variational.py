@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from ...config import ConfigError, ModelConfig
 from ..flops import SOFTMAX_FLOPS_PER_CLASS, linear_flops
-from .base import (Router, Routing, SoftmaxMean, TemperedConfig, check_head_ratio, expert_softmax, register_router,
-                   renormalised_topk, tempered, token_chunks, topk_overlap, zero_init_head)
+from .base import (Router, Routing, ScoreMean, Scoring, TemperedConfig, check_head_ratio, register_router, tempered,
+                   token_chunks, topk_overlap, zero_init_head)
 
 MAX_FULL_COVARIANCE_EXPERTS = 64
 
@@ -31,6 +31,10 @@ class VariationalConfig(TemperedConfig):
     # Both heads read one shared hidden layer (D -> D*ratio) instead of one each: half the heads'
     # matmuls, a smaller head. Off by default (the paper's separate heads; checkpoints keep loading).
     shared_hidden: bool = False
+    # Under sigmoid scoring, how evaluation averages the scores: mc (the mean of S sampled sigmoids) or
+    # probit (the closed form sigmoid(mu / sqrt(1 + pi sigma^2 / 8)) per expert, no sampling, whatever
+    # S > 1 is; S = 1, as the BMA's single-sample passes set it, still draws one sample).
+    sigmoid_mean: str = "mc"
 
     def check(self, model: ModelConfig) -> None:
         super().check(model)
@@ -44,6 +48,13 @@ class VariationalConfig(TemperedConfig):
         if not self.sigma_init > 0:
             raise ConfigError(f"router.sigma_init={self.sigma_init} must be > 0")
         check_head_ratio(self.head_hidden_ratio)
+        if self.sigmoid_mean not in ("mc", "probit"):
+            raise ConfigError(f"router.sigmoid_mean={self.sigmoid_mean!r} must be mc or probit")
+
+    def check_scoring(self) -> None:
+        if self.sigmoid_mean == "probit" and self.scoring_func != "sigmoid":
+            raise ConfigError(f"router.sigmoid_mean=probit averages sigmoid scores, but router.scoring_func="
+                              f"{self.scoring_func}; set router.scoring_func=sigmoid, or drop router.sigmoid_mean")
 
     def samples_at_eval(self) -> bool:
         return True
@@ -67,7 +78,7 @@ class LogitPosterior:
     def sample(self, n_samples: int) -> torch.Tensor:
         """Reparameterised samples ``l_STE = mean + sigma * eps`` (or ``mean + L eps``), one
         vectorised draw for all S samples: what training routes on (S = 1), and the reference
-        that :meth:`mean_softmax` computes in chunks."""
+        that :meth:`mean_scores` computes in chunks."""
         eps_STE = torch.randn((n_samples, *self.mean_TE.shape), device=self.mean_TE.device, dtype=self.mean_TE.dtype)
         if self.chol_TEE is None:
             noise_STE = eps_STE * self.log_scale_TE.exp()
@@ -75,16 +86,17 @@ class LogitPosterior:
             noise_STE = (self.chol_TEE * eps_STE.unsqueeze(-2)).sum(-1)
         return self.mean_TE + noise_STE
 
-    def mean_softmax(self, n_samples: int, keep: bool = False, temperature: float = 1.0) -> SoftmaxMean:
-        """``mean_s softmax(l_s / T)`` over S reparameterised samples, drawn and averaged a chunk of
-        tokens at a time (see :class:`SoftmaxMean`): the same distribution as
-        ``sample(S).softmax(-1).mean(0)``, without S x T x E numbers alive at once.
+    def mean_scores(self, n_samples: int, keep: bool = False, temperature: float = 1.0,
+                    scoring: Scoring = Scoring()) -> ScoreMean:
+        """``mean_s scores(l_s / T)`` over S reparameterised samples, drawn and averaged a chunk of
+        tokens at a time (see :class:`ScoreMean`): the same as ``sample(S).softmax(-1).mean(0)`` (or
+        ``.sigmoid()``), without S x T x E numbers alive at once.
 
         Each chunk draws eps (X, E, S), the samples innermost: ``mean + sigma * eps`` broadcasts
         per token, ``mean + L eps`` is one batched matmul (each token's E x E factor times its S
-        draws), and the softmax over E and the mean over S read contiguous samples."""
+        draws), and the scores over E and the mean over S read contiguous samples."""
         n_tokens, n_experts = self.mean_TE.shape
-        acc = SoftmaxMean(n_samples, keep, temperature)
+        acc = ScoreMean(n_samples, keep, temperature, scoring)
         track = torch.is_grad_enabled() and self.mean_TE.requires_grad
         mean_TE1 = self.mean_TE.unsqueeze(-1)
         scale_TE1 = self.log_scale_TE.exp().unsqueeze(-1) if self.chol_TEE is None else None
@@ -99,6 +111,21 @@ class LogitPosterior:
                 logits_XES = eps_XES.mul_(scale_TE1[rows]).add_(mean_TE1[rows])
             acc.add_tokens(logits_XES)
         return acc
+
+    def marginal_variance_TE(self) -> torch.Tensor:
+        """``diag(Sigma)``: each logit's own variance (all an element-wise score's mean depends on)."""
+        if self.chol_TEE is None:
+            return (2 * self.log_scale_TE).exp()
+        return self.chol_TEE.square().sum(-1)
+
+    def probit_mean_sigmoid(self, temperature: float = 1.0) -> torch.Tensor:
+        """``E[sigmoid(l / T)] ~ sigmoid(mu / sqrt(1 + pi sigma^2 / 8))`` per expert, with ``mu`` and
+        ``sigma^2`` the mean and marginal variance of ``l / T`` (MacKay's probit approximation:
+        sigmoid(x) ~ Phi(x sqrt(pi / 8)), whose Gaussian expectation is closed). Exact at sigma = 0 and
+        at mu = 0; within about 0.02 of the Monte Carlo mean elsewhere (tests/test_sigmoid_routing.py)."""
+        mean_TE = tempered(self.mean_TE, temperature)
+        variance_TE = self.marginal_variance_TE() / (temperature * temperature)
+        return (mean_TE * torch.rsqrt(1.0 + (math.pi / 8.0) * variance_TE)).sigmoid()
 
     def covariance_TEE(self) -> torch.Tensor:
         if self.chol_TEE is None:
@@ -134,14 +161,21 @@ def _zero_output_layer(n_in: int, n_out: int, bias_init: float | torch.Tensor) -
 
 @register_router
 class VariationalRouter(Router):
-    """Gaussian posterior over the logits; S samples averaged after the softmax and before Top-K.
+    """Gaussian posterior over the logits; S samples averaged after the softmax (or sigmoid) and before Top-K.
 
     Mean = the deterministic gate + a residual head (starts at 0); covariance mean-field
     (``log sigma`` head) or full (Cholesky head, positive diagonal); prior ``N(gate(u), I)``.
     Training draws one reparameterised sample; evaluation draws ``cfg.samples`` and routes on the
-    mean of their softmaxes (accumulated in chunks, :meth:`LogitPosterior.mean_softmax`), so S
+    mean of their softmaxes (accumulated in chunks, :meth:`LogitPosterior.mean_scores`), so S
     multiplies router work only. ``aux_loss`` adds ``beta * KL`` (summed over experts, averaged
     over tokens) to the balance terms.
+
+    Under ``router.scoring_func=sigmoid`` every sample's scores are ``sigmoid(l_s / T)`` and
+    evaluation averages them (or takes their probit approximation, ``router.sigmoid_mean=probit``);
+    selection is Top-K of the averaged scores plus the selection bias, gates the averaged scores
+    at the selected experts, normalised and scaled as the scoring says. A sigmoid acts on each
+    logit alone, so the averaged scores depend on each logit's marginal only: full covariance
+    cannot change the routing-mean selection, only the BMA's single-sample passes.
     """
 
     name = "variational"
@@ -221,11 +255,15 @@ class VariationalRouter(Router):
         post = self.posterior(u_TD)
         sample_probs_STE = None
         if self.training:  # one reparameterised sample, differentiable
-            probs_TE = expert_softmax(tempered(post.sample(1)[0], self.cfg.temperature))
+            scores_TE = self.scoring.scores(tempered(post.sample(1)[0], self.cfg.temperature))
+        elif self.cfg.sigmoid_mean == "probit" and self.cfg.samples > 1:
+            scores_TE = post.probit_mean_sigmoid(self.cfg.temperature)
         else:
-            mean = post.mean_softmax(self.cfg.samples, keep=self.keep_samples, temperature=self.cfg.temperature)
-            probs_TE, sample_probs_STE = mean.mean_TE(), mean.samples_STE()
-        ids_TK, gates_TK = renormalised_topk(probs_TE, self.k)
+            mean = post.mean_scores(self.cfg.samples, keep=self.keep_samples, temperature=self.cfg.temperature,
+                                    scoring=self.scoring)
+            scores_TE, sample_probs_STE = mean.mean_TE(), mean.samples_STE()
+        ids_TK, gates_TK = self.select(scores_TE)
+        probs_TE = self.scoring.distribution(scores_TE)
         trace_T = post.trace_T()
         kl = post.kl_T(trace_T).mean()
         trace_T = trace_T.detach()
@@ -243,5 +281,9 @@ class VariationalRouter(Router):
         else:
             noise = 2 * e  # mu + sigma * eps
         sigma = e  # sigma (or the diagonal of L) from its log
+        if self.cfg.sigmoid_mean == "probit" and samples > 1:  # the marginal variance, the scaled mean and one sigmoid per expert
+            marginal = (e * (e + 1) // 2 if self.full_covariance else 0) + 4 * e
+            return linear_flops(self.gate) + self.head_flops_per_token() + sigma + marginal \
+                + SOFTMAX_FLOPS_PER_CLASS * e + 2 * self.k
         per_sample = noise + SOFTMAX_FLOPS_PER_CLASS * e + e  # + the running average of the S softmaxes
         return linear_flops(self.gate) + self.head_flops_per_token() + sigma + samples * per_sample + 2 * self.k

@@ -66,6 +66,10 @@ class VTSRRouter(Router):
     the routing distribution; per-expert temperatures can change the selection), so sampling is
     what lets VTSR route differently from the deterministic router. Gates are as in training. The
     learned temperature itself is the uncertainty signal (``uncertainty_T``).
+
+    Under ``router.scoring_func=sigmoid`` the scores are ``sigmoid(l / T_phi)`` and K experts are
+    drawn from them normalised (with a selection bias, from the scores plus the bias), as for
+    ``router=temperature``; the relaxed sample is the softmax of the perturbed log-scores.
     """
 
     name = "vtsr"
@@ -90,17 +94,17 @@ class VTSRRouter(Router):
         logits_TE = self.gate(u_TD).float()
         temperature_TX = self.temperature(u_TD)
         scaled_TE = logits_TE / temperature_TX
-        probs_TE = expert_softmax(scaled_TE)
+        scores_TE = self.scoring.scores(scaled_TE)
+        probs_TE = self.scoring.distribution(scores_TE)
         if self.training:
-            perturbed_TE = gumbel_perturbed(scaled_TE)
-            ids_TK = perturbed_TE.topk(self.k, dim=-1).indices
-            hard_TK = expert_softmax(scaled_TE.gather(-1, ids_TK))
+            perturbed_TE = gumbel_perturbed(self.sampling_log_weights(scaled_TE, scores_TE))
+            ids_TK, hard_TK = self.select(scores_TE, perturbed_TE, scaled_TE)
             relaxed_TK = expert_softmax(perturbed_TE).gather(-1, ids_TK)
             gates_TK = hard_TK.detach() + (relaxed_TK - relaxed_TK.detach())  # value hard, gradient relaxed
         else:
-            choose_from_TE = gumbel_perturbed(scaled_TE) if self.cfg.eval_mode == "sample" else scaled_TE
-            ids_TK = choose_from_TE.topk(self.k, dim=-1).indices
-            gates_TK = expert_softmax(scaled_TE.gather(-1, ids_TK))
+            sample = self.cfg.eval_mode == "sample"
+            perturbed_TE = gumbel_perturbed(self.sampling_log_weights(scaled_TE, scores_TE)) if sample else None
+            ids_TK, gates_TK = self.select(scores_TE, perturbed_TE, scaled_TE)
         aux = (self.balance_terms(logits_TE, probs_TE, ids_TK)
                + self.cfg.temperature_reg * (-temperature_TX.log()).mean())
         temperature = temperature_TX.detach()
