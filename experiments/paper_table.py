@@ -42,7 +42,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,7 @@ class Method:
     evals: tuple[tuple[str, tuple[str, ...]], ...] = ()  # extra evaluations: (file name, eval overrides)
     sweep: bool = False
     eval_overrides: tuple[str, ...] = ()  # for eval.json (the sweep's large model skips the OOD item sets)
+    regime: str = ""  # "letter": the letter format's own language model and fine-tuning (Size.letter_*)
 
 
 @dataclass
@@ -89,10 +90,34 @@ class Size:
     sweep_sigma: list[float]
     resamples: int = 2000
     large_lm: list[str] = field(default_factory=list)  # the larger model's language-model stage, beyond lm
+    # The letter format's regime (experiments/letter_regime.py): its model, language model and fine-tuning.
+    letter_model: list[str] = field(default_factory=list)
+    letter_lm: list[str] = field(default_factory=list)
+    letter_finetune: list[str] = field(default_factory=list)
+
+    def stage_overrides(self, method: "Method") -> list[str]:
+        """The model and stage overrides of one method's runs."""
+        if method.regime == "letter":
+            stage = {"lm": self.letter_lm, "finetune": self.letter_finetune}.get(method.stage, self.posthoc)
+            return [*self.letter_model, *stage]
+        return [*self.models[method.model], *getattr(self, method.stage)]
 
 
 SMALL = ["model=tiny", "model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.seq_len=128",
          "model.n_experts=8", "model.expert_hidden=128", "model.dense_hidden=256", "K=2", "data.val_fraction=0.3"]
+# The letter format's setting (experiments/letter_regime.py, bpe_d128_16k): subword tokens, a wider
+# and deeper model, 16000 fine-tuning items; test accuracy 0.455 and ECE 0.146 on one seed
+# (experiments/results/letter_regime.md), where the d=64 byte model stays near chance.
+BPE = ["data.tokenizer=bpe", "data.vocab_size=4096", "model.vocab_size=4096"]
+LETTER_MODEL = [*SMALL, "model.d_model=128", "model.n_layers=4", "model.n_heads=4", "model.expert_hidden=256",
+                "model.dense_hidden=512", *BPE]
+LETTER_LM = ["train.max_steps=1000", "train.batch_size=8", "train.lr=3e-3", "train.warmup_steps=50",
+             "train.eval_every=500", "train.log_every=100", "train.eval_batches=4", "train.ckpt_every=1000"]
+LETTER_FINETUNE = ["task=mcq", "task.train_items=16000", "task.val_items=256", "train.max_steps=2000",
+                   "train.batch_size=32", "train.lr=1e-3", "train.warmup_steps=20", "train.eval_every=2000",
+                   "train.log_every=100", "train.ckpt_every=2000"]
+# Every evaluation's extra OOD set: other packages' docstrings, near OOD for the stdlib prose.
+NEAR_OOD = "eval.ood_text=[thirdparty_docs]"
 DEFAULT = Size(
     models={"small": SMALL,
             "large": [*SMALL, "model.d_model=96", "model.n_layers=4", "model.n_heads=4", "model.n_experts=16",
@@ -106,12 +131,15 @@ DEFAULT = Size(
              "train.max_steps=150", "train.batch_size=16", "train.lr=1e-2", "train.warmup_steps=10",
              "train.eval_every=150", "train.log_every=50", "train.ckpt_every=150", "train.freeze=backbone"],
     eval=["S=8", "eval.windows=64", "eval.mcq_items=1000", "eval.calibration_items=1000",
-          "eval.stability_windows=16", "eval.batch_size=32"],
+          "eval.stability_windows=16", "eval.batch_size=32", NEAR_OOD],
     seeds=[0, 1, 2, 3, 4],
     sweep_S=[1, 4, 16, 64],
     sweep_beta=[0.001, 0.1, 1.0],
     sweep_sigma=[0.5, 1.0],
     large_lm=["train.max_steps=1000"],
+    letter_model=LETTER_MODEL,
+    letter_lm=LETTER_LM,
+    letter_finetune=LETTER_FINETUNE,
 )
 QUICK = Size(
     models={"small": ["model=tiny", "model.seq_len=128", "K=2", "data.val_fraction=0.3"],
@@ -125,12 +153,13 @@ QUICK = Size(
              "train.max_steps=6", "train.batch_size=8", "train.warmup_steps=1", "train.eval_every=6",
              "train.log_every=6", "train.freeze=backbone"],
     eval=["S=2", "eval.windows=8", "eval.mcq_items=24", "eval.calibration_items=24", "eval.stability_windows=2",
-          "eval.batch_size=16", f"eval.gammas=[0.001,{schema.JACCARD_GAMMA},0.05]"],
+          "eval.batch_size=16", f"eval.gammas=[0.001,{schema.JACCARD_GAMMA},0.05]", NEAR_OOD],
     seeds=[0, 1],
     sweep_S=[1, 4],
     sweep_beta=[0.1],
     sweep_sigma=[1.0],
     resamples=200,
+    letter_model=["model=tiny", "model.seq_len=128", "K=2", "data.val_fraction=0.3", *BPE],
 )
 
 # The same protocol on a CUDA GPU at gpt_small size (d=768, 12 layers) with 16 experts; the large
@@ -144,30 +173,44 @@ GPU = Size(
     finetune=[*DEFAULT.finetune[:3], "train.max_steps=300", "train.batch_size=16", "train.lr=1e-4",
               "train.warmup_steps=20", "train.eval_every=300", "train.log_every=50", "train.ckpt_every=300"],
     posthoc=DEFAULT.posthoc,
-    eval=[*DEFAULT.eval[:-1], "eval.batch_size=64"],
+    eval=[*DEFAULT.eval[:-2], "eval.batch_size=64", NEAR_OOD],
     seeds=DEFAULT.seeds,
     sweep_S=DEFAULT.sweep_S,
     sweep_beta=DEFAULT.sweep_beta,
     sweep_sigma=DEFAULT.sweep_sigma,
 )
+GPU.letter_model, GPU.letter_lm, GPU.letter_finetune = [*GPU_MODEL, *BPE], GPU.lm, GPU.finetune
+QUICK.letter_lm, QUICK.letter_finetune = QUICK.lm, QUICK.finetune
 
 DIAG = ("router=variational", "router.covariance=diag")
 FULL = ("router=variational", "router.covariance=full")
 
 
+# The routers compared with Top-K in each format, in the table's order.
+ROUTER_KEYS = ("mc_dropout", "swag", "vtsr", "diag", "full")
+
+
 def methods(size: Size, sweep: bool) -> list[Method]:
-    out = [Method("lm_topk", "Top-K language model", "lm", ("router=topk",))]
+    out = [Method("lm_topk", "Top-K language model", "lm", ("router=topk",)),
+           Method("letter_lm_topk", "Top-K language model (letter regime)", "lm", ("router=topk",), regime="letter")]
     for fmt in FORMATS:
         fmt_task = (f"task.format={fmt}",)
+        regime = "letter" if fmt == "letter" else ""
+        lm = "letter_lm_topk" if regime else "lm_topk"
         out += [
-            Method(f"{fmt}_topk", "Top-K", "finetune", ("router=topk", *fmt_task), fmt, "lm_topk"),
-            Method(f"{fmt}_mc_dropout", "MC-dropout", "finetune", ("router=mc_dropout", *fmt_task), fmt, "lm_topk"),
-            Method(f"{fmt}_vtsr", "VTSR (post-hoc)", "posthoc", ("router=vtsr", *fmt_task), fmt, f"{fmt}_topk"),
+            Method(f"{fmt}_topk", "Top-K", "finetune", ("router=topk", *fmt_task), fmt, lm, regime=regime),
+            Method(f"{fmt}_mc_dropout", "MC-dropout", "finetune", ("router=mc_dropout", *fmt_task), fmt, lm,
+                   regime=regime),
+            # SWAG collects the gate's iterates over the second half of the fine-tuning (swag_start: run_job's).
+            Method(f"{fmt}_swag", "SWAG", "finetune", ("router=swag", *fmt_task), fmt, lm, regime=regime),
+            Method(f"{fmt}_vtsr", "VTSR (post-hoc)", "posthoc", ("router=vtsr", *fmt_task), fmt, f"{fmt}_topk",
+                   regime=regime),
             Method(f"{fmt}_diag", "variational diag (post-hoc)", "posthoc", (*DIAG, *fmt_task), fmt, f"{fmt}_topk",
                    evals=tuple((f"eval_S{s}.json", (f"S={s}", "eval.ood_task=lm")) for s in size.sweep_S)
                    if sweep and fmt == SWEEP_FORMAT
-                   else ()),
-            Method(f"{fmt}_full", "variational full (post-hoc)", "posthoc", (*FULL, *fmt_task), fmt, f"{fmt}_topk"),
+                   else (), regime=regime),
+            Method(f"{fmt}_full", "variational full (post-hoc)", "posthoc", (*FULL, *fmt_task), fmt, f"{fmt}_topk",
+                   regime=regime),
         ]
     if not sweep:
         return out
@@ -190,6 +233,14 @@ def methods(size: Size, sweep: bool) -> list[Method]:
             Method(f"large_{fmt}_diag", "variational diag (post-hoc, large)", "posthoc", (*DIAG, *fmt_task), fmt,
                    f"large_{fmt}_topk", model="large", sweep=True, eval_overrides=cheap_eval)]
     return out
+
+
+def swag_overrides(method: Method, size: Size) -> list[str]:
+    """SWAG's warm-up: the first half of its fine-tuning (the other half's gates are collected)."""
+    if "router=swag" not in method.overrides:
+        return []
+    steps = [int(o.split("=", 1)[1]) for o in size.stage_overrides(method) if o.startswith("train.max_steps=")]
+    return [f"router.swag_start={max(1, steps[-1] // 2)}"] if steps else []
 
 
 def method_seeds(method: Method, seeds: list[int]) -> list[int]:
@@ -254,6 +305,15 @@ def run_stage(jobs: list[Job], workers: int) -> list[dict[str, Any]]:
         return list(pool.map(run_job, jobs))
 
 
+def provenance(command: str, device: str = "cpu") -> str:
+    """What wrote an output (date, commit, device, versions, command), one ``- key: value`` line
+    each, as ``vrmoe bench --record`` heads its records."""
+    from vrmoe.bench import device_name, record_header
+    from vrmoe.tracking import software_versions
+
+    return record_header(datetime.now(timezone.utc), software_versions(), device_name(torch.device(device)), command)
+
+
 def record_invocation(out: Path, entry: dict[str, Any]) -> list[dict[str, Any]]:
     """Append this invocation's timing to ``<out>/invocations.json``; return the whole history."""
     path = out / INVOCATIONS_FILE
@@ -296,8 +356,15 @@ def load_rows(out: Path, key: str, seeds: list[int], name: str = EVAL_FILE) -> l
     return rows
 
 
+# The OOD sets of the table: other packages' docstrings (near OOD), the word-shuffled test text (a
+# control that keeps the vocabulary) and Python source (far OOD).
+OOD_SETS = ("thirdparty_docs", "near", "far")
+
+
 def predictions(results: list[dict[str, Any]], predictive: str, score: str) -> Predictions | None:
-    """The per-item predictions of one predictive and the per-item OOD score ``score`` over seeds."""
+    """The per-item predictions of one predictive and the per-item OOD score ``score`` over seeds;
+    for a temperature-scaled predictive (ts, bma_ts) with score "scaled", the entropy of the scaled
+    prediction."""
     probs, labels = [], None
     for result in results:
         recorded = schema.item_predictions(result)
@@ -306,8 +373,12 @@ def predictions(results: list[dict[str, Any]], predictive: str, score: str) -> P
         labels = torch.tensor(recorded[0])
         probs.append(torch.tensor(recorded[1][predictive], dtype=torch.float64))
     ood: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for ood_set in ("near", "far"):
-        per_seed = [schema.ood_scores(r) for r in results]
+    for ood_set in OOD_SETS:
+        if score == "scaled":
+            per_seed = [{name: {score: v[predictive]} for name, v in schema.scaled_ood_scores(r).items()
+                         if predictive in v} for r in results]
+        else:
+            per_seed = [schema.ood_scores(r) for r in results]
         if all(score in s.get("in", {}) and score in s.get(ood_set, {}) for s in per_seed):
             ood[ood_set] = (torch.tensor([s["in"][score] for s in per_seed], dtype=torch.float64),
                             torch.tensor([s[ood_set][score] for s in per_seed], dtype=torch.float64))
@@ -323,7 +394,7 @@ def ensemble(results: list[dict[str, Any]]) -> Predictions:
     mean_NC = torch.stack([torch.tensor(schema.item_predictions(r)[1]["routing_mean"], dtype=torch.float64)
                            for r in results]).mean(0)
     ood = {}
-    for ood_set in ("near", "far"):
+    for ood_set in OOD_SETS:
         sets = [schema.ood_predictions(r).get(ood_set) for r in results]
         if all(s is not None for s in sets):
             ood_mean = torch.stack([torch.tensor(s, dtype=torch.float64) for s in sets]).mean(0)
@@ -376,18 +447,23 @@ def fmt_number(value: float | None, percent: bool = False) -> str:
     return f"{100 * value:+.2f}%" if percent else f"{value:.3f}"
 
 
-TABLE_HEADER = ("| Method | predictive | split fit on | Acc | NLL | ECE [95% CI] | ΔECE vs Top-K | ΔNLL vs Top-K "
-                "| AUROC near (score) | ΔAUROC near | AUROC far | ΔAUROC far | Jaccard γ=0.01 | FLOPs over Top-K |")
-TABLE_RULE = "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+def table_header(reference: str) -> str:
+    return (f"| Method | predictive | split fit on | Acc | NLL | ECE [95% CI] | ΔECE vs {reference} | ΔNLL vs {reference} "
+            "| AUROC near: docstrings (score) | ΔAUROC near | AUROC shuffled (control) | ΔAUROC shuffled "
+            "| AUROC far | ΔAUROC far | Jaccard γ=0.01 | FLOPs over Top-K |")
+
+
+TABLE_RULE = "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 
 
 def table_line(label: str, predictive: str, fitted: str, numbers: dict[str, Any], extras: dict[str, Any],
                reference: bool = False) -> str:
-    auroc_near = numbers.get("auroc_near")
+    auroc_near = numbers.get("auroc_thirdparty_docs")
     near = "-" if auroc_near is None else f"{fmt_interval(auroc_near)} ({numbers['ood_score']})"
     diff = lambda key: "reference" if reference else fmt_interval(numbers.get(key), True)  # noqa: E731
     return (f"| {label} | {predictive} | {fitted} | {numbers['acc']['estimate']:.3f} | {numbers['nll']['estimate']:.3f} "
-            f"| {fmt_interval(numbers['ece'])} | {diff('d_ece_10')} | {diff('d_nll')} | {near} | {diff('d_auroc_near')} "
+            f"| {fmt_interval(numbers['ece'])} | {diff('d_ece_10')} | {diff('d_nll')} | {near} "
+            f"| {diff('d_auroc_thirdparty_docs')} | {fmt_interval(numbers.get('auroc_near'))} | {diff('d_auroc_near')} "
             f"| {fmt_interval(numbers.get('auroc_far'))} | {diff('d_auroc_far')} "
             f"| {fmt_number(extras.get('jaccard'))} | {fmt_number(extras.get('flops'), percent=True)} |")
 
@@ -396,29 +472,36 @@ OWN_SCORE = {"variational": "logit_variance", "vtsr": "temperature"}
 
 
 def rows_for_format(out: Path, fmt: str, all_methods: list[Method], seeds: list[int],
-                    resamples: int) -> tuple[list[str], dict[str, Any]]:
-    """The table lines and numbers of one format's main comparison."""
+                    resamples: int) -> tuple[list[str], dict[str, Any], list[str], dict[str, Any]]:
+    """The table lines and numbers of one format's main comparison (against Top-K), then those of
+    the comparison on top of temperature scaling (every predictive scaled, against Top-K + TS)."""
     by_key = {m.key: m for m in all_methods}
     topk_results = load_rows(out, f"{fmt}_topk", seeds)
     base = predictions(topk_results, "routing_mean", "predictive_entropy")
-    lines, numbers = [], {}
+    # Top-K + TS: OOD scored by the entropy of its scaled prediction (the unscaled one for an older eval.json).
+    base_ts = (predictions(topk_results, "ts", "scaled") if all(schema.scaled_ood_scores(r) for r in topk_results)
+               else predictions(topk_results, "ts", "predictive_entropy"))
+    lines, numbers, ts_lines, ts_numbers = [], {}, [], {}
 
     def add(name: str, label: str, predictive: str, fitted: str, row: Predictions | None,
-            results: list[dict[str, Any]]) -> None:
+            results: list[dict[str, Any]], reference: Predictions | None = None) -> None:
         if row is None:
             return
-        values = row_stats(row, base, resamples)
+        against = base if reference is None else reference
+        lines_, numbers_ = (lines, numbers) if reference is None else (ts_lines, ts_numbers)
+        values = row_stats(row, against, resamples)
         extras = {"jaccard": mean_over(results, lambda r: schema.jaccard_at(r)),
                   "flops": mean_over(results, lambda r: schema.cost_number(r, "router_overhead_vs_topk"))}
-        numbers[name] = {**values, **extras, "label": label, "predictive": predictive, "fit_on": fitted}
-        lines.append(table_line(label, predictive, fitted, values, extras, reference=row is base))
+        numbers_[name] = {**values, **extras, "label": label, "predictive": predictive, "fit_on": fitted}
+        lines_.append(table_line(label, predictive, fitted, values, extras, reference=row is against))
 
     add("topk", "Top-K", "single pass", "finetune", base, topk_results)
-    add("topk_ts", "Top-K + temperature scaling", "single pass", "finetune + calibration (T)",
-        predictions(topk_results, "ts", "predictive_entropy"), topk_results)
+    add("topk_ts", "Top-K + temperature scaling", "single pass", "finetune + calibration (T)", base_ts, topk_results)
     add("topk_ensemble", f"Top-K ensemble of {len(seeds)} seeds", "mean of seeds", "finetune",
         ensemble(topk_results), topk_results)
-    for key in (f"{fmt}_mc_dropout", f"{fmt}_vtsr", f"{fmt}_diag", f"{fmt}_full"):
+    add("topk_ts", "Top-K + temperature scaling", "single pass", "finetune + calibration (T)", base_ts, topk_results,
+        base_ts)
+    for key in (f"{fmt}_{router}" for router in ROUTER_KEYS):
         method = by_key[key]
         results = load_rows(out, key, seeds)
         fitted = "calibration" if method.stage == "posthoc" else "finetune"
@@ -428,7 +511,12 @@ def rows_for_format(out: Path, fmt: str, all_methods: list[Method], seeds: list[
             predictions(results, "routing_mean", own or "predictive_entropy"), results)
         add(f"{key}_bma", method.label, "BMA", fitted,  # every router here samples at evaluation
             predictions(results, "bma", "mutual_information"), results)
-    return lines, numbers
+        scaled = f"{fitted} + calibration (T)"
+        add(f"{key}_ts", f"{method.label} + TS", "routing mean", scaled, predictions(results, "ts", "scaled"),
+            results, base_ts)
+        add(f"{key}_bma_ts", f"{method.label} + TS", "BMA", scaled, predictions(results, "bma_ts", "scaled"),
+            results, base_ts)
+    return lines, numbers, ts_lines, ts_numbers
 
 
 # ---------------------------------------------------------------------------
@@ -576,8 +664,8 @@ def main(argv: list[str] | None = None) -> int:
                     evals = method_evals(method, seed, seeds)
                     if all(read_json(path / name) is not None for name, _ in evals):
                         continue  # done by an earlier invocation with this --out
-                    overrides = [*size.models[method.model], *getattr(size, stage), *method.overrides, *size.eval,
-                                 *method.eval_overrides, f"seed={seed}", "logger=none"]
+                    overrides = [*size.stage_overrides(method), *method.overrides, *size.eval,
+                                 *method.eval_overrides, f"seed={seed}", "logger=none", *swag_overrides(method, size)]
                     if method.parent is not None:
                         overrides.append(f"train.init_from={run_dir(out, method.parent, seed)}")
                     jobs.append(Job(method.key, seed, overrides, str(path), str(out / "logs" / f"{method.key}_seed{seed}.log"),
@@ -597,25 +685,33 @@ def main(argv: list[str] | None = None) -> int:
     command = "python experiments/paper_table.py" + "".join(
         f" --{flag}" for flag, on in (("quick", args.quick), ("gpu", args.gpu), ("sweep", args.sweep)) if on)
     scale = "quick" if args.quick else "GPU" if args.gpu else "default"
-    lines = [f"# Bayesian routing at small scale ({scale} size)", "",
+    stamp = provenance(command, "cuda" if args.gpu else "cpu")
+    lines = [f"# Bayesian routing at small scale ({scale} size)", "", stamp, "",
              f"Command: `{command}`. Seeds {seeds} ({SWEEP_SEEDS} for the sweeps); wall time {wall / 60:.1f} min "
              f"on {cores} CPU core(s), {workers} runs in parallel"
              + (f", in {len(history)} invocations with this --out" if len(history) > 1 else "") + ".", "",
              "Every number is measured on the **test split** (items from text no model trained on). Intervals: "
              f"95% percentile bootstrap over test items ({size.resamples} resamples), pooled over seeds; a Δ is "
              "against Top-K (routing mean, the same seeds), paired by item, and **bold** when its interval "
-             "excludes 0. AUROC: per item, in-distribution = test items, near = items from the word-shuffled test "
-             "text, far = items from Python source; the score is predictive entropy (pe) unless named: mutual "
+             "excludes 0. AUROC: per item, in-distribution = test items, near = items from other packages' "
+             "docstrings (thirdparty_docs), shuffled = items from the word-shuffled test text (a control), far = "
+             "items from Python source; the score is predictive entropy (pe) unless named: mutual "
              "information over S routing samples for BMA rows, the logit variance tr Σ for variational rows, "
              "VTSR's temperature. FLOPs: the router's extra work per token.", ""]
-    results_json: dict[str, Any] = {"size": asdict(size), "seeds": seeds, "wall_time_s": wall, "invocations": history,
+    results_json: dict[str, Any] = {"provenance": stamp, "size": asdict(size), "seeds": seeds, "wall_time_s": wall, "invocations": history,
                                     "formats": {}}
     for fmt in FORMATS:
-        table, numbers = rows_for_format(out, fmt, all_methods, seeds, size.resamples)
+        table, numbers, ts_table, ts_numbers = rows_for_format(out, fmt, all_methods, seeds, size.resamples)
         title = {"cloze": "cloze format (softmax over the four sentences' log-likelihoods)",
-                 "letter": "letter format (softmax over the letters' logits at the answer: the paper's)"}[fmt]
-        lines += [f"## Hard regime, {title}", "", TABLE_HEADER, TABLE_RULE, *table, ""]
+                 "letter": "letter format (softmax over the letters' logits at the answer: the paper's; its own "
+                           "model: " + " ".join(o for o in size.letter_model if o not in size.models["small"]) + ")"}[fmt]
+        lines += [f"## Hard regime, {title}", "", table_header("Top-K"), TABLE_RULE, *table, "",
+                  f"### On top of temperature scaling ({fmt} format)", "",
+                  "Every predictive scaled by its own T fit on the calibration split; Δ against Top-K + temperature "
+                  "scaling, paired by item; AUROC from the entropy of each scaled prediction.", "",
+                  table_header("Top-K + TS"), TABLE_RULE, *ts_table, ""]
         results_json["formats"][fmt] = numbers
+        results_json["formats"][f"{fmt}_on_ts"] = ts_numbers
     lines += diagnostics_lines(out, seeds)
     lines += easy_lines(out, seeds)
     if args.sweep:

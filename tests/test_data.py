@@ -111,3 +111,75 @@ def test_latin1_text_with_a_few_undecodable_bytes_is_still_text():
     assert not looks_binary("a line of plain text with one café in it\n".encode("latin-1") * 100)
     assert not looks_binary(("é" * 5000).encode("utf-8")[:8191])  # a character cut at the sample end
     assert looks_binary(bytes(range(128, 256)) * 64)
+
+
+# ---------------------------------------------------------------------------
+# Subword tokens (data.tokenizer=bpe) and the third-party docstrings (near OOD)
+# ---------------------------------------------------------------------------
+
+def _bpe_text() -> str:
+    words = ["routing", "experts", "returns", "the", "value", "calibrated", "sample", "token", "layer", "mixture"]
+    return "\n\n".join(" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(12)) + "." for i in range(300))
+
+
+def test_bpe_is_deterministic_round_trips_and_is_cached(tmp_path):
+    from vrmoe.data.mcq_datasets import letter_tokens
+    from vrmoe.data.tokenizers import BPETokenizer
+
+    text = _bpe_text() + "\n\nA B C D. An answer: A, B, C or D."
+    first, second = BPETokenizer.train(text, 300), BPETokenizer.train(text, 300)
+    assert first.vocab_size == second.vocab_size <= 300
+    sample = "routing experts naïve — ∑ unseen text\n\n  indented"
+    assert torch.equal(first.encode(sample), second.encode(sample))  # the same merges, trained twice
+    assert first.decode(first.encode(sample)) == sample  # every text encodes (the 256 bytes are tokens)
+    assert len(first.encode("routing experts")) < len("routing experts")  # merges shorten it
+    cache = tmp_path / "bpe.json"
+    trained = BPETokenizer.train(text, 300, cache)
+    assert cache.is_file() and torch.equal(BPETokenizer.train("other text", 300, cache).encode(sample),
+                                           trained.encode(sample))  # read back, not trained again
+    letter_tokens(first)  # the answer letters stay distinct tokens: the letter format is scorable
+
+
+def test_bpe_corpus_is_used_by_every_consumer(tmp_path):
+    from vrmoe.data.mcq import build_items, encode_items
+    from vrmoe.data.tokenizers import BPETokenizer
+
+    (tmp_path / "a.txt").write_text(_bpe_text())
+    cfg = DataConfig(name="text", path=str(tmp_path / "a.txt"), tokenizer="bpe", vocab_size=300,
+                     cache_dir=str(tmp_path / "cache"))
+    corpus = load_corpus(cfg, min_tokens=10)
+    assert isinstance(corpus.tokenizer, BPETokenizer) and corpus.train.dtype == torch.int32
+    assert list((tmp_path / "cache").glob("bpe-*-v300.json"))
+    assert corpus.tokenizer.decode(corpus.train).startswith(_bpe_text()[:100])
+    # Cloze items: scoring starts where the four sentences' tokens part (the space joins the word).
+    items = build_items(_bpe_text(), 5, 64)
+    tensors = encode_items(items, corpus.tokenizer)
+    for n, item in enumerate(items):
+        scored = [corpus.tokenizer.decode(tensors.tokens_NOL[n, o, tensors.starts_N[n]:tensors.lengths_NO[n, o]])
+                  for o in range(4)]
+        assert [s.strip().startswith(option) for s, option in zip(scored, item.options)] == [True] * 4
+
+
+def test_bpe_settings_are_refused_in_one_line():
+    from vrmoe.compose import compose_config
+
+    for overrides, words in ((["data.tokenizer=words"], "must be bytes or bpe"),
+                             (["data.tokenizer=bpe"], "set model.vocab_size=4096"),
+                             (["data.tokenizer=bpe", "data.vocab_size=200", "model.vocab_size=4096"], "above 256")):
+        with pytest.raises(ConfigError, match=words) as info:
+            compose_config(["logger=none", *overrides])
+        assert "\n" not in str(info.value)
+
+
+def test_thirdparty_docs_are_other_packages_prose_in_a_fixed_order():
+    from vrmoe.data.corpora import THIRDPARTY_DISTRIBUTIONS, thirdparty_docs_documents, thirdparty_files
+
+    assert "numpy" in THIRDPARTY_DISTRIBUTIONS and "vrmoe" not in THIRDPARTY_DISTRIBUTIONS
+    files = thirdparty_files(("omegaconf", "rich", "not-installed-anywhere"))
+    ids = [doc_id for doc_id, _ in files]
+    assert ids == sorted(ids, key=lambda i: (not i.startswith("omegaconf"), i))  # by distribution, then path
+    assert any(i.startswith("rich:") for i in ids) and not any("/tests/" in i for i in ids)
+    docs = thirdparty_docs_documents(("rich",))
+    assert docs == thirdparty_docs_documents(("rich",)) and len(docs) > 10
+    text = "\n\n".join(t for _, t in docs)
+    assert " the " in text  # English prose

@@ -213,6 +213,24 @@ def test_user_ood_file_is_its_own_set(run_dir, tmp_path):
     assert set(result["ood"]["notes"]["auroc"]) == {"predictive_entropy", "gate_entropy"}  # S=1: no MI
 
 
+def test_builtin_corpus_as_an_ood_set_in_both_formats(run_dir):
+    """eval.ood_text names a built-in corpus: other packages' docstrings are a near-OOD set of their own
+    (the word-shuffled near set stays, a control), as text windows or as items in either format."""
+    for extra in (["eval.ood_task=lm"], ["eval.ood_task=mcq", "task.format=cloze"],
+                  ["eval.ood_task=mcq", "task.format=letter", "model.seq_len=128"]):
+        app = make_config(*TINY, *SMALL_EVAL, "eval.ood_text=[thirdparty_docs]", *extra)
+        result = evaluate_run(run_dir, app, output="eval_thirdparty.json")
+        assert {"near", "far", "thirdparty_docs"} <= set(result["ood"]), extra
+        assert len(result["ood"]["scores"]["thirdparty_docs"]["predictive_entropy"]) > 0
+        if "eval.ood_task=mcq" in extra:
+            assert result["items"]["sets"]["thirdparty_docs"]["items"] == 24
+
+
+def test_an_unknown_ood_entry_names_files_and_corpora(run_dir):
+    with pytest.raises(ConfigError, match="give text files or built-in corpus names .*thirdparty_docs"):
+        evaluate_run(run_dir, make_config(*TINY, *SMALL_EVAL, "eval.ood_text=[thirdparty]"))
+
+
 @pytest.mark.slow
 def test_paper_table_quick_form(tmp_path, corpus_cache):
     """The study end to end at CI size: both formats, the baselines, both predictives, the paired
@@ -223,6 +241,8 @@ def test_paper_table_quick_form(tmp_path, corpus_cache):
     proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = (tmp_path / "table" / "table.md").read_text()
+    # Headed by what wrote it: date, commit, device, versions and the command.
+    assert all(f"\n- {key}: " in table.split("Command:")[0] for key in ("date", "commit", "device", "torch", "command"))
     for text in ("cloze format", "letter format", "ΔECE vs Top-K", "ΔAUROC near", "Top-K + temperature scaling",
                  "Top-K ensemble of 2 seeds", "| BMA |", "variational full (post-hoc)", "Posterior diagnostics",
                  "### beta", "### model_size"):
@@ -274,8 +294,8 @@ def test_every_gpu_study_run_composes(tmp_path):
     paper_table = paper_table_module()
     size = paper_table.GPU
     for method in paper_table.methods(size, True):
-        app = compose_config([*size.models[method.model], *getattr(size, method.stage), *method.overrides,
-                              *size.eval, *method.eval_overrides, "seed=0", "logger=none",
+        app = compose_config([*size.stage_overrides(method), *method.overrides, *size.eval, *method.eval_overrides,
+                              "seed=0", "logger=none", *paper_table.swag_overrides(method, size),
                               *([f"train.init_from={tmp_path}"] if method.parent else [])])
         assert app.model.n_experts >= 16, method.key
 
@@ -326,15 +346,16 @@ def test_per_item_probabilities_keep_the_nll_of_small_ones():
 def test_temperature_scaling_is_skipped_with_a_warning_when_a_score_is_not_finite(capsys):
     from types import SimpleNamespace
 
-    from vrmoe.eval.context import ScoredSet
+    from vrmoe.eval.context import EvalContext, ScoredSet
     from vrmoe.eval.probes.calibration import CalibrationProbe
 
     labels = torch.tensor([0, 1])
     logits = torch.tensor([[0.0, -1.0, -2.0, float("-inf")], [1.0, 0.0, 0.0, 0.0]])
     mcq = ScoredSet(logits.softmax(-1), labels, logits_NC=logits)
     lm = ScoredSet(torch.full((3, 5), 0.2), torch.tensor([0, 1, 2]))
-    ctx = SimpleNamespace(predictives=("routing_mean",),
+    ctx = SimpleNamespace(predictives=("routing_mean",), sampler=None, _temperatures={},
                           scored=lambda name, kind: lm if kind == "lm" else mcq)
+    ctx.temperature = lambda predictive: EvalContext.temperature(ctx, predictive)  # the real fit, on these scores
     block = CalibrationProbe().measure(ctx)
     assert "mcq_ts" not in block and "ts" not in block["predictions"]["mcq"] and "mcq" in block
     assert "temperature scaling skipped" in capsys.readouterr().err

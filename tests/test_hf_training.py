@@ -42,9 +42,11 @@ def test_a_bf16_fine_tuning_step_moves_the_weights_as_the_fp32_step_does(qwen, t
     assert set(bf16) == set(fp32) and len(bf16) > 10  # every weight trains, and each is stored in fp32
     moved = torch.cat([d.flatten() for d in bf16.values()])
     reference = torch.cat([d.flatten() for d in fp32.values()])
-    assert (moved != 0).float().mean() > 0.9
+    # What the fp32 step moves (the embedding rows of tokens the batch lacks get no gradient), bf16 moves too.
+    moves = reference != 0
+    assert moves.float().mean() > 0.5 and (moved[moves] != 0).float().mean() > 0.9
     # AdamW's first step is lr * sign(gradient): the bf16 forward changes the sign of a few small gradients only.
-    assert (torch.sign(moved) == torch.sign(reference)).float().mean() > 0.9
+    assert (torch.sign(moved[moves]) == torch.sign(reference[moves])).float().mean() > 0.9
     assert torch.allclose(moved.abs().mean(), reference.abs().mean(), rtol=0.05)
 
 

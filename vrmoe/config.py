@@ -191,6 +191,10 @@ class DataConfig:
     mcq_calibration_split: Optional[str] = None
     # Where prepared corpora are cached; null means ~/.cache/vrmoe (or $VRMOE_CACHE).
     cache_dir: Optional[str] = None
+    # The native model's tokenizer: bytes (256 tokens), or bpe: a byte-level BPE of vocab_size tokens
+    # trained on the training split (cached beside the corpora; model.vocab_size must hold it).
+    tokenizer: str = "bytes"
+    vocab_size: int = 4096
 
 
 @dataclass
@@ -288,7 +292,8 @@ class EvalConfig:
     batch_size: int = 16
     # Per-sequence OOD scores on "lm" windows or "mcq" items; auto follows the run's task.
     ood_task: str = "auto"
-    # Extra OOD sets: text files, each scored against the validation split under its file name.
+    # Extra OOD sets: text files, each scored against the validation split under its file name, or
+    # built-in corpora by name (their validation split; thirdparty_docs: near-OOD prose).
     ood_text: list[str] = field(default_factory=list)
     # With data=mcq: other multiple-choice datasets as OOD sets, each in data.mcq_eval_split or the split
     # it names (e.g. [arc_easy,medmcqa:test]; items without answers are scored for OOD all the same).
@@ -401,6 +406,14 @@ def validate(c: AppConfig) -> None:
     _require(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
              f"train.device={t.device!r} must be auto, cpu or cuda[:N]")
     _require(0 < d.val_fraction < 0.5, f"data.val_fraction={d.val_fraction} must be in (0, 0.5)")
+    _require(d.tokenizer in ("bytes", "bpe"), f"data.tokenizer={d.tokenizer!r} must be bytes or bpe")
+    _require(d.tokenizer == "bytes" or m.backbone == "native",
+             "data.tokenizer=bpe is for the native model; model=hf reads text with its checkpoint's own tokenizer")
+    _require(d.tokenizer == "bytes" or d.vocab_size > 256,
+             f"data.vocab_size={d.vocab_size} must be above 256 (the 256 bytes are tokens of it)")
+    _require(d.tokenizer == "bytes" or m.vocab_size >= d.vocab_size,
+             f"model.vocab_size={m.vocab_size} is smaller than data.vocab_size={d.vocab_size} (data.tokenizer=bpe); "
+             f"set model.vocab_size={d.vocab_size}")
     _require(d.name != "text" or bool(d.path), "data=text needs data.path=<file or directory>")
     _require(d.name != "hf" or bool(d.hf_name),
              "data=hf needs data.hf_name=<dataset name or save_to_disk directory>")

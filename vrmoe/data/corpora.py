@@ -7,9 +7,15 @@ Python's own standard library:
   modules, classes and functions (read with :mod:`ast`, nothing is imported)
   plus the ``pydoc_data`` topics;
 * ``python_source``: the same modules' source with docstrings and comments
-  removed (a far out-of-distribution domain for the prose model).
+  removed (a far out-of-distribution domain for the prose model);
+* ``thirdparty_docs``: the docstrings of installed third-party packages that vrmoe's core
+  dependencies bring (numpy, matplotlib, rich, ...; :data:`THIRDPARTY_DISTRIBUTIONS`), read the
+  same way: English prose about Python code by other authors, a near out-of-distribution domain
+  for a model trained on ``stdlib_docs``.
 
-Both are prepared once and cached as byte arrays keyed by the Python version.
+Each is prepared once and cached as byte arrays keyed by the Python version (and, for
+``thirdparty_docs``, the packages' versions). ``data.tokenizer=bpe`` trains a byte-level BPE on
+a corpus's training split and caches it beside them.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import torch
 from ..config import ConfigError, DataConfig
 from ..tracking import atomic_write
 from .mcq_datasets import MCQQuestion, load_questions, questions_text
-from .tokenizers import ByteTokenizer, Tokenizer
+from .tokenizers import BPETokenizer, ByteTokenizer, Tokenizer, bpe_cache_name
 
 DOC_SEPARATOR = "\n\n"
 # Part of the cache key: bump it whenever the way a built-in corpus is made changes.
@@ -133,7 +139,65 @@ def python_source_documents() -> list[tuple[str, str]]:
     return docs
 
 
-BUILTIN_CORPORA = {"stdlib_docs": stdlib_docs_documents, "python_source": python_source_documents}
+# The distributions thirdparty_docs reads: vrmoe's core dependencies and what they install, those
+# with prose docstrings (plotly's and torch's are generated or too large to parse on every machine).
+THIRDPARTY_DISTRIBUTIONS = ("numpy", "matplotlib", "omegaconf", "hydra-core", "rich", "pygments", "pyparsing",
+                            "packaging", "python-dateutil", "pillow")
+
+
+def _installed(names: tuple[str, ...]) -> list:
+    """The installed distributions among ``names``, in that order (a missing one is skipped)."""
+    from importlib import metadata
+
+    found = []
+    for name in names:
+        try:
+            found.append(metadata.distribution(name))
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def thirdparty_files(names: tuple[str, ...] = THIRDPARTY_DISTRIBUTIONS) -> list[tuple[str, Path]]:
+    """(document id, path) of every .py file the distributions ``names`` installed, in a fixed
+    order: by distribution, then path. Test suites are left out, and so is any file inside the
+    standard library or vrmoe itself (a distribution may install into either)."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
+    own = Path(__file__).resolve().parents[1]
+    out = []
+    for dist in _installed(names):
+        name = dist.metadata["Name"]
+        for rel in sorted((f for f in (dist.files or []) if f.suffix == ".py"), key=str):
+            if any(part in ("test", "tests", "testing") for part in rel.parts[:-1]):
+                continue
+            path = Path(dist.locate_file(rel)).resolve()
+            in_stdlib = path.is_relative_to(stdlib) and not {"site-packages", "dist-packages"} & set(path.parts)
+            if in_stdlib or path.is_relative_to(own):
+                continue
+            if path.is_file():
+                out.append((f"{name}:{rel.as_posix()}", path))
+    return out
+
+
+def thirdparty_docs_documents(names: tuple[str, ...] = THIRDPARTY_DISTRIBUTIONS) -> list[tuple[str, str]]:
+    """(document id, text): one document per module's docstrings, as ``stdlib_docs``."""
+    docs = []
+    for doc_id, path in thirdparty_files(names):
+        tree = _parse(path)
+        text = DOC_SEPARATOR.join(_docstrings(tree)) if tree is not None else ""
+        if text:
+            docs.append((doc_id, text))
+    return docs
+
+
+def thirdparty_versions(names: tuple[str, ...] = THIRDPARTY_DISTRIBUTIONS) -> str:
+    """A short digest of the installed distributions' names and versions (part of the cache key)."""
+    listed = ",".join(f"{d.metadata['Name']}=={d.version}" for d in _installed(names))
+    return hashlib.sha1(listed.encode("utf-8")).hexdigest()[:12]
+
+
+BUILTIN_CORPORA = {"stdlib_docs": stdlib_docs_documents, "python_source": python_source_documents,
+                   "thirdparty_docs": thirdparty_docs_documents}
 # Every corpus `data=<name>` can name: the built-in ones, the user's text or dataset, and a
 # multiple-choice dataset (its questions, and their text for the next-token view).
 CORPORA = (*BUILTIN_CORPORA, "text", "hf", "mcq")
@@ -248,6 +312,8 @@ def load_corpus(cfg: DataConfig, min_tokens: int = 0, tokenizer: Tokenizer | Non
     if cfg.name in BUILTIN_CORPORA:
         tag = (f"{cfg.name}-c{CORPUS_VERSION}-py{sys.version_info.major}.{sys.version_info.minor}"
                f"-v{cfg.val_fraction}")
+        if cfg.name == "thirdparty_docs":
+            tag += f"-d{thirdparty_versions()}"
         folder = cache_root(cfg)
         train_path, val_path = folder / f"{tag}.train.npy", folder / f"{tag}.val.npy"
         if train_path.exists() and val_path.exists():
@@ -256,7 +322,7 @@ def load_corpus(cfg: DataConfig, min_tokens: int = 0, tokenizer: Tokenizer | Non
             except (OSError, ValueError):  # a damaged cache is rebuilt, not fatal
                 train_np = val_np = None
             if train_np is not None:
-                return _corpus(cfg.name, train_np, val_np, min_tokens, tokenizer)
+                return _corpus(cfg, train_np, val_np, min_tokens, tokenizer)
         train_b, val_b = split_documents(BUILTIN_CORPORA[cfg.name](), cfg.val_fraction)
         train_np, val_np = np.frombuffer(train_b, np.uint8), np.frombuffer(val_b, np.uint8)
         try:
@@ -265,12 +331,11 @@ def load_corpus(cfg: DataConfig, min_tokens: int = 0, tokenizer: Tokenizer | Non
                 atomic_write(path, lambda tmp, a=array: _save_npy(tmp, a))
         except OSError:  # a read-only home still trains, only without the cache
             pass
-        return _corpus(cfg.name, train_np, val_np, min_tokens, tokenizer)
+        return _corpus(cfg, train_np, val_np, min_tokens, tokenizer)
     if cfg.name == "mcq":
         questions = mcq_splits(cfg)
         train_b, val_b = (questions_text(questions[use]).encode("utf-8") for use in ("finetune", "test"))
-        corpus = _corpus(cfg.name, np.frombuffer(train_b, np.uint8), np.frombuffer(val_b, np.uint8), min_tokens,
-                         tokenizer)
+        corpus = _corpus(cfg, np.frombuffer(train_b, np.uint8), np.frombuffer(val_b, np.uint8), min_tokens, tokenizer)
         corpus.questions = questions
         return corpus
     if cfg.name == "text":
@@ -280,7 +345,7 @@ def load_corpus(cfg: DataConfig, min_tokens: int = 0, tokenizer: Tokenizer | Non
     else:
         raise ConfigError(f"data={cfg.name!r} is unknown; choose one of {', '.join(CORPORA)}")
     train_b, val_b = split_documents(docs, cfg.val_fraction)
-    return _corpus(cfg.name, np.frombuffer(train_b, np.uint8), np.frombuffer(val_b, np.uint8), min_tokens, tokenizer)
+    return _corpus(cfg, np.frombuffer(train_b, np.uint8), np.frombuffer(val_b, np.uint8), min_tokens, tokenizer)
 
 
 # data=mcq with no calibration split named: this share of the train split's questions (its end) is
@@ -303,15 +368,32 @@ def mcq_splits(cfg: DataConfig) -> dict[str, list[MCQQuestion]]:
     return {"finetune": train, "calibration": calibration, "test": load_questions(name, cfg.mcq_eval_split)}
 
 
-def _corpus(name: str, train: np.ndarray, val: np.ndarray, min_tokens: int,
+def corpus_tokenizer(cfg: DataConfig, train_text: str, tokenizer: Tokenizer | None = None) -> Tokenizer:
+    """The tokenizer of a corpus: ``tokenizer`` (a pretrained model's own) when given, else bytes,
+    or with ``data.tokenizer=bpe`` a BPE of ``data.vocab_size`` tokens trained on ``train_text``
+    (cached beside the corpora)."""
+    if tokenizer is not None and not isinstance(tokenizer, ByteTokenizer):
+        if cfg.tokenizer == "bpe":
+            raise ConfigError("data.tokenizer=bpe is for the native model; model=hf reads text with its "
+                              "checkpoint's own tokenizer")
+        return tokenizer
+    if cfg.tokenizer == "bytes":
+        return ByteTokenizer()
+    if cfg.tokenizer != "bpe":
+        raise ConfigError(f"data.tokenizer={cfg.tokenizer!r} must be bytes or bpe")
+    return BPETokenizer.train(train_text, cfg.vocab_size, cache_root(cfg) / bpe_cache_name(train_text, cfg.vocab_size))
+
+
+def _corpus(cfg: DataConfig, train: np.ndarray, val: np.ndarray, min_tokens: int,
             tokenizer: Tokenizer | None = None) -> Corpus:
-    """UTF-8 bytes of the two splits as the tokens of ``tokenizer`` (the bytes themselves when None)."""
-    if tokenizer is None or isinstance(tokenizer, ByteTokenizer):
-        tokenizer = ByteTokenizer()
+    """UTF-8 bytes of the two splits as the tokens of the corpus's tokenizer (:func:`corpus_tokenizer`)."""
+    name = cfg.name
+    decode = lambda arr: arr.tobytes().decode("utf-8", errors="replace")  # noqa: E731
+    tokenizer = corpus_tokenizer(cfg, decode(train), tokenizer)
+    if isinstance(tokenizer, ByteTokenizer):
         splits = [torch.from_numpy(train.copy()), torch.from_numpy(val.copy())]
     else:
-        splits = [tokenizer.encode(arr.tobytes().decode("utf-8", errors="replace")).to(torch.int32)
-                  for arr in (train, val)]
+        splits = [tokenizer.encode(decode(arr)).to(torch.int32) for arr in (train, val)]
     for split, tokens in zip(("training", "validation"), splits):
         if len(tokens) < min_tokens:
             raise ConfigError(f"data={name}: the {split} split has {len(tokens)} tokens, fewer than one sequence "

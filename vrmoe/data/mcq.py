@@ -245,9 +245,19 @@ def encode_items(items: list[MCQItem], tokenizer: Tokenizer | None = None) -> MC
         for o, ids in enumerate(row):
             tokens[n, o, :len(ids)] = ids
             lengths[n, o] = len(ids)
-    starts = torch.tensor([len(encode_prompt(tokenizer, item.prefix)) for item in items], dtype=torch.long)
+    # Scoring starts where the four sentences' tokens part: at the prefix's length for bytes, earlier
+    # for a subword tokenizer that joins the space before the blank to the word in it (" reads").
+    starts = torch.tensor([min(len(encode_prompt(tokenizer, item.prefix)), _shared_length(row))
+                           for item, row in zip(items, encoded)], dtype=torch.long)
     answers = torch.tensor([item.answer for item in items], dtype=torch.long)
     return MCQTensors(tokens, lengths, starts, answers)
+
+
+def _shared_length(rows: list[torch.Tensor]) -> int:
+    """How many leading tokens the four encoded sentences have in common."""
+    shortest = min(len(ids) for ids in rows)
+    same = torch.stack([ids[:shortest] for ids in rows]).eq(rows[0][:shortest]).all(0)
+    return int(same.long().cumprod(0).sum())
 
 
 def make_batch(data: MCQTensors, index: torch.Tensor, device: torch.device | str = "cpu") -> MCQBatch:

@@ -14,6 +14,9 @@ Language-model corpora are long concatenated text and are encoded without it.
 
 from __future__ import annotations
 
+import hashlib
+import re
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -47,6 +50,70 @@ class ByteTokenizer:
 
     def decode(self, ids: torch.Tensor | list[int]) -> str:
         return bytes_to_text(torch.as_tensor(ids))
+
+
+# Part of a trained BPE's cache key: bump it whenever the way one is trained changes.
+BPE_VERSION = 1
+
+
+class BPETokenizer:
+    """A byte-level BPE (the ``tokenizers`` library, as GPT-2's) trained on a corpus's training
+    split: ``data.tokenizer=bpe data.vocab_size=N``. Its vocabulary holds the 256 bytes, so any
+    text encodes, and ``decode(encode(text)) == text``. Training is deterministic (the same text
+    and size give the same merges) and its result is cached as JSON beside the corpora, keyed by
+    a hash of the text, the size and :data:`BPE_VERSION`."""
+
+    bos_ids: tuple[int, ...] = ()
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.vocab_size = backend.get_vocab_size()
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int, cache: "Path | None" = None) -> "BPETokenizer":
+        from ..config import ConfigError
+
+        try:
+            from tokenizers import Tokenizer as Backend
+            from tokenizers import decoders, models, pre_tokenizers, trainers
+        except ImportError:
+            raise ConfigError("data.tokenizer=bpe needs the tokenizers package: pip install 'vrmoe[hf]'") from None
+        if cache is not None and cache.exists():
+            try:
+                return cls(Backend.from_file(str(cache)))
+            except Exception:  # a damaged cache is trained again, not fatal
+                pass
+        backend = Backend(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        backend.train_from_iterator(_paragraphs(text), trainer=trainer)
+        if cache is not None:
+            try:
+                from ..tracking import atomic_write
+
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(cache, lambda tmp: backend.save(str(tmp)))
+            except OSError:  # a read-only cache folder trains again next time
+                pass
+        return cls(backend)
+
+    def encode(self, text: str) -> torch.Tensor:
+        return torch.tensor(self.backend.encode(text, add_special_tokens=False).ids, dtype=torch.long)
+
+    def decode(self, ids: torch.Tensor | list[int]) -> str:
+        return self.backend.decode(torch.as_tensor(ids).tolist(), skip_special_tokens=False)
+
+
+def _paragraphs(text: str) -> list[str]:
+    """``text`` cut after each blank line (what BPE training counts words in)."""
+    return [p for p in re.split(r"(?<=\n\n)", text) if p]
+
+
+def bpe_cache_name(text: str, vocab_size: int) -> str:
+    digest = hashlib.sha1(text.encode("utf-8", errors="replace")).hexdigest()[:16]
+    return f"bpe-b{BPE_VERSION}-{digest}-v{vocab_size}.json"
 
 
 def encode_prompt(tokenizer: Tokenizer, text: str) -> torch.Tensor:

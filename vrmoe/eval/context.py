@@ -35,6 +35,7 @@ Choices worth knowing:
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 from contextlib import contextmanager
@@ -49,12 +50,13 @@ from .. import distributed
 from ..checkpoint import load_run_weights
 from ..config import AppConfig, ConfigError, DataConfig
 from ..data.batches import eval_batches
-from ..data.corpora import Corpus, load_corpus, looks_binary
+from ..data.corpora import BUILTIN_CORPORA, Corpus, load_corpus, looks_binary
 from ..data.mcq_datasets import (MCQQuestion, LetterTensors, check_split, encode_questions, load_questions,
                                  split_entry)
 from ..data.mcq import (MCQTensors, build_items, item_len, shuffle_words_within_sentences, split_text,
                         text_items)
 from ..device import synchronize
+from ..stats import fit_temperature
 from ..model import build_model, build_tokenizer
 from ..model.backbone import Backbone, ModelOutput
 from ..model.routers import Routing, router_class
@@ -75,6 +77,16 @@ class ScoredSet:
     bma_probs_NC: torch.Tensor | None = None
     # Multiple choice: the option scores whose softmax is probs_NC (temperature scaling divides them).
     logits_NC: torch.Tensor | None = None
+    # Multiple choice: log bma_probs_NC, computed stably from the S passes' option scores (what temperature
+    # scaling of the BMA divides); None without single-sample passes.
+    bma_logits_NC: torch.Tensor | None = None
+
+    def scores_of(self, predictive: str) -> torch.Tensor | None:
+        """The option scores whose softmax is ``predictive``'s distribution (routing_mean or bma); a
+        set without single-sample passes (S = 1) is its own BMA."""
+        if predictive == "bma" and self.bma_logits_NC is not None:
+            return self.bma_logits_NC
+        return self.logits_NC
 
     def labelled(self) -> "ScoredSet":
         """The items with an answer (label >= 0), which calibration and accuracy need; the set itself
@@ -84,7 +96,8 @@ class ScoredSet:
             return self
         pick = lambda t: None if t is None else t[keep_N]  # noqa: E731
         return ScoredSet(self.probs_NC[keep_N], self.labels_N[keep_N], {k: v[keep_N] for k, v in self.scores.items()},
-                         self.tokens, self.seconds, pick(self.bma_probs_NC), pick(self.logits_NC))
+                         self.tokens, self.seconds, pick(self.bma_probs_NC), pick(self.logits_NC),
+                         pick(self.bma_logits_NC))
 
 
 def check_eval_inputs(app: AppConfig) -> None:
@@ -94,10 +107,12 @@ def check_eval_inputs(app: AppConfig) -> None:
         name, split, _ = split_entry(entry, app.data.mcq_eval_split)
         check_split(name, split, f"eval.ood_mcq: {entry}")
     for path_str in app.eval.ood_text:
+        if path_str in BUILTIN_CORPORA:  # a built-in corpus by name (its validation split is the set)
+            continue
         path = Path(path_str).expanduser()
         if not path.is_file():
-            raise ConfigError(f"eval.ood_text: {path_str} is not a file; give text files, "
-                              "e.g. eval.ood_text=[notes.txt]")
+            raise ConfigError(f"eval.ood_text: {path_str} is not a file; give text files or built-in corpus names "
+                              f"({', '.join(BUILTIN_CORPORA)}), e.g. eval.ood_text=[notes.txt,thirdparty_docs]")
         try:
             raw = path.read_bytes()
         except OSError as exc:
@@ -206,6 +221,7 @@ class EvalContext:
     # Per multiple-choice set ("calibration" included): items scored, unlabelled, too_long (count_items).
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     _scored: dict[tuple[str, str], ScoredSet] = field(default_factory=dict)
+    _temperatures: dict[tuple[str, str], tuple[float, int] | None] = field(default_factory=dict)
 
     @classmethod
     def build(cls, run_dir: Path, app: AppConfig, state: dict[str, Any], device: torch.device) -> "EvalContext":
@@ -256,6 +272,20 @@ class EvalContext:
     def samples(self) -> int:
         return self.app.router.samples
 
+    def temperature(self, predictive: str) -> tuple[float, int] | None:
+        """(T, items fit on): temperature scaling of ``predictive`` (routing_mean or bma), one scalar
+        fit by NLL on the calibration split's labelled items, computed once; None when an option
+        score is not finite (a token of probability 0 has no finite temperature)."""
+        key = ("temperature", predictive)
+        if key not in self._temperatures:
+            kind = "mcq_bma" if predictive == "bma" and self.sampler is not None else "mcq"
+            fit = self.scored("calibration", kind).labelled()
+            scores = fit.scores_of(predictive)
+            self._temperatures[key] = (
+                (fit_temperature(scores, fit.labels_N), len(fit.labels_N))
+                if scores is not None and bool(torch.isfinite(scores).all()) else None)
+        return self._temperatures[key]
+
     @property
     def uncertainty_name(self) -> str:
         """The OOD-score name of the configured router's own uncertainty signal."""
@@ -272,12 +302,14 @@ class EvalContext:
 
     def scored(self, name: str, kind: str) -> ScoredSet:
         """Set ``name`` scored as ``kind`` ("lm" windows or "mcq" items; "calibration" is the
-        calibration split's items), computed once. The S single-sample passes (mutual information
-        and the BMA predictive) run for the OOD unit's sets and, when the BMA is asked for, for the
-        in-distribution set of either kind; never for the calibration split."""
+        calibration split's items; "mcq_bma" the calibration split's items with the S single-sample
+        passes, which temperature scaling of the BMA fits on), computed once. The S single-sample
+        passes (mutual information and the BMA predictive) run for the OOD unit's sets and, when
+        the BMA is asked for, for the in-distribution set of either kind."""
         if (name, kind) not in self._scored:
             torch.manual_seed(self.app.seed)  # each set's sampling noise is independent of the order of sets
-            sampled = name != "calibration" and (kind == self.unit or (name == "in" and "bma" in self.predictives))
+            sampled = (kind == "mcq_bma" or
+                       name != "calibration" and (kind == self.unit or (name == "in" and "bma" in self.predictives)))
             with_mi = self.sampler if sampled else None
             here = distributed.env()  # under torchrun each rank scores its block of batches
             if kind == "lm":
@@ -311,17 +343,27 @@ def in_distribution_questions(app: AppConfig) -> list[MCQQuestion]:
     return load_questions(app.data.mcq_name or "", app.data.mcq_eval_split, unlabelled=True)
 
 
+def corpus_text(app: AppConfig, name: str) -> str:
+    """The validation split of built-in corpus ``name`` as text (split as ``data.val_fraction``
+    splits the run's own corpus): text no model trained on, whatever the run's corpus."""
+    corpus = load_corpus(DataConfig(name=name, val_fraction=app.data.val_fraction, cache_dir=app.data.cache_dir))
+    return corpus.tokenizer.decode(corpus.val)
+
+
 def ood_texts(app: AppConfig, in_text: str) -> dict[str, tuple[str, str]]:
     """name -> (config key for errors, text): near (``in_text`` with its words shuffled in each
-    sentence), far and the user's files."""
+    sentence: a control that keeps the vocabulary), far, and the user's ``eval.ood_text`` entries:
+    files, or built-in corpora by name (``thirdparty_docs``: other packages' docstrings, the real
+    near-OOD prose for a model trained on ``stdlib_docs``)."""
     far_name = "python_source" if app.data.name != "python_source" else "stdlib_docs"
-    far = load_corpus(DataConfig(name=far_name, val_fraction=app.data.val_fraction, cache_dir=app.data.cache_dir))
     sets = {"near": ("near (word-shuffled in-distribution text)", shuffle_words_within_sentences(in_text)),
-            "far": (f"far ({far_name})", far.tokenizer.decode(far.val))}
-    for path_str in app.eval.ood_text:
-        name = free_name(Path(path_str).stem or "ood", sets)
-        sets[name] = (f"eval.ood_text: {path_str}",
-                      Path(path_str).expanduser().read_text(encoding="utf-8", errors="replace"))
+            "far": (f"far ({far_name})", corpus_text(app, far_name))}
+    for entry in app.eval.ood_text:
+        if entry in BUILTIN_CORPORA:
+            sets[free_name(entry, sets)] = (f"eval.ood_text: {entry}", corpus_text(app, entry))
+            continue
+        name = free_name(Path(entry).stem or "ood", sets)
+        sets[name] = (f"eval.ood_text: {entry}", Path(entry).expanduser().read_text(encoding="utf-8", errors="replace"))
     return sets
 
 
@@ -347,7 +389,7 @@ def merge(parts: list[ScoredSet]) -> ScoredSet:
     return ScoredSet(torch.cat([p.probs_NC for p in parts]), torch.cat([p.labels_N for p in parts]),
                      {k: torch.cat([p.scores[k] for p in parts]) for k in parts[0].scores},
                      sum(p.tokens for p in parts), max(p.seconds for p in parts),
-                     joined("bma_probs_NC"), joined("logits_NC"))
+                     joined("bma_probs_NC"), joined("logits_NC"), joined("bma_logits_NC"))
 
 
 def router_token_scores(routings: list[Routing], uncertainty_name: str) -> dict[str, torch.Tensor]:
@@ -408,7 +450,7 @@ def score_items(model: Backbone, sampler: "SingleSample | None", items: MCQTenso
                 index_batches: list[torch.Tensor], samples: int, uncertainty_name: str, device: torch.device) -> ScoredSet:
     """4-way multiple-choice predictions of the items in ``index_batches``; a sequence is an item
     (router scores are averaged over the real tokens of its four filled-in sentences)."""
-    probs, labels, scores, bma, logits = [], [], {}, [], []
+    probs, labels, scores, bma, logits, bma_logits = [], [], {}, [], [], []
     tokens, seconds = 0, 0.0
     for index in index_batches:
         batch = items.batch(index, device)
@@ -425,13 +467,16 @@ def score_items(model: Backbone, sampler: "SingleSample | None", items: MCQTenso
         for name, value_T in router_token_scores(out.routings, uncertainty_name).items():
             per_item[name] = (value_T.reshape(batch.n_items, -1) * mask).sum(-1) / mask.sum(-1).clamp_min(1)
         if sampler is not None:
-            p_SBO = torch.stack([batch.option_scores(sampler(batch.inputs_NL).logits_BLV).softmax(-1)
-                                 for _ in range(samples)])
+            z_SBO = torch.stack([batch.option_scores(sampler(batch.inputs_NL).logits_BLV) for _ in range(samples)])
+            p_SBO = z_SBO.softmax(-1)
             bma.append(p_SBO.mean(0).cpu())
+            # log of the mean of the S softmaxes, finite wherever the option scores are
+            bma_logits.append((z_SBO.double().log_softmax(-1).logsumexp(0) - math.log(samples)).cpu())
             per_item["predictive_entropy_bma"] = metrics.entropy(bma[-1])
             per_item["mutual_information"] = metrics.mutual_information(p_SBO)
         _append(scores, per_item)
     if not probs:  # a rank with no batch of this set (more ranks than batches)
         return ScoredSet(torch.zeros(0), torch.zeros(0, dtype=torch.long), {}, 0, 0.0)
     return ScoredSet(torch.cat(probs), torch.cat(labels), {k: torch.cat(v) for k, v in scores.items()},
-                     tokens, seconds, torch.cat(bma) if bma else None, torch.cat(logits))
+                     tokens, seconds, torch.cat(bma) if bma else None, torch.cat(logits),
+                     torch.cat(bma_logits) if bma_logits else None)

@@ -17,7 +17,15 @@
                    "flip_rate_by_z": {"edges": [...], "flip_rate": [...], "count": [...]}}},
                    "deterministic_layers": [...], "note": "..."},  # variational-only keys: sigma_mean .. by_z
      "cost": {"flops_per_token": {...}, "router_share": x, "router_overhead_vs_topk": x, "tokens_per_s": x},
+     "temperature_scaling": {"temperatures": {"routing_mean": T, "bma": T}, "fit_items": n,
+                             "mcq_bma": REPORT, "predictions": {"bma": [[p]]},  # the BMA after scaling
+                             "ood": {SET: {"routing_mean": auroc, "bma": auroc}},  # scaled entropy, mcq OOD sets
+                             "scores": {SET: {"routing_mean": [...], "bma": [...]}}},  # "in" included
      "wall_time_s": x}
+
+The routing mean after temperature scaling is ``calibration.mcq_ts`` (and ``predictions.mcq.ts``);
+the ``temperature_scaling`` block adds the BMA's and the scaled OOD scores (absent from an
+eval.json written before it existed: every reader below returns None or {} then).
 
 Each block is written by the probe of the same name (``vrmoe.eval.probes``). ``vrmoe
 compare``, the dashboard, the W&B mirror, the sweep objective and ``experiments/`` read
@@ -35,6 +43,10 @@ CALIBRATION_TASKS = ("next_token", "mcq")
 SCORES_KEY = "scores"  # inside the ood block: per-sequence scores of every set
 PREDICTIONS_KEY = "predictions"  # inside the calibration block: per-item test-split predictions
 PREDICTIVES = {"routing_mean": "", "bma": "_bma", "ts": "_ts"}  # predictive -> calibration report suffix
+TS_KEY = "temperature_scaling"  # the block of temperature scaling beyond calibration.mcq_ts
+TS_OOD_KEY = "ood"  # inside it: AUROC of each scaled predictive's entropy per OOD set
+# The temperature-scaled predictives: name -> (predictive scaled, where its numbers are)
+SCALED = {"ts": "routing_mean", "bma_ts": "bma"}
 ITEM_SETS_KEY = "sets"  # inside the items block: per multiple-choice set, its counts
 
 
@@ -58,16 +70,42 @@ def calibration(result: dict[str, Any] | None, task: str) -> dict[str, Any] | No
 def calibration_number(result: dict[str, Any] | None, task: str, key: str,
                        predictive: str = "routing_mean") -> float | None:
     """One number of a calibration report: accuracy, nll, brier, ece_10, ece_15 or mce, of one
-    predictive (routing_mean, bma or ts; see PREDICTIVES)."""
+    predictive (routing_mean, bma, ts = routing mean after temperature scaling, bma_ts = the BMA
+    after temperature scaling)."""
+    if predictive == "bma_ts":
+        return number(dig(result, TS_KEY, f"{task}_bma", key))
     return number(dig(calibration(result, task + PREDICTIVES[predictive]), key))
 
 
+def temperature(result: dict[str, Any] | None, predictive: str = "routing_mean") -> float | None:
+    """The temperature fit on the calibration split for ``predictive`` (routing_mean or bma)."""
+    if predictive == "routing_mean" and (t := number(dig(calibration(result, "mcq_ts"), "temperature"))) is not None:
+        return t
+    return number(dig(result, TS_KEY, "temperatures", predictive))
+
+
+def scaled_ood_scores(result: dict[str, Any] | None) -> dict[str, dict[str, list[float]]]:
+    """Per-item entropy of each temperature-scaled predictive: set -> ts | bma_ts -> values ("in" is
+    the test split); empty without multiple-choice OOD sets or for an older eval.json."""
+    block = dig(result, TS_KEY, SCORES_KEY)
+    if not isinstance(block, dict):
+        return {}
+    names = {source: name for name, source in SCALED.items()}
+    return {name: {names[p]: v for p, v in values.items() if p in names and isinstance(v, list)}
+            for name, values in block.items() if isinstance(values, dict)}
+
+
 def item_predictions(result: dict[str, Any] | None, task: str = "mcq") -> tuple[list[int], dict[str, list]] | None:
-    """(labels, predictive -> per-item probabilities) of the test split, or None when not recorded."""
+    """(labels, predictive -> per-item probabilities) of the test split, or None when not recorded.
+    Predictives: routing_mean, bma, ts and bma_ts (see calibration_number), those recorded."""
     block = dig(result, "calibration", PREDICTIONS_KEY, task)
     if not isinstance(block, dict) or not isinstance(block.get("labels"), list):
         return None
-    return block["labels"], {k: v for k, v in block.items() if k in PREDICTIVES and isinstance(v, list)}
+    out = {k: v for k, v in block.items() if k in PREDICTIVES and isinstance(v, list)}
+    scaled_bma = dig(result, TS_KEY, PREDICTIONS_KEY, "bma") if task == "mcq" else None
+    if isinstance(scaled_bma, list):
+        out["bma_ts"] = scaled_bma
+    return block["labels"], out
 
 
 RELIABILITY_KEYS = ("bin_confidence", "bin_accuracy", "bin_count")
@@ -162,6 +200,7 @@ METRICS: dict[str, Callable[[dict[str, Any] | None], Any]] = {
     "mcq_accuracy": lambda r: number(dig(calibration(r, "mcq"), "accuracy")),
     "mcq_ece_bma": lambda r: number(dig(calibration(r, "mcq_bma"), "ece_10")),
     "mcq_ece_ts": lambda r: number(dig(calibration(r, "mcq_ts"), "ece_10")),
+    "mcq_ece_bma_ts": lambda r: calibration_number(r, "mcq", "ece_10", "bma_ts"),
     "auroc_near": lambda r: best_auroc(r, "near")[0],
     "auroc_near_score": lambda r: best_auroc(r, "near")[1],
     "auroc_far": lambda r: best_auroc(r, "far")[0],

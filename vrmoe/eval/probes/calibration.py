@@ -6,7 +6,8 @@ study's paired bootstrap and ensembles read.
 Reports, by key: ``<task>`` the paper's predictive (one pass, routing averaged over S samples
 before Top-K); ``<task>_bma`` the mean of S single-sample passes' predictions (Bayesian model
 averaging); ``mcq_ts`` the routing-mean prediction with its option scores divided by one
-temperature fit by NLL on the calibration split (the standard post-hoc baseline).
+temperature fit by NLL on the calibration split (the standard post-hoc baseline; the BMA's, and
+both after temperature scaling on the OOD sets, are the ``temperature_scaling`` block's).
 
 Every report and the per-item predictions cover the items with an answer only (``labelled()``):
 an item its dataset publishes without one is an OOD-score sequence, never a calibration one.
@@ -21,7 +22,7 @@ import torch
 
 from ... import metrics
 from ...console import console, log_line
-from ...stats import apply_temperature, fit_temperature
+from ...stats import apply_temperature
 from ..schema import CALIBRATION_TASKS, PREDICTIONS_KEY
 from .base import Probe, fmt, per_item, register_probe
 
@@ -59,13 +60,14 @@ class CalibrationProbe(Probe):
                 out[task] = metrics.calibration_report(scored.probs_NC, scored.labels_N)
             if "bma" in predictives:
                 out[f"{task}_bma"] = metrics.calibration_report(_bma(scored), scored.labels_N)
-        test, fit = ctx.scored("in", "mcq").labelled(), ctx.scored("calibration", "mcq").labelled()
+        test = ctx.scored("in", "mcq").labelled()
         predictions = {"labels": test.labels_N.tolist(), "routing_mean": per_item(test.probs_NC)}
-        if bool(torch.isfinite(fit.logits_NC).all() and torch.isfinite(test.logits_NC).all()):
-            temperature = fit_temperature(fit.logits_NC, fit.labels_N)
+        fitted = ctx.temperature("routing_mean")
+        if fitted is not None and bool(torch.isfinite(test.logits_NC).all()):
+            temperature, fit_items = fitted
             scaled = apply_temperature(test.logits_NC, temperature)
             out["mcq_ts"] = {**metrics.calibration_report(scaled, test.labels_N), "temperature": temperature,
-                             "fit_items": len(fit.labels_N)}
+                             "fit_items": fit_items}
             predictions["ts"] = per_item(scaled)
         else:  # an option score of -inf (a token the model gives probability 0) has no finite temperature
             log_line("[yellow]warning:[/] temperature scaling skipped: some option scores are not finite")
