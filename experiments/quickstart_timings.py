@@ -12,8 +12,6 @@ seconds. ``--smoke`` sets ``model=tiny model.seq_len=64 train.max_steps=20`` on 
 train`` (in place of its own ``model`` and ``train.max_steps``): the sequence checked end to end,
 not its timing.
 
-TODO: the README's quick start gives no seconds per step yet; run this without ``--smoke`` on an
-idle 2-core CPU and add its column there.
 """
 
 from __future__ import annotations
