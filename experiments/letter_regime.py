@@ -57,7 +57,7 @@ class Setting:
         return f"{self.lm_key or self.key}_lm"
 
 
-BPE = ("data.tokenizer=bpe", "data.vocab_size=4096", "model.vocab_size=4096")
+BPE = ("data.tokenizer=bpe", "data.vocab_size=4096")
 D128 = ("model.d_model=128", "model.n_layers=4", "model.n_heads=4", "model.expert_hidden=256", "model.dense_hidden=512")
 LM = ("train.batch_size=8", "train.lr=3e-3", "train.warmup_steps=50", "train.eval_every=500", "train.log_every=100",
       "train.eval_batches=4")

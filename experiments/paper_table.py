@@ -108,7 +108,7 @@ SMALL = ["model=tiny", "model.d_model=64", "model.n_layers=2", "model.n_heads=2"
 # The letter format's setting (experiments/letter_regime.py, bpe_d128_16k): subword tokens, a wider
 # and deeper model, 16000 fine-tuning items; test accuracy 0.455 and ECE 0.146 on one seed
 # (experiments/results/letter_regime.md), where the d=64 byte model stays near chance.
-BPE = ["data.tokenizer=bpe", "data.vocab_size=4096", "model.vocab_size=4096"]
+BPE = ["data.tokenizer=bpe", "data.vocab_size=4096"]
 LETTER_MODEL = [*SMALL, "model.d_model=128", "model.n_layers=4", "model.n_heads=4", "model.expert_hidden=256",
                 "model.dense_hidden=512", *BPE]
 LETTER_LM = ["train.max_steps=1000", "train.batch_size=8", "train.lr=3e-3", "train.warmup_steps=50",

@@ -164,11 +164,14 @@ def test_bpe_settings_are_refused_in_one_line():
     from vrmoe.compose import compose_config
 
     for overrides, words in ((["data.tokenizer=words"], "must be bytes or bpe"),
-                             (["data.tokenizer=bpe"], "set model.vocab_size=4096"),
+                             (["data.tokenizer=bpe", "model.vocab_size=300"], "set model.vocab_size=4096"),
                              (["data.tokenizer=bpe", "data.vocab_size=200", "model.vocab_size=4096"], "above 256")):
         with pytest.raises(ConfigError, match=words) as info:
             compose_config(["logger=none", *overrides])
         assert "\n" not in str(info.value)
+    # The native model's vocabulary follows the tokenizer unless the command line sets it.
+    assert compose_config(["logger=none"]).model.vocab_size == 256
+    assert compose_config(["logger=none", "data.tokenizer=bpe", "data.vocab_size=1000"]).model.vocab_size == 1000
 
 
 def test_thirdparty_docs_are_other_packages_prose_in_a_fixed_order():

@@ -172,18 +172,18 @@ def two_rank_straddle(tmp_path_factory) -> tuple[Path, Path]:
     return root / "full", interrupted(root, "part", nproc=2)
 
 
-def resumed_copy(part: Path, to: Path) -> Path:
-    shutil.copytree(part, to)
-    return to
+def resume(run: Path, launch, cwd: Path) -> Path:
+    """Resume ``run`` with ``launch`` (``torchrun`` or ``single``); it must complete."""
+    proc = launch("train", f"train.resume={run}", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    return run
 
 
 @pytest.mark.slow
 def test_resume_straddling_row_same_ranks(tmp_path, two_rank_straddle):
     full, part = two_rank_straddle
-    run = resumed_copy(part, tmp_path / "run")
-    proc = torchrun("train", f"train.resume={run}", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    run = resume(Path(shutil.copytree(part, tmp_path / "run")), torchrun, tmp_path)
     # Every row bit for bit, the row at step 6 whose interval the interrupt straddles included.
     assert without_time(run) == without_time(full)
 
@@ -192,14 +192,6 @@ def test_resume_straddling_row_same_ranks(tmp_path, two_rank_straddle):
 def test_resume_straddling_row_other_ranks(tmp_path, two_rank_straddle):
     full, part = two_rank_straddle
     # 2 ranks -> 1 process: the interval's mean over the 2 ranks continues in one process.
-    run = resumed_copy(part, tmp_path / "one")
-    proc = single("train", f"train.resume={run}", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
-    assert_same_run(rows(full), rows(run))
+    assert_same_run(rows(full), rows(resume(Path(shutil.copytree(part, tmp_path / "one")), single, tmp_path)))
     # 1 process -> 2 ranks: each rank continues the one process's partial sums.
-    run = interrupted(tmp_path, "two", nproc=1)
-    proc = torchrun("train", f"train.resume={run}", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
-    assert_same_run(rows(full), rows(run))
+    assert_same_run(rows(full), rows(resume(interrupted(tmp_path, "two", nproc=1), torchrun, tmp_path)))

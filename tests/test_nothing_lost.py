@@ -5,12 +5,9 @@ their first checkpoint, damaged logs, binary inputs, refused commands)."""
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import socket
 import struct
-import subprocess
-import sys
 import zipfile
 from datetime import datetime
 from pathlib import Path
@@ -22,7 +19,7 @@ from vrmoe.checkpoint import load_checkpoint, state_checksum
 from vrmoe.config import ConfigError
 from vrmoe.train import train
 
-from conftest import TINY, interrupt_after_first_checkpoint, make_config, run_cli
+from conftest import TINY, interrupt_after_first_checkpoint, make_config, run_cli, run_injected
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -47,14 +44,6 @@ def _flip_tensor_bytes(path: Path) -> None:
     middle = record.header_offset + 30 + name_len + extra_len + record.file_size // 2
     data[middle:middle + 4] = bytes(b ^ 0x5A for b in data[middle:middle + 4])
     path.write_bytes(bytes(data))
-
-
-def _run_python(code: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """``vrmoe`` with a fault injected into its process by ``code`` (run before the command)."""
-    script = f"{code}\nfrom vrmoe.cli import main\nmain({list(args)!r})\n"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True, env=env,
-                          timeout=600)
 
 
 # --- 1. Checkpoints are verified -------------------------------------------------------------
@@ -131,7 +120,7 @@ def test_a_lock_held_on_another_host_is_not_taken_over(tmp_path):
 def test_a_kill_during_the_first_checkpoint_write_starts_the_run_again_bit_identical(tmp_path):
     args = [*TINY, "train.max_steps=6", "train.ckpt_every=4"]
     # kill -9 while the first checkpoint is being written: half a file under its temporary name.
-    killed = _run_python("import os, signal, torch\n"
+    killed = run_injected("import os, signal, torch\n"
                          "def torn(state, f, *a, **k):\n"
                          "    f.write(b'PK\\x03\\x04 half a checkpoint')\n"
                          "    f.flush()\n"
@@ -161,7 +150,7 @@ def test_a_finished_run_without_checkpoints_is_not_started_again(tmp_path):
 def test_an_interrupt_before_the_first_checkpoint_prints_a_command_that_starts_it_again(tmp_path):
     args = [*TINY, "train.max_steps=4"]
     # Ctrl-C while the run sets up, after it wrote its first records.
-    stopped = _run_python("import vrmoe.train.loop as loop\n"
+    stopped = run_injected("import vrmoe.train.loop as loop\n"
                           "def interrupt(*a, **k):\n"
                           "    raise KeyboardInterrupt\n"
                           "loop.make_progress = interrupt", "train", *args, cwd=tmp_path)
@@ -181,7 +170,7 @@ def test_an_interrupt_before_the_first_checkpoint_prints_a_command_that_starts_i
 def test_the_resume_command_an_interrupted_run_prints_runs_as_printed(tmp_path):
     args = [*TINY, "train.max_steps=8", "train.log_every=3", "train.eval_every=4", "train.ckpt_every=100"]
     # Ctrl-C while the 4th update is applied: the step finishes, is checkpointed, and the run stops.
-    stopped = _run_python("import os, signal, torch\n"
+    stopped = run_injected("import os, signal, torch\n"
                           "step, calls = torch.optim.AdamW.step, []\n"
                           "def signalled(self, *a, **k):\n"
                           "    calls.append(1)\n"

@@ -269,6 +269,12 @@ def default_samples(router_name: str) -> int:
     return AVERAGED_SAMPLES if averages else 1
 
 
+def native_vocab_size(tokenizer: str, data_vocab_size: int) -> int:
+    """The native model's vocabulary when the command line gives none: the tokenizer's (256 bytes,
+    or the BPE's data.vocab_size), so ``data.tokenizer=bpe`` needs no second key to match it."""
+    return int(data_vocab_size) if str(tokenizer) == "bpe" else 256
+
+
 def register_resolvers() -> None:
     """The resolvers the YAML files use (registered once per process)."""
     if not OmegaConf.has_resolver("vrmoe_hf"):
@@ -284,6 +290,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("vrmoe_default_samples", default_samples)
     if not OmegaConf.has_resolver("vrmoe_balance_weight"):
         OmegaConf.register_new_resolver("vrmoe_balance_weight", balance_weight_default)
+    if not OmegaConf.has_resolver("vrmoe_vocab_size"):
+        OmegaConf.register_new_resolver("vrmoe_vocab_size", native_vocab_size)
     if not OmegaConf.has_resolver("vrmoe_job_dirname"):
         OmegaConf.register_new_resolver("vrmoe_job_dirname", job_dirname)
 

@@ -192,7 +192,7 @@ class DataConfig:
     # Where prepared corpora are cached; null means ~/.cache/vrmoe (or $VRMOE_CACHE).
     cache_dir: Optional[str] = None
     # The native model's tokenizer: bytes (256 tokens), or bpe: a byte-level BPE of vocab_size tokens
-    # trained on the training split (cached beside the corpora; model.vocab_size must hold it).
+    # trained on the training split (cached beside the corpora; the native model's vocabulary follows it).
     tokenizer: str = "bytes"
     vocab_size: int = 4096
 
