@@ -24,11 +24,12 @@ Design (see docs/results.md, "What holds and what does not"):
   effect is called only when its interval excludes 0.
 
 Stages, each a set of independent runs in parallel worker processes, each run evaluated when it
-finishes: ``lm`` (the Top-K language model per seed), ``finetune`` (Top-K and MC-dropout fine-tuned
-on the fine-tuning split, per format), ``posthoc`` (the fine-tuned Top-K frozen, new heads fit on the
-calibration split: variational mean-field and full covariance, VTSR). ``--sweep`` adds, in the cloze
-format (where the over-confident regime appears at this scale) on the first three seeds: S at evaluation, beta, sigma_init, the router on the last MoE layer
-only, and a larger model through the same protocol. Re-running with the same ``--out`` skips the runs
+finishes: ``lm`` (the Top-K language model per seed, one per format's regime), ``finetune`` (Top-K,
+MC-dropout and SWAG fine-tuned on the fine-tuning split, per format), ``posthoc`` (the fine-tuned
+Top-K frozen, new heads fit on the calibration split: variational mean-field and full covariance,
+VTSR). ``--sweep`` adds, in each format of ``--sweep-formats`` (default both) on the first three
+seeds: S at evaluation, beta, sigma_init, the router on each MoE layer alone, and a larger model
+through the same protocol. Re-running with the same ``--out`` skips the runs
 (and evaluations) already done.
 """
 
@@ -56,9 +57,7 @@ from vrmoe.tracking import EVAL_FILE, read_json
 
 FORMATS = ("cloze", "letter")
 INVOCATIONS_FILE = "invocations.json"
-# The sweeps run where the over-confident regime appears at this scale (the letter format is not
-# learned by a d=64 model: its Top-K accuracy stays near chance, see docs/results.md).
-SWEEP_FORMAT = "cloze"
+# The sweeps run on the first seeds only, in each format asked for (--sweep-formats, default both).
 SWEEP_SEEDS = 3
 
 
@@ -90,17 +89,27 @@ class Size:
     sweep_sigma: list[float]
     resamples: int = 2000
     large_lm: list[str] = field(default_factory=list)  # the larger model's language-model stage, beyond lm
-    # The letter format's regime (experiments/letter_regime.py): its model, language model and fine-tuning.
+    # The letter format's regime (experiments/letter_regime.py): its model, language model and fine-tuning,
+    # and what the sweep's larger model changes in that model.
     letter_model: list[str] = field(default_factory=list)
     letter_lm: list[str] = field(default_factory=list)
     letter_finetune: list[str] = field(default_factory=list)
+    letter_large: list[str] = field(default_factory=list)
 
     def stage_overrides(self, method: "Method") -> list[str]:
         """The model and stage overrides of one method's runs."""
         if method.regime == "letter":
             stage = {"lm": self.letter_lm, "finetune": self.letter_finetune}.get(method.stage, self.posthoc)
-            return [*self.letter_model, *stage]
+            larger = self.letter_large if method.model == "large" else []
+            return [*self.letter_model, *larger, *stage]
         return [*self.models[method.model], *getattr(self, method.stage)]
+
+    def moe_layers(self, fmt: str) -> int:
+        """How many MoE layers the model of one format's regime has (the sweep puts the router on each alone)."""
+        from vrmoe.compose import compose_config
+
+        model = compose_config(self.letter_model if fmt == "letter" else self.models["small"]).model
+        return len([i for i in range(model.n_layers) if model.moe_every > 0 and (i + 1) % model.moe_every == 0])
 
 
 SMALL = ["model=tiny", "model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.seq_len=128",
@@ -140,6 +149,9 @@ DEFAULT = Size(
     letter_model=LETTER_MODEL,
     letter_lm=LETTER_LM,
     letter_finetune=LETTER_FINETUNE,
+    # Deeper and with twice the experts at the same width (a wider model costs the letter regime's
+    # 16,000-item fine-tuning more than the sweep's budget).
+    letter_large=["model.n_layers=6", "model.n_experts=16"],
 )
 QUICK = Size(
     models={"small": ["model=tiny", "model.seq_len=128", "K=2", "data.val_fraction=0.3"],
@@ -160,6 +172,7 @@ QUICK = Size(
     sweep_sigma=[1.0],
     resamples=200,
     letter_model=["model=tiny", "model.seq_len=128", "K=2", "data.val_fraction=0.3", *BPE],
+    letter_large=["model.n_layers=3"],
 )
 
 # The same protocol on a CUDA GPU at gpt_small size (d=768, 12 layers) with 16 experts; the large
@@ -180,6 +193,7 @@ GPU = Size(
     sweep_sigma=DEFAULT.sweep_sigma,
 )
 GPU.letter_model, GPU.letter_lm, GPU.letter_finetune = [*GPU_MODEL, *BPE], GPU.lm, GPU.finetune
+GPU.letter_large = ["model.n_experts=32"]
 QUICK.letter_lm, QUICK.letter_finetune = QUICK.lm, QUICK.finetune
 
 DIAG = ("router=variational", "router.covariance=diag")
@@ -190,7 +204,9 @@ FULL = ("router=variational", "router.covariance=full")
 ROUTER_KEYS = ("mc_dropout", "swag", "vtsr", "diag", "full")
 
 
-def methods(size: Size, sweep: bool) -> list[Method]:
+def methods(size: Size, sweep_formats: tuple[str, ...] = ()) -> list[Method]:
+    """Every run of the study: the main comparison in both formats, then the sweeps in each of
+    ``sweep_formats``."""
     out = [Method("lm_topk", "Top-K language model", "lm", ("router=topk",)),
            Method("letter_lm_topk", "Top-K language model (letter regime)", "lm", ("router=topk",), regime="letter")]
     for fmt in FORMATS:
@@ -207,31 +223,40 @@ def methods(size: Size, sweep: bool) -> list[Method]:
                    regime=regime),
             Method(f"{fmt}_diag", "variational diag (post-hoc)", "posthoc", (*DIAG, *fmt_task), fmt, f"{fmt}_topk",
                    evals=tuple((f"eval_S{s}.json", (f"S={s}", "eval.ood_task=lm")) for s in size.sweep_S)
-                   if sweep and fmt == SWEEP_FORMAT
-                   else (), regime=regime),
+                   if fmt in sweep_formats else (), regime=regime),
             Method(f"{fmt}_full", "variational full (post-hoc)", "posthoc", (*FULL, *fmt_task), fmt, f"{fmt}_topk",
                    regime=regime),
         ]
-    if not sweep:
-        return out
-    fmt, fmt_task = SWEEP_FORMAT, (f"task.format={SWEEP_FORMAT}",)
+    for fmt in sweep_formats:
+        out += sweep_methods(size, fmt)
+    return out
+
+
+def sweep_methods(size: Size, fmt: str) -> list[Method]:
+    """One format's sweeps of the mean-field router: beta, sigma_init, each MoE layer alone, and a
+    larger model through the same protocol (S is swept at evaluation, by the main run's extra evals)."""
+    fmt_task = (f"task.format={fmt}",)
+    regime = "letter" if fmt == "letter" else ""
     parent = f"{fmt}_topk"
     # The sweeps report calibration on the test split, as the main table; their OOD scores are taken on
     # text windows (eval.ood_task=lm), which they do not report, to keep their evaluations affordable.
-    cheap_eval = ("eval.ood_task=lm",)
-    out += [Method(f"{fmt}_diag_beta{b:g}", f"variational diag, beta={b:g}", "posthoc", (*DIAG, f"beta={b}", *fmt_task),
-                   fmt, parent, sweep=True, eval_overrides=cheap_eval) for b in size.sweep_beta]
-    out += [Method(f"{fmt}_diag_sigma{s:g}", f"variational diag, sigma_init={s:g}", "posthoc",
-                   (*DIAG, f"router.sigma_init={s}", *fmt_task), fmt, parent, sweep=True, eval_overrides=cheap_eval)
+    cheap = ("eval.ood_task=lm",)
+    posthoc = lambda key, label, overrides: Method(  # noqa: E731
+        key, label, "posthoc", (*DIAG, *overrides, *fmt_task), fmt, parent, sweep=True, eval_overrides=cheap,
+        regime=regime)
+    out = [posthoc(f"{fmt}_diag_beta{b:g}", f"variational diag, beta={b:g}", (f"beta={b}",)) for b in size.sweep_beta]
+    out += [posthoc(f"{fmt}_diag_sigma{s:g}", f"variational diag, sigma_init={s:g}", (f"router.sigma_init={s}",))
             for s in size.sweep_sigma]
-    out += [Method(f"{fmt}_diag_last", "variational diag, last MoE layer only", "posthoc",
-                   (*DIAG, "router.layers=1", *fmt_task), fmt, parent, sweep=True, eval_overrides=cheap_eval)]
-    out += [Method("large_lm_topk", "Top-K language model (large)", "lm", ("router=topk", *size.large_lm), model="large",
-                   sweep=True, eval_overrides=(*cheap_eval, "eval.predictive=routing_mean")),
-            Method(f"large_{fmt}_topk", "Top-K (large)", "finetune", ("router=topk", *fmt_task), fmt, "large_lm_topk",
-                   model="large", sweep=True, eval_overrides=cheap_eval),
+    out += [posthoc(f"{fmt}_diag_layer{i}", f"variational diag, MoE layer {i} only", (f"router.layers=[{i}]",))
+            for i in range(size.moe_layers(fmt))]
+    large_lm = "large_lm_topk" if fmt == "cloze" else "large_letter_lm_topk"
+    lm_overrides = ("router=topk", *size.large_lm) if fmt == "cloze" else ("router=topk",)
+    out += [Method(large_lm, f"Top-K language model (large, {fmt} regime)", "lm", lm_overrides, model="large",
+                   sweep=True, eval_overrides=(*cheap, "eval.predictive=routing_mean"), regime=regime),
+            Method(f"large_{fmt}_topk", "Top-K (large)", "finetune", ("router=topk", *fmt_task), fmt, large_lm,
+                   model="large", sweep=True, eval_overrides=cheap, regime=regime),
             Method(f"large_{fmt}_diag", "variational diag (post-hoc, large)", "posthoc", (*DIAG, *fmt_task), fmt,
-                   f"large_{fmt}_topk", model="large", sweep=True, eval_overrides=cheap_eval)]
+                   f"large_{fmt}_topk", model="large", sweep=True, eval_overrides=cheap, regime=regime)]
     return out
 
 
@@ -532,46 +557,45 @@ def single(out: Path, key: str, seeds: list[int], predictive: str, resamples: in
     return iv.estimate, iv.low, iv.high
 
 
-def sweep_report(out: Path, size: Size, seeds: list[int], resamples: int) -> tuple[list[str], dict[str, Any]]:
+def sweep_report(out: Path, size: Size, fmt: str, seeds: list[int],
+                 resamples: int) -> tuple[list[str], dict[str, Any]]:
+    """One format's sweeps: a table per swept setting and its plot (``ece_vs_<setting>_<format>.png``)."""
     from vrmoe import plots
 
-    fmt = SWEEP_FORMAT
     sweep_seeds = seeds[:SWEEP_SEEDS]
     ece = lambda key, predictive="routing_mean", name=EVAL_FILE: single(out, key, sweep_seeds, predictive,  # noqa: E731
                                                                         resamples, name)
     numbers: dict[str, Any] = {}
     topk, topk_ts = ece(f"{fmt}_topk"), ece(f"{fmt}_topk", "ts")
 
-    def curve(name: str, xs: list, keys: list[str], xlabel: str, log_x: bool) -> None:
-        series = {"variational diag, routing mean": [ece(k) for k in keys],
-                  "variational diag, BMA": [ece(k, "bma") for k in keys],
-                  "Top-K": [topk] * len(xs), "Top-K + temperature scaling": [topk_ts] * len(xs)}
+    def plot(name: str, xs: list, series: dict[str, list], xlabel: str, log_x: bool) -> None:
         numbers[name] = {"x": xs, "series": series}
-        plots.interval_curves(xs, series, out / f"ece_vs_{name}.png", f"ECE against {name} ({fmt} format)",
+        plots.interval_curves(xs, series, out / f"ece_vs_{name}_{fmt}.png", f"ECE against {name} ({fmt} format)",
                               xlabel, "ECE (10 bins), 95% CI", log_x)
 
-    s_series = {"variational diag, routing mean": [ece(f"{fmt}_diag", "routing_mean", f"eval_S{s}.json")
-                                                   for s in size.sweep_S],
-                "variational diag, BMA": [ece(f"{fmt}_diag", "bma", f"eval_S{s}.json") for s in size.sweep_S],
-                "Top-K": [topk] * len(size.sweep_S), "Top-K + temperature scaling": [topk_ts] * len(size.sweep_S)}
-    numbers["S"] = {"x": size.sweep_S, "series": s_series}
-    plots.interval_curves(size.sweep_S, s_series, out / "ece_vs_S.png", f"ECE against S ({fmt} format)",
-                          "S (routing samples at evaluation)", "ECE (10 bins), 95% CI", log_x=True)
+    def curve(name: str, xs: list, keys: list[str], xlabel: str, log_x: bool, evals: list[str] | None = None) -> None:
+        names = evals or [EVAL_FILE] * len(keys)
+        plot(name, xs, {"variational diag, routing mean": [ece(k, "routing_mean", n) for k, n in zip(keys, names)],
+                        "variational diag, BMA": [ece(k, "bma", n) for k, n in zip(keys, names)],
+                        "Top-K": [topk] * len(xs), "Top-K + temperature scaling": [topk_ts] * len(xs)}, xlabel, log_x)
+
+    curve("S", size.sweep_S, [f"{fmt}_diag"] * len(size.sweep_S), "S (routing samples at evaluation)", True,
+          [f"eval_S{s}.json" for s in size.sweep_S])
     betas = sorted([0.01, *size.sweep_beta])
     curve("beta", betas, [f"{fmt}_diag" if b == 0.01 else f"{fmt}_diag_beta{b:g}" for b in betas], "beta", True)
     sigmas = sorted([0.1, *size.sweep_sigma])
     curve("sigma_init", sigmas, [f"{fmt}_diag" if s == 0.1 else f"{fmt}_diag_sigma{s:g}" for s in sigmas],
           "router.sigma_init", True)
-    curve("layers", ["all", "last"], [f"{fmt}_diag", f"{fmt}_diag_last"], "MoE layers with the variational router",
-          False)
+    layers = list(range(size.moe_layers(fmt)))
+    curve("layers", ["all", *(f"{i} only" for i in layers)], [f"{fmt}_diag", *(f"{fmt}_diag_layer{i}" for i in layers)],
+          "MoE layers with the variational router", False)
     sizes = ["small", "large"]
-    size_series = {"Top-K": [ece(f"{fmt}_topk"), ece(f"large_{fmt}_topk")],
-                   "Top-K + temperature scaling": [ece(f"{fmt}_topk", "ts"), ece(f"large_{fmt}_topk", "ts")],
-                   "variational diag, routing mean": [ece(f"{fmt}_diag"), ece(f"large_{fmt}_diag")],
-                   "variational diag, BMA": [ece(f"{fmt}_diag", "bma"), ece(f"large_{fmt}_diag", "bma")]}
-    numbers["model_size"] = {"x": sizes, "series": size_series}
-    plots.interval_curves(sizes, size_series, out / "ece_vs_model_size.png", f"ECE against model size ({fmt} format)",
-                          "model (small: d=64, 2 layers, E=8; large: d=96, 4 layers, E=16)", "ECE (10 bins), 95% CI")
+    plot("model_size", sizes, {"Top-K": [topk, ece(f"large_{fmt}_topk")],
+                               "Top-K + temperature scaling": [topk_ts, ece(f"large_{fmt}_topk", "ts")],
+                               "variational diag, routing mean": [ece(f"{fmt}_diag"), ece(f"large_{fmt}_diag")],
+                               "variational diag, BMA": [ece(f"{fmt}_diag", "bma"), ece(f"large_{fmt}_diag", "bma")]},
+         "model (the small one, and the larger one of --sweep: " + " ".join(size.letter_large if fmt == "letter" else
+         [o for o in size.models["large"] if o not in size.models["small"]]) + ")", False)
 
     def cell(p: tuple[float, float, float] | None) -> str:
         return "-" if p is None else f"{p[0]:.3f} [{p[1]:.3f}, {p[2]:.3f}]"
@@ -580,12 +604,45 @@ def sweep_report(out: Path, size: Size, seeds: list[int], resamples: int) -> tup
              f"Top-K: {cell(topk)}; Top-K + temperature scaling: {cell(topk_ts)}.", ""]
     for name in ("S", "beta", "sigma_init", "layers", "model_size"):
         block = numbers[name]
-        lines += [f"### {name}", "", "| series | " + " | ".join(str(x) for x in block["x"]) + " |",
+        lines += [f"### {name} ({fmt} format)", "", "| series | " + " | ".join(str(x) for x in block["x"]) + " |",
                   "|---|" + "---:|" * len(block["x"])]
         lines += [f"| {series} | " + " | ".join(cell(p) for p in points) + " |"
                   for series, points in block["series"].items()]
         lines += [""]
     return lines, numbers
+
+
+PER_ITEM_FILE = "per_item.json.gz"
+
+
+def write_per_item(out: Path, all_methods: list[Method], seeds: list[int]) -> Path:
+    """Every per-item number the main tables are computed from, for anyone to recompute them: per
+    run of the main comparison and seed, the test split's labels and each predictive's probabilities,
+    the OOD scores of every set (raw and after temperature scaling) and the ensemble's OOD predictions;
+    rounded to 4 decimals, gzipped JSON."""
+    import gzip
+
+    def rounded(value: Any) -> Any:
+        if isinstance(value, float):
+            return round(value, 4)
+        if isinstance(value, list):
+            return [rounded(v) for v in value]
+        if isinstance(value, dict):
+            return {k: rounded(v) for k, v in value.items()}
+        return value
+
+    runs: dict[str, dict[str, Any]] = {}
+    for method in (m for m in all_methods if m.fmt is not None and not m.sweep):
+        for seed, result in zip(seeds, load_rows(out, method.key, seeds)):
+            labels, by_predictive = schema.item_predictions(result)
+            runs.setdefault(method.key, {})[f"seed{seed}"] = rounded({
+                "labels": labels, "predictions": by_predictive, "ood_scores": schema.ood_scores(result),
+                "scaled_ood_scores": schema.scaled_ood_scores(result),
+                "ood_predictions": schema.ood_predictions(result)})
+    path = out / PER_ITEM_FILE
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        json.dump({"seeds": seeds, "runs": runs}, f, separators=(",", ":"))
+    return path
 
 
 # ---------------------------------------------------------------------------
@@ -628,6 +685,8 @@ def main(argv: list[str] | None = None) -> int:
     size_group.add_argument("--quick", action="store_true", help="tiny models and a few steps (a smoke run)")
     size_group.add_argument("--gpu", action="store_true", help="gpt_small-sized models with 16 experts on a CUDA GPU")
     parser.add_argument("--sweep", action="store_true", help="also the sweeps (S, beta, sigma_init, layers, model size)")
+    parser.add_argument("--sweep-formats", nargs="+", choices=FORMATS, default=list(FORMATS), metavar="FORMAT",
+                        help="the formats the sweeps run in (default: cloze letter)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default outputs/paper_table/<time>)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0-4; --quick: 0 1)")
     parser.add_argument("--jobs", type=int, default=None, help="parallel runs (default: one per CPU core)")
@@ -649,7 +708,8 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"--out {out}: cannot make the folder ({exc.strerror}); name a writable folder") from None
-    all_methods = methods(size, args.sweep)
+    sweep_formats = tuple(f for f in FORMATS if f in args.sweep_formats) if args.sweep else ()
+    all_methods = methods(size, sweep_formats)
     started, started_at = time.perf_counter(), datetime.now().isoformat(timespec="seconds")
     stage_wall: dict[str, float] = {}
     print(f"study: {len(all_methods)} methods, seeds {seeds}, {workers} parallel runs of {threads} thread(s) -> {out}",
@@ -678,12 +738,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         history = record_invocation(out, {"started": started_at, "wall_s": time.perf_counter() - started,
                                           "stage_wall_s": stage_wall, "completed": completed, "cores": cores,
-                                          "workers": workers, "sweep": args.sweep})
+                                          "workers": workers, "sweep": list(sweep_formats)})
 
     t_stats = time.perf_counter()
     wall = sum(entry["wall_s"] for entry in history)
     command = "python experiments/paper_table.py" + "".join(
         f" --{flag}" for flag, on in (("quick", args.quick), ("gpu", args.gpu), ("sweep", args.sweep)) if on)
+    if args.sweep and sweep_formats != FORMATS:
+        command += " --sweep-formats " + " ".join(sweep_formats)
     scale = "quick" if args.quick else "GPU" if args.gpu else "default"
     stamp = provenance(command, "cuda" if args.gpu else "cpu")
     lines = [f"# Bayesian routing at small scale ({scale} size)", "", stamp, "",
@@ -714,15 +776,17 @@ def main(argv: list[str] | None = None) -> int:
         results_json["formats"][f"{fmt}_on_ts"] = ts_numbers
     lines += diagnostics_lines(out, seeds)
     lines += easy_lines(out, seeds)
-    if args.sweep:
-        sweep_lines, sweep_numbers = sweep_report(out, size, seeds, size.resamples)
-        lines += sweep_lines
-        results_json["sweeps"] = sweep_numbers
+    if sweep_formats:
+        results_json["sweeps"] = {}
+        for fmt in sweep_formats:
+            sweep_lines, results_json["sweeps"][fmt] = sweep_report(out, size, fmt, seeds, size.resamples)
+            lines += sweep_lines
     results_json["stats_wall_s"] = time.perf_counter() - t_stats
     (out / "table.md").write_text("\n".join(lines), encoding="utf-8")
     (out / "results.json").write_text(json.dumps(results_json, indent=1), encoding="utf-8")
+    per_item = write_per_item(out, all_methods, seeds)
     print("\n".join(lines), flush=True)
-    print(f"wrote {out / 'table.md'} and {out / 'results.json'}", flush=True)
+    print(f"wrote {out / 'table.md'}, {out / 'results.json'} and {per_item}", flush=True)
     return 0
 
 

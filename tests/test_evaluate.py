@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import math
@@ -245,7 +246,7 @@ def test_paper_table_quick_form(tmp_path, corpus_cache):
     assert all(f"\n- {key}: " in table.split("Command:")[0] for key in ("date", "commit", "device", "torch", "command"))
     for text in ("cloze format", "letter format", "ΔECE vs Top-K", "ΔAUROC near", "Top-K + temperature scaling",
                  "Top-K ensemble of 2 seeds", "| BMA |", "variational full (post-hoc)", "Posterior diagnostics",
-                 "### beta", "### model_size"):
+                 "### beta (cloze format)", "### model_size (letter format)", "| variational diag, BMA |"):
         assert text in table, text
     results = json.loads((tmp_path / "table" / "results.json").read_text())
     diag = results["formats"]["cloze"]["cloze_diag_bma"]
@@ -253,8 +254,17 @@ def test_paper_table_quick_form(tmp_path, corpus_cache):
     assert results["formats"]["letter"]["letter_diag_bma"]["items"] > 0  # prompts too long for the model are left out
     assert results["formats"]["cloze"]["topk"]["d_ece_10"] == {**results["formats"]["cloze"]["topk"]["d_ece_10"],
                                                                "estimate": 0.0, "low": 0.0, "high": 0.0}
+    with gzip.open(tmp_path / "table" / "per_item.json.gz", "rt") as f:  # what the table is computed from
+        per_item = json.load(f)["runs"]
+    assert per_item["letter_diag"]["seed1"]["labels"] == \
+        json.loads((tmp_path / "table" / "runs" / "letter_diag" / "seed1" / "eval.json").read_text())[
+            "calibration"]["predictions"]["mcq"]["labels"]
+    assert set(per_item["cloze_swag"]["seed0"]["predictions"]) >= {"routing_mean", "bma", "ts", "bma_ts"}
     for name in ("S", "beta", "sigma_init", "layers", "model_size"):
-        assert (tmp_path / "table" / f"ece_vs_{name}.png").is_file()
+        for fmt in ("cloze", "letter"):
+            assert (tmp_path / "table" / f"ece_vs_{name}_{fmt}.png").is_file()
+    # The router on each MoE layer alone, in each format's regime (two layers in the quick models).
+    assert results["sweeps"]["letter"]["layers"]["x"] == ["all", "0 only", "1 only"]
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "stage posthoc: 0 runs" in again.stdout
 
@@ -293,7 +303,7 @@ def test_every_gpu_study_run_composes(tmp_path):
 
     paper_table = paper_table_module()
     size = paper_table.GPU
-    for method in paper_table.methods(size, True):
+    for method in paper_table.methods(size, paper_table.FORMATS):
         app = compose_config([*size.stage_overrides(method), *method.overrides, *size.eval, *method.eval_overrides,
                               "seed=0", "logger=none", *paper_table.swag_overrides(method, size),
                               *([f"train.init_from={tmp_path}"] if method.parent else [])])

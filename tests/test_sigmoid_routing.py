@@ -348,3 +348,30 @@ def test_score_mean_keeps_normalised_samples_under_sigmoid():
     torch.testing.assert_close(acc.mean_TE(), logits_CET.sigmoid().mean(0).T)
     samples_STE = acc.samples_STE()
     torch.testing.assert_close(samples_STE.sum(-1), torch.ones(3, 5))
+
+
+@pytest.mark.slow
+def test_sigmoid_study_quick_form(tmp_path, corpus_cache):
+    """The softmax-against-sigmoid study end to end at CI size: both scorings trained, fine-tuned and
+    given the variational router post hoc, the table with paired intervals and the load CV; a second
+    invocation with the same --out trains nothing again."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "sigmoid_study.py"
+    command = [sys.executable, str(script), "--quick", "--out", str(tmp_path / "study")]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    page = (tmp_path / "study" / "table.md").read_text()
+    assert "\n- commit: " in page and "Command: `python experiments/sigmoid_study.py --quick`" in page
+    numbers = json.loads((tmp_path / "study" / "table.json").read_text())
+    assert set(numbers) == {f"{s}/{r}" for s in ("softmax", "sigmoid")
+                            for r in ("Top-K", "variational, routing mean", "variational, BMA")}
+    assert "d_ece" not in numbers["softmax/Top-K"] and numbers["sigmoid/Top-K"]["against"] == "softmax Top-K"
+    bma = numbers["sigmoid/variational, BMA"]
+    assert bma["against"] == "sigmoid Top-K" and bma["d_ece"]["low"] <= bma["d_ece"]["high"]
+    assert "d_auroc_far" in bma and bma["load_cv"] >= 0
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "train " not in again.stdout
