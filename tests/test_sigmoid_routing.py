@@ -90,6 +90,8 @@ def test_the_bias_moves_one_step_towards_balance_per_training_forward_and_only_i
         assert not router.e_score_correction_bias.any()  # evaluation moves nothing
         router.train()
         load_E = loads(router(u).expert_ids_TK)
+        assert not router.e_score_correction_bias.any()  # the move waits for the step's update
+        router.settle_bias_update(apply=True)
     step_E = (load_E.mean() - load_E).sign() * 0.01
     torch.testing.assert_close(router.e_score_correction_bias, step_E)
     assert router.e_score_correction_bias[0] < 0
@@ -98,8 +100,34 @@ def test_the_bias_moves_one_step_towards_balance_per_training_forward_and_only_i
     with torch.no_grad():
         for _ in range(500):
             router(u)
+            router.settle_bias_update(apply=True)
         after = loads(router(u).expert_ids_TK)
     assert after.std() < 0.3 * load_E.std()
+
+
+def test_a_skipped_non_finite_step_moves_the_bias_no_more_than_the_weights():
+    """The training step applies a forward's bias move only with its update: a step skipped because
+    its loss is not finite leaves the bias (and the weights) as they were; the next finite one moves it."""
+    from vrmoe.train.step import TrainStep, make_optimizer
+
+    app = make_config(*TINY, "router.scoring_func=sigmoid", "router.bias_update_speed=0.01", "train.max_bad_steps=5")
+    torch.manual_seed(0)
+    model = build_model(app)
+    step = TrainStep(model, make_optimizer(model, 1e-3, 0.0), app.train, torch.device("cpu"))
+    x = torch.randint(0, app.model.vocab_size, (2, app.model.seq_len))
+    biases = lambda: [r.e_score_correction_bias.clone() for r in step.balancing]  # noqa: E731
+    assert len(step.balancing) == app.model.n_layers
+    before, weights = biases(), [p.detach().clone() for p in model.parameters()]
+
+    def poisoned():
+        out = model(x, x)
+        return dataclasses.replace(out, loss=out.loss * float("nan"))
+
+    step(0, poisoned)
+    assert not step.last_ok and all(torch.equal(a, b) for a, b in zip(biases(), before))
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    step(1, lambda: model(x, x))
+    assert step.last_ok and all(not torch.equal(a, b) for a, b in zip(biases(), before))
 
 
 def test_the_softmax_router_has_no_bias_unless_its_training_moves_one():
@@ -174,6 +202,7 @@ def test_every_router_routes_with_sigmoid_scores_and_the_bias(name):
     router.train()
     out = router(u)
     out.gates_TK.sum().backward()
+    router.settle_bias_update(apply=True)
     assert router.gate.weight.grad is not None and router.e_score_correction_bias.abs().max() == 1e-2
     router.eval()
     with torch.no_grad():
@@ -291,6 +320,7 @@ def test_averaging_keeps_the_bias_balanced_at_moderate_sigma_and_over_corrects_a
         det.train()
         for _ in range(1500):
             det(u)
+            det.settle_bias_update(apply=True)
         balanced = favoured_share_and_cv(det.eval())
     assert unbalanced[0] > 0.7 and balanced[1] < 0.05
     shares = {}

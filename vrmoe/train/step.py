@@ -11,6 +11,7 @@ from ..config import TrainConfig
 from ..device import autocast
 from ..distributed import sum_over_ranks
 from ..model.backbone import ModelOutput
+from ..model.routers.base import balancing_routers
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -40,7 +41,7 @@ class TrainStep:
     gradient clipping and the optimiser step, at the learning rate the schedule gives.
 
     A step whose loss or gradient norm is not finite changes nothing (its update is skipped
-    and counted); ``train.max_bad_steps`` of them in a row raise :class:`Diverged`, so the
+    and counted, and the routers' selection bias does not move either); ``train.max_bad_steps`` of them in a row raise :class:`Diverged`, so the
     weights, and every checkpoint, stay those of the last finite step. Telling costs one
     host read of a flag per step (under torchrun the ranks agree on it)."""
 
@@ -48,6 +49,7 @@ class TrainStep:
                  device: torch.device):
         self.optimizer, self.cfg, self.device = optimizer, cfg, device
         self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.balancing = balancing_routers(model)
         self.lr = cfg.lr  # the learning rate of the latest step
         self.last_ok = True  # whether the latest step updated the weights
         self.bad_in_a_row = 0
@@ -68,6 +70,8 @@ class TrainStep:
             norm = torch.nn.utils.get_total_norm([p.grad for p in self.trainable if p.grad is not None])
         bad = (~(torch.isfinite(loss.detach()) & torch.isfinite(norm))).float()
         self.last_ok = bool(sum_over_ranks(bad) == 0)
+        for router in self.balancing:
+            router.settle_bias_update(apply=self.last_ok)
         if not self.last_ok:
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_in_a_row += 1

@@ -154,11 +154,21 @@ class Router(nn.Module):
         ``router.bias_update_speed`` times the sign of its load error, up for an expert that took fewer
         than the mean number of slots, down for one that took more. Training routes each step's batch
         once, so this runs once per optimiser step, on that step's load (the global batch's under
-        torchrun, so every rank moves its bias alike)."""
+        torchrun, so every rank moves its bias alike). The move waits for the step's update
+        (:func:`balancing_routers`, settled by the training step): a step skipped as non-finite moves the bias no more than the weights."""
         counts_E = torch.zeros(self.n_experts, device=ids_TK.device, dtype=torch.float32)
         counts_E.scatter_add_(0, ids_TK.reshape(-1), torch.ones(ids_TK.numel(), device=ids_TK.device))
         counts_E = sum_over_ranks(counts_E)
-        self.e_score_correction_bias.add_((counts_E.mean() - counts_E).sign() * self.cfg.bias_update_speed)
+        self.pending_bias_move_E = (counts_E.mean() - counts_E).sign() * self.cfg.bias_update_speed
+
+    @torch.no_grad()
+    def settle_bias_update(self, apply: bool) -> None:
+        """Apply (or drop) the bias move of the latest training forward."""
+        move_E = getattr(self, "pending_bias_move_E", None)
+        if move_E is not None:
+            if apply:
+                self.e_score_correction_bias.add_(move_E)
+            self.pending_bias_move_E = None
 
     def balance_terms(self, logits_TE: torch.Tensor, probs_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
         # In training every rank routes its slice of one global batch in step; evaluation is per rank.
@@ -234,6 +244,12 @@ def build_router(d_model: int, n_experts: int, cfg: RouterConfig) -> Router:
 # ---------------------------------------------------------------------------
 # Helpers shared by the routers
 # ---------------------------------------------------------------------------
+
+def balancing_routers(model: nn.Module) -> list[Router]:
+    """The routers of ``model`` whose selection bias training moves (``router.bias_update_speed > 0``):
+    the training step settles their pending moves once it knows whether it updated the weights."""
+    return [m for m in model.modules() if isinstance(m, Router) and m.cfg.bias_update_speed > 0]
+
 
 def load_balance_loss(probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor, over_ranks: bool = False) -> torch.Tensor:
     """Switch Transformer balance loss ``E * sum_e f_e P_e``: 1 when the load is uniform."""
