@@ -369,6 +369,11 @@ class Predictions:
     evaluations: list[dict[str, Any]]
 
 
+def evaluated(out: Path, key: str, seeds: list[int]) -> bool:
+    """Whether every seed's run of ``key`` has its eval.json (a method left out with --skip has none)."""
+    return all((run_dir(out, key, seed) / EVAL_FILE).exists() for seed in seeds)
+
+
 def load_rows(out: Path, key: str, seeds: list[int], name: str = EVAL_FILE) -> list[dict[str, Any]]:
     rows = []
     for seed in seeds:
@@ -528,6 +533,10 @@ def rows_for_format(out: Path, fmt: str, all_methods: list[Method], seeds: list[
         base_ts)
     for key in (f"{fmt}_{router}" for router in ROUTER_KEYS):
         method = by_key[key]
+        if not evaluated(out, key, seeds):
+            lines.append(f"| {method.label} | not run in this study (--skip {key}) |" + " |" * 14)
+            numbers[key] = {"label": method.label, "not_run": True}
+            continue
         results = load_rows(out, key, seeds)
         fitted = "calibration" if method.stage == "posthoc" else "finetune"
         router = results[0]["router"]
@@ -612,6 +621,31 @@ def sweep_report(out: Path, size: Size, fmt: str, seeds: list[int],
     return lines, numbers
 
 
+FOREST_FILE = "delta_ece.png"
+
+
+def difference_forest(out: Path, formats: dict[str, dict[str, Any]]) -> Path:
+    """The study at a glance: every method's ΔECE with its paired interval, against Top-K and on
+    top of temperature scaling (against Top-K + TS), one panel each per format."""
+    from vrmoe import plots
+
+    def rows(numbers: dict[str, Any], skip: str) -> list[tuple[str, tuple[float, float, float] | None]]:
+        out_rows = []
+        for name, row in numbers.items():
+            if name == skip or row.get("not_run"):
+                continue
+            iv = row["d_ece_10"]
+            out_rows.append((f"{row['label']}, {row['predictive']}", (iv["estimate"], iv["low"], iv["high"])))
+        return out_rows
+
+    panels = {}
+    for fmt in FORMATS:
+        panels[f"{fmt}: against Top-K"] = rows(formats[fmt], "topk")
+        panels[f"{fmt}: against Top-K + TS"] = rows(formats[f"{fmt}_on_ts"], "topk_ts")
+    return plots.difference_forest(panels, out / FOREST_FILE, "ΔECE (10 bins) on the test split, paired 95% "
+                                   "intervals pooled over seeds (filled: the interval excludes 0)", "ΔECE")
+
+
 PER_ITEM_FILE = "per_item.json.gz"
 
 
@@ -632,7 +666,7 @@ def write_per_item(out: Path, all_methods: list[Method], seeds: list[int]) -> Pa
         return value
 
     runs: dict[str, dict[str, Any]] = {}
-    for method in (m for m in all_methods if m.fmt is not None and not m.sweep):
+    for method in (m for m in all_methods if m.fmt is not None and not m.sweep and evaluated(out, m.key, seeds)):
         for seed, result in zip(seeds, load_rows(out, method.key, seeds)):
             labels, by_predictive = schema.item_predictions(result)
             runs.setdefault(method.key, {})[f"seed{seed}"] = rounded({
@@ -690,6 +724,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="output folder (default outputs/paper_table/<time>)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0-4; --quick: 0 1)")
     parser.add_argument("--jobs", type=int, default=None, help="parallel runs (default: one per CPU core)")
+    parser.add_argument("--skip", nargs="+", default=[], metavar="METHOD",
+                        help="leave these methods (run dir names, e.g. letter_swag) out of this invocation; the "
+                             "table marks a router left out as not run, and a later invocation with the same "
+                             "--out and without --skip runs it")
     args = parser.parse_args(argv)
     if args.seeds is not None and len(set(args.seeds)) < len(args.seeds):
         parser.error(f"--seeds {' '.join(map(str, args.seeds))}: a seed is repeated; each seed is one run")
@@ -710,6 +748,12 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--out {out}: cannot make the folder ({exc.strerror}); name a writable folder") from None
     sweep_formats = tuple(f for f in FORMATS if f in args.sweep_formats) if args.sweep else ()
     all_methods = methods(size, sweep_formats)
+    needed = {m.parent for m in all_methods} | {"cloze_topk", "letter_topk"}  # the table's reference rows
+    unknown = sorted(set(args.skip) - {m.key for m in all_methods})
+    if unknown or set(args.skip) & needed:
+        bad = unknown or sorted(set(args.skip) & needed)
+        parser.error(f"--skip {' '.join(bad)}: " + ("no such method" if unknown else "other runs start from it")
+                     + "; name routers' runs, e.g. --skip letter_mc_dropout letter_swag")
     started, started_at = time.perf_counter(), datetime.now().isoformat(timespec="seconds")
     stage_wall: dict[str, float] = {}
     print(f"study: {len(all_methods)} methods, seeds {seeds}, {workers} parallel runs of {threads} thread(s) -> {out}",
@@ -718,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for stage in ("lm", "finetune", "posthoc"):
             jobs = []
-            for method in (m for m in all_methods if m.stage == stage):
+            for method in (m for m in all_methods if m.stage == stage and m.key not in args.skip):
                 for seed in method_seeds(method, seeds):
                     path = run_dir(out, method.key, seed)
                     evals = method_evals(method, seed, seeds)
@@ -784,9 +828,10 @@ def main(argv: list[str] | None = None) -> int:
     results_json["stats_wall_s"] = time.perf_counter() - t_stats
     (out / "table.md").write_text("\n".join(lines), encoding="utf-8")
     (out / "results.json").write_text(json.dumps(results_json, indent=1), encoding="utf-8")
+    forest = difference_forest(out, results_json["formats"])
     per_item = write_per_item(out, all_methods, seeds)
     print("\n".join(lines), flush=True)
-    print(f"wrote {out / 'table.md'}, {out / 'results.json'} and {per_item}", flush=True)
+    print(f"wrote {out / 'table.md'}, {out / 'results.json'}, {forest} and {per_item}", flush=True)
     return 0
 
 

@@ -158,9 +158,9 @@ def table(out: Path, size: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """The study's table (markdown) and its numbers: each row against the Top-K of the same scoring,
     and sigmoid Top-K against softmax Top-K, with paired 95% bootstrap intervals pooled over seeds."""
     resamples = size["resamples"]
-    header = ("| scoring | router | accuracy | NLL | ECE | ΔNLL | ΔECE | AUROC near: docstrings | ΔAUROC near "
-              "| AUROC far | ΔAUROC far | load CV at eval |")
-    lines = [header, "|---|---|" + "---:|" * 10]
+    header = ("| scoring | router | accuracy | Δaccuracy | NLL | ΔNLL | ECE | ΔECE | AUROC near: docstrings "
+              "| ΔAUROC near | AUROC far | ΔAUROC far | load CV at eval |")
+    lines = [header, "|---|---|" + "---:|" * 11]
     numbers: dict[str, Any] = {}
     topk_rows: dict[str, tuple] = {}
     for scoring in SCORINGS:
@@ -186,8 +186,9 @@ def table(out: Path, size: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             row["against"] = ("-" if reference is None else "softmax Top-K" if base is None else f"{scoring} Top-K")
             numbers[f"{scoring}/{label}"] = row
             lines.append(f"| {scoring} | {label} | " + " | ".join([
-                f"{row['acc']['estimate']:.3f}", f"{row['nll']['estimate']:.3f}", fmt(row["ece"]),
-                fmt(row.get("d_nll"), True), fmt(row.get("d_ece"), True), fmt(row.get("auroc_thirdparty_docs")),
+                f"{row['acc']['estimate']:.3f}", fmt(row.get("d_acc"), True), f"{row['nll']['estimate']:.3f}",
+                fmt(row.get("d_nll"), True), fmt(row["ece"]), fmt(row.get("d_ece"), True),
+                fmt(row.get("auroc_thirdparty_docs")),
                 fmt(row.get("d_auroc_thirdparty_docs"), True), fmt(row.get("auroc_far")),
                 fmt(row.get("d_auroc_far"), True), f"{row['load_cv']:.3f}"]) + " |")
             if base is None:

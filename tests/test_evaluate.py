@@ -254,6 +254,7 @@ def test_paper_table_quick_form(tmp_path, corpus_cache):
     assert results["formats"]["letter"]["letter_diag_bma"]["items"] > 0  # prompts too long for the model are left out
     assert results["formats"]["cloze"]["topk"]["d_ece_10"] == {**results["formats"]["cloze"]["topk"]["d_ece_10"],
                                                                "estimate": 0.0, "low": 0.0, "high": 0.0}
+    assert (tmp_path / "table" / "delta_ece.png").is_file()  # the study at a glance
     with gzip.open(tmp_path / "table" / "per_item.json.gz", "rt") as f:  # what the table is computed from
         per_item = json.load(f)["runs"]
     assert per_item["letter_diag"]["seed1"]["labels"] == \

@@ -122,6 +122,37 @@ def interval_curves(xs: Sequence[Any], series: Mapping[str, Sequence[tuple[float
     return _save(fig, path)
 
 
+def difference_forest(panels: Mapping[str, Sequence[tuple[str, tuple[float, float, float] | None]]],
+                      path: str | Path, title: str, xlabel: str) -> Path:
+    """Paired differences with their 95% intervals, one row per method and one panel per
+    comparison (``title -> [(row label, (estimate, low, high) or None)]``); a dotted line at 0,
+    filled markers where the interval excludes it."""
+    ncols = min(2, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, squeeze=False,
+                             figsize=(5.6 * ncols, nrows * (0.28 * max(map(len, panels.values())) + 1.1) + 0.5))
+    for ax, (name, rows) in zip(axes.flat, panels.items()):
+        labels = [label for label, _ in rows]
+        for y, (_, point) in enumerate(rows):
+            if point is None:
+                continue
+            est, low, high = point
+            effect = low > 0 or high < 0
+            ax.errorbar([est], [y], xerr=[[max(0.0, est - low)], [max(0.0, high - est)]], fmt="o", ms=4,
+                        capsize=3, color="C3" if effect and est > 0 else "C2" if effect else "0.45",
+                        mfc=None if effect else "white")
+        ax.axvline(0.0, color="0.3", lw=0.8, ls=":")
+        ax.set_yticks(range(len(rows)), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3, axis="x")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
 def utilisation_heatmap(util_LE: Any, layer_names: Sequence[str], path: str | Path,
                         title: str = "Expert utilisation") -> Path:
     """Share of token slots each expert received, one row per MoE layer.
