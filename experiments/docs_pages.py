@@ -17,6 +17,10 @@ and everything outside the markers is written by hand. The blocks:
   of their YAML files; and each router's own keys (``vrmoe train router=<name> --help``).
 * ``routers``: the router table, the output of ``vrmoe routers --markdown`` (in README.md and
   docs/routers.md).
+* ``study-<format>`` and ``study-<format>-on-ts``: the study's tables in docs/results.md, from
+  ``experiments/results/results.json`` (``python experiments/paper_table.py``); ``sigmoid-study``:
+  the table of ``experiments/results/sigmoid_study.md``; ``cost-paper-models``: each router's
+  FLOPs on the paper's three models, from ``experiments/results/cost_paper_models.md``.
 
 ``tests/test_docs.py`` holds the committed pages equal to what this script writes now.
 """
@@ -139,13 +143,102 @@ def configuration_block() -> str:
     return "\n".join(lines).rstrip("\n")
 
 
+RESULTS = ROOT / "experiments" / "results"
+
+
+def _interval(iv: dict | None, signed: bool = False) -> str:
+    """An interval of the study's results.json as the study's table.md writes it (a difference bold
+    where its interval excludes 0)."""
+    if iv is None:
+        return "-"
+    sign = "+" if signed else ""
+    text = f"{iv['estimate']:{sign}.3f} [{iv['low']:{sign}.3f}, {iv['high']:{sign}.3f}]"
+    return f"**{text}**" if signed and iv.get("excludes_zero") else text
+
+
+# How docs/results.md names each row's OOD score.
+SCORE_NAMES = {"predictive_entropy": "entropy", "mutual_information": "MI", "logit_variance": "tr Σ",
+               "temperature": "T", "scaled": "entropy"}
+
+
+def study_block(fmt: str, on_ts: bool) -> str:
+    """One table of docs/results.md from experiments/results/results.json (``python
+    experiments/paper_table.py``): a format's comparison against Top-K, or on top of temperature
+    scaling (every predictive scaled, against Top-K + TS)."""
+    import json
+
+    rows = json.loads((RESULTS / "results.json").read_text())["formats"][f"{fmt}_on_ts" if on_ts else fmt]
+    reference = "Top-K + TS" if on_ts else "Top-K"
+    lines = [f"| Method | predictive | Acc | ECE [95% CI] | ΔECE vs {reference} | ΔNLL vs {reference} "
+             f"| AUROC near: docstrings (score) | ΔAUROC near | AUROC far | ΔAUROC far | Jaccard γ=0.01 "
+             "| FLOPs over Top-K |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, row in rows.items():
+        if row.get("not_run"):  # a router the study's invocation left out (--skip)
+            lines.append(f"| {row['label']} | not run yet |" + " - |" * 10)
+            continue
+        first = name == ("topk_ts" if on_ts else "topk")
+        diff = (lambda key: "reference") if first else (lambda key: _interval(row.get(key), True))
+        near = row.get("auroc_thirdparty_docs")
+        score = SCORE_NAMES.get(row["ood_score"], row["ood_score"])
+        flops, jaccard = row.get("flops"), row.get("jaccard")
+        lines.append(f"| {row['label']} | {row['predictive']} | {row['acc']['estimate']:.3f} | {_interval(row['ece'])} "
+                     f"| {diff('d_ece_10')} | {diff('d_nll')} "
+                     f"| {'-' if near is None else f'{_interval(near)} ({score})'} | {diff('d_auroc_thirdparty_docs')} "
+                     f"| {_interval(row.get('auroc_far'))} | {diff('d_auroc_far')} "
+                     f"| {'-' if jaccard is None else f'{jaccard:.3f}'} "
+                     f"| {'-' if flops is None else f'{100 * flops:+.2f}%'} |")
+    return "\n".join(lines)
+
+
+def sigmoid_study_block() -> str:
+    """The table of experiments/results/sigmoid_study.md (``python experiments/sigmoid_study.py
+    --write-results``), as that page has it."""
+    text = (RESULTS / "sigmoid_study.md").read_text()
+    return "\n".join(line for line in text.splitlines() if line.startswith("|"))
+
+
+# The paper's three models in experiments/results/cost_paper_models.md, and the rows of the cost table
+# beside the paper's FLOPs claim: (label, router, S).
+PAPER_MODELS = (("Granite-3B", "granite-3.0-3b-a800m-base"), ("Qwen1.5-MoE-A2.7B", "qwen1.5-moe-a2.7b"),
+                ("DeepSeek-V2-Lite", "deepseek-v2-lite"))
+COST_ROWS = (("MC-dropout, S = 32", "mc_dropout", "32"), ("SWAG, S = 32", "swag", "32"),
+             ("VTSR", "vtsr", "1"), ("variational mean-field, S = 32", "variational diag", "32"),
+             ("variational full covariance, S = 32", "variational full", "32"))
+
+
+def cost_block() -> str:
+    """Each router's FLOPs over Top-K's on the paper's three models, on every MoE layer and on the
+    last one (default heads), from experiments/results/cost_paper_models.md (``vrmoe cost
+    experiments/paper_models``)."""
+    cells: dict[tuple[str, str, str], list[str]] = {}
+    model = None
+    for line in (RESULTS / "cost_paper_models.md").read_text().splitlines():
+        if line.startswith("*") and not line.startswith("**"):  # a model's caption, or the summary's (no colon)
+            model = line.strip("*").split(":", 1)[0] if ":" in line else None
+        elif line.startswith("| ") and model is not None:
+            parts = [p.strip() for p in line.strip("|").split("|")]
+            cells[(model, parts[0], parts[1])] = [p.split()[0] for p in parts[2:]]
+    head = " | ".join(f"{label}: all / last layer" for label, _ in PAPER_MODELS)
+    lines = [f"| router | {head} |", "|---|" + "---:|" * len(PAPER_MODELS)]
+    for label, router, samples in COST_ROWS:
+        row = [cells[(name, router, samples)] for _, name in PAPER_MODELS]
+        lines.append(f"| {label} | " + " | ".join(f"{c[0]} / {c[2]}" for c in row) + " |")
+    return "\n".join(lines)
+
+
 # page (relative to the repository root) -> the generated blocks it holds.
 PAGES: dict[str, tuple[str, ...]] = {
     "README.md": ("routers",),
     "docs/routers.md": ("routers",),
     "docs/configuration.md": ("configuration",),
+    "docs/results.md": ("study-cloze", "study-letter", "study-cloze-on-ts", "study-letter-on-ts", "sigmoid-study",
+                        "cost-paper-models"),
 }
-BLOCKS = {"routers": router_table, "configuration": configuration_block}
+BLOCKS = {"routers": router_table, "configuration": configuration_block,
+          "study-cloze": lambda: study_block("cloze", False), "study-letter": lambda: study_block("letter", False),
+          "study-cloze-on-ts": lambda: study_block("cloze", True),
+          "study-letter-on-ts": lambda: study_block("letter", True), "sigmoid-study": sigmoid_study_block,
+          "cost-paper-models": cost_block}
 
 
 def render(text: str, blocks: dict[str, str], command: str = COMMAND) -> str:

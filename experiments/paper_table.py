@@ -690,6 +690,8 @@ def diagnostics_lines(out: Path, seeds: list[int]) -> list[str]:
              "| run | layer | flip rate | sigma mean | gap mean | z median |", "|---|---|---:|---:|---:|---:|"]
     for fmt in FORMATS:
         for key in (f"{fmt}_diag", f"{fmt}_full", f"{fmt}_mc_dropout"):
+            if not evaluated(out, key, seeds):  # left out with --skip
+                continue
             results = load_rows(out, key, seeds)
             layers = schema.posterior_layers(results[0])
             for layer in layers:
@@ -790,12 +792,17 @@ def main(argv: list[str] | None = None) -> int:
         f" --{flag}" for flag, on in (("quick", args.quick), ("gpu", args.gpu), ("sweep", args.sweep)) if on)
     if args.sweep and sweep_formats != FORMATS:
         command += " --sweep-formats " + " ".join(sweep_formats)
+    if args.seeds is not None:
+        command += " --seeds " + " ".join(map(str, seeds))
+    if args.skip:
+        command += " --skip " + " ".join(args.skip)
     scale = "quick" if args.quick else "GPU" if args.gpu else "default"
     stamp = provenance(command, "cuda" if args.gpu else "cpu")
     lines = [f"# Bayesian routing at small scale ({scale} size)", "", stamp, "",
              f"Command: `{command}`. Seeds {seeds} ({SWEEP_SEEDS} for the sweeps); wall time {wall / 60:.1f} min "
              f"on {cores} CPU core(s), {workers} runs in parallel"
-             + (f", in {len(history)} invocations with this --out" if len(history) > 1 else "") + ".", "",
+             + (f", summed over the {len(history)} invocations with this --out (which may have run at the same "
+                "time)" if len(history) > 1 else "") + ".", "",
              "Every number is measured on the **test split** (items from text no model trained on). Intervals: "
              f"95% percentile bootstrap over test items ({size.resamples} resamples), pooled over seeds; a Δ is "
              "against Top-K (routing mean, the same seeds), paired by item, and **bold** when its interval "
