@@ -743,11 +743,6 @@ def main(argv: list[str] | None = None) -> int:
     cores = os.cpu_count() or 1
     workers = max(1, args.jobs or cores)
     threads = max(1, cores // workers)
-    out = args.out or Path("outputs") / "paper_table" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"--out {out}: cannot make the folder ({exc.strerror}); name a writable folder") from None
     sweep_formats = tuple(f for f in FORMATS if f in args.sweep_formats) if args.sweep else ()
     all_methods = methods(size, sweep_formats)
     needed = {m.parent for m in all_methods} | {"cloze_topk", "letter_topk"}  # the table's reference rows
@@ -756,6 +751,11 @@ def main(argv: list[str] | None = None) -> int:
         bad = unknown or sorted(set(args.skip) & needed)
         parser.error(f"--skip {' '.join(bad)}: " + ("no such method" if unknown else "other runs start from it")
                      + "; name routers' runs, e.g. --skip letter_mc_dropout letter_swag")
+    out = args.out or Path("outputs") / "paper_table" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot make the folder ({exc.strerror}); name a writable folder") from None
     started, started_at = time.perf_counter(), datetime.now().isoformat(timespec="seconds")
     stage_wall: dict[str, float] = {}
     print(f"study: {len(all_methods)} methods, seeds {seeds}, {workers} parallel runs of {threads} thread(s) -> {out}",

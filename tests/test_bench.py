@@ -224,6 +224,10 @@ def test_bad_argument_is_one_line_and_exit_code_2(tmp_path):
     ("paper_table.py", ["--bogus"], "unrecognized arguments: --bogus"),
     ("paper_table.py", ["--jobs", "0"], "--jobs 0: must be at least 1"),
     ("paper_table.py", ["--seeds", "0", "0"], "--seeds 0 0: a seed is repeated; each seed is one run"),
+    ("paper_table.py", ["--skip", "letter_topk"], "--skip letter_topk: other runs start from it; name routers' runs, "
+                                                  "e.g. --skip letter_mc_dropout letter_swag"),
+    ("paper_table.py", ["--skip", "bogus"], "--skip bogus: no such method; name routers' runs, e.g. --skip "
+                                            "letter_mc_dropout letter_swag"),
 ])
 def test_experiment_scripts_report_bad_arguments_in_one_line(tmp_path, script, args, message):
     proc = subprocess.run([sys.executable, str(EXPERIMENTS / script), *args], cwd=tmp_path, capture_output=True,
