@@ -146,16 +146,6 @@ def configuration_block() -> str:
 RESULTS = ROOT / "experiments" / "results"
 
 
-def _interval(iv: dict | None, signed: bool = False) -> str:
-    """An interval of the study's results.json as the study's table.md writes it (a difference bold
-    where its interval excludes 0)."""
-    if iv is None:
-        return "-"
-    sign = "+" if signed else ""
-    text = f"{iv['estimate']:{sign}.3f} [{iv['low']:{sign}.3f}, {iv['high']:{sign}.3f}]"
-    return f"**{text}**" if signed and iv.get("excludes_zero") else text
-
-
 # How docs/results.md names each row's OOD score.
 SCORE_NAMES = {"predictive_entropy": "entropy", "mutual_information": "MI", "logit_variance": "tr Σ",
                "temperature": "T", "scaled": "entropy"}
@@ -166,6 +156,9 @@ def study_block(fmt: str, on_ts: bool) -> str:
     experiments/paper_table.py``): a format's comparison against Top-K, or on top of temperature
     scaling (every predictive scaled, against Top-K + TS)."""
     import json
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from paper_table import fmt_interval as _interval  # the study's own format, as its table.md has it
 
     rows = json.loads((RESULTS / "results.json").read_text())["formats"][f"{fmt}_on_ts" if on_ts else fmt]
     reference = "Top-K + TS" if on_ts else "Top-K"

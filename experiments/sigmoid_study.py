@@ -39,8 +39,10 @@ from vrmoe import stats
 from vrmoe.checkpoint import load_checkpoint
 from vrmoe.compose import compose_config, compose_over_saved
 from vrmoe.console import CommandParser, run_command
-from vrmoe.eval import schema
 from vrmoe.tracking import EVAL_FILE, read_json
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import paper_table  # noqa: E402  (the study's readers and formats)
 
 SCORINGS = {
     "softmax": [],
@@ -49,7 +51,6 @@ SCORINGS = {
 # Post hoc the bias is the base's, kept as it is (the balance loss is off under train.freeze=backbone).
 POSTHOC_SCORING = {"softmax": [], "sigmoid": ["router.scoring_func=sigmoid"]}
 NEAR_OOD = "eval.ood_text=[thirdparty_docs]"
-OOD_SETS = ("thirdparty_docs", "near", "far")
 METRICS = (("acc", "accuracy"), ("nll", "nll"), ("ece", "ece_10"))
 
 FULL = {
@@ -123,30 +124,15 @@ def eval_load_cv(run_dir: Path, windows: int) -> float:
     return float((counts.std(-1, unbiased=False) / counts.mean(-1)).mean())
 
 
-def predictions(results: list[dict[str, Any]], predictive: str = "routing_mean") -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(probs S x N x C, labels N, OOD set -> (in S x N, ood S x M) of predictive entropy) over seeds."""
-    probs, labels = [], None
-    for result in results:
-        labels_list, by_predictive = schema.item_predictions(result)
-        labels = torch.tensor(labels_list)
-        probs.append(torch.tensor(by_predictive[predictive], dtype=torch.float64))
-    ood = {}
-    per_seed = [schema.ood_scores(r) for r in results]
-    score = "predictive_entropy" if predictive == "routing_mean" else "mutual_information"
-    for ood_set in OOD_SETS:
-        if all(score in s.get("in", {}) and score in s.get(ood_set, {}) for s in per_seed):
-            ood[ood_set] = (torch.tensor([s["in"][score] for s in per_seed], dtype=torch.float64),
-                            torch.tensor([s[ood_set][score] for s in per_seed], dtype=torch.float64))
-    return torch.stack(probs), labels, ood
+def predictions(results: list[dict[str, Any]], predictive: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(probs S x N x C, labels N, OOD set -> (in S x N, ood S x M)) over seeds, as the study reads them
+    (paper_table.predictions): predictive entropy for the routing mean, mutual information for the BMA."""
+    rows = paper_table.predictions(results, predictive,
+                                   "predictive_entropy" if predictive == "routing_mean" else "mutual_information")
+    return rows.probs_SNC, rows.labels_N, rows.ood
 
 
-def fmt(interval: dict[str, Any] | None, signed: bool = False) -> str:
-    """An interval as ``estimate [low, high]``; a difference bold where its interval excludes 0."""
-    if interval is None:
-        return "-"
-    sign = "+" if signed else ""
-    text = f"{interval['estimate']:{sign}.3f} [{interval['low']:{sign}.3f}, {interval['high']:{sign}.3f}]"
-    return f"**{text}**" if signed and interval.get("excludes_zero") else text
+fmt = paper_table.fmt_interval
 
 
 # The rows of each scoring's table: (label, stage, predictive).
@@ -243,12 +229,9 @@ RESULTS = Path(__file__).resolve().parent / "results" / "sigmoid_study.md"
 
 def report(size: dict[str, Any], text: str, wall_s: float, command: str) -> str:
     """The study's page: what wrote it, the protocol in a paragraph, the table."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from paper_table import provenance  # the study's provenance header (date, commit, device, versions)
-
     return "\n".join([
         "# Softmax against sigmoid-plus-bias routing, each with the variational router post hoc", "",
-        provenance(command), "",
+        paper_table.provenance(command), "",
         f"Command: `{command}`. Seeds {size['seeds']}; wall time {wall_s / 60:.1f} min. Per seed and scoring, one "
         "native model (" + " ".join(size["model"]) + ") trained from scratch as a language model with deterministic "
         "routing (softmax: Switch balance loss 0.01; sigmoid: the auxiliary-loss-free selection bias, "

@@ -138,6 +138,12 @@ def auroc(scores_N: torch.Tensor, labels_N: torch.Tensor) -> float:
     return float(torch.trapezoid(tpr, fpr))
 
 
+def ood_auroc(in_N: torch.Tensor, ood_M: torch.Tensor) -> float:
+    """AUROC of telling OOD scores (label 1) from in-distribution ones (label 0): higher = more OOD."""
+    in_N, ood_M = torch.as_tensor(in_N), torch.as_tensor(ood_M)
+    return auroc(torch.cat([in_N, ood_M]), torch.cat([torch.zeros(in_N.numel()), torch.ones(ood_M.numel())]))
+
+
 def auprc(scores_N: torch.Tensor, labels_N: torch.Tensor) -> float:
     """Average precision ``sum_n (R_n - R_{n-1}) P_n`` over distinct thresholds (as scikit-learn)."""
     tp, fp, n_pos = _ranked(scores_N, labels_N)

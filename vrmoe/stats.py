@@ -262,8 +262,7 @@ def seed_mean_metric(name: str, probs_SNC: torch.Tensor, labels_N: torch.Tensor)
 def seed_mean_auroc(in_SN: torch.Tensor, ood_SM: torch.Tensor) -> float:
     """AUROC on the full data by :func:`vrmoe.metrics.auroc`, averaged over seeds."""
     in_SN, ood_SM = _as_SN(in_SN), _as_SN(ood_SM)
-    labels = torch.cat([torch.zeros(in_SN.shape[1]), torch.ones(ood_SM.shape[1])])
-    values = [metrics.auroc(torch.cat([in_N, ood_M]), labels) for in_N, ood_M in zip(in_SN, ood_SM)]
+    values = [metrics.ood_auroc(in_N, ood_M) for in_N, ood_M in zip(in_SN, ood_SM)]
     return sum(values) / len(values)
 
 

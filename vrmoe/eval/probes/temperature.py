@@ -64,9 +64,8 @@ class TemperatureScalingProbe(Probe):
                 ood[name] = {}
                 for predictive, values in per_predictive.items():
                     if predictive in scores["in"]:
-                        in_values = scores["in"][predictive]
-                        labels = torch.cat([torch.zeros(len(in_values)), torch.ones(len(values))])
-                        ood[name][predictive] = metrics.auroc(torch.tensor(in_values + values), labels)
+                        ood[name][predictive] = metrics.ood_auroc(torch.tensor(scores["in"][predictive]),
+                                                                  torch.tensor(values))
             out[TS_OOD_KEY] = ood
             out[SCORES_KEY] = scores
         return out
