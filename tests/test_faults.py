@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -107,6 +108,28 @@ def test_a_second_identical_sweep_into_a_finished_sweep_dir_changes_none_of_its_
     assert len(refused) == 2 and all("already holds a run" in line for line in refused), again.stderr
     assert again.stderr.strip().splitlines()[-1].startswith("sweep: 2 refused -> ")
     assert {job: _files(job) for job in jobs} == records
+
+
+@pytest.mark.slow  # two sweeps through the CLI at once: 15-40 s on two cores
+def test_two_identical_sweeps_at_once_run_each_job_once_and_refuse_it_once(tmp_path):
+    """Whichever sweep reaches a job's dir first runs it (the other finds the dir held or already
+    holding a run); each job trains once and its record is that of the run that trained."""
+    args = ["train", "-m", *TINY, "train.max_steps=2", "seed=3,4", "hydra.sweep.dir=sweep"]
+    sweeps = [run_injected("", *args, cwd=tmp_path, wait=False) for _ in range(2)]
+    errs = [sweep.communicate(timeout=600)[1] for sweep in sweeps]
+    for err in errs:
+        assert "Traceback" not in err, err
+    closing = [err.strip().splitlines()[-1] for err in errs]
+    refused = [line for err in errs for line in err.splitlines() if "refused:" in line]
+    completed = sum(int(m.group(1)) for line in closing if (m := re.search(r"(\d+) completed", line)))
+    assert completed == 2 and len(refused) == 2, errs
+    jobs = sorted(p.parent for p in (tmp_path / "sweep").rglob("summary.json"))
+    assert len(jobs) == 2
+    for job in jobs:
+        summary = json.loads((job / "summary.json").read_text())
+        record = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
+        assert summary["status"] == "completed" and summary["config"]["seed"] == record["seed"]
+        assert [json.loads(r)["step"] for r in (job / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
 # --- A full disk anywhere --------------------------------------------------------------------
