@@ -162,20 +162,21 @@ def study_block(fmt: str, on_ts: bool) -> str:
 
     rows = json.loads((RESULTS / "results.json").read_text())["formats"][f"{fmt}_on_ts" if on_ts else fmt]
     reference = "Top-K + TS" if on_ts else "Top-K"
-    lines = [f"| Method | predictive | Acc | ECE [95% CI] | ΔECE vs {reference} | ΔNLL vs {reference} "
+    lines = [f"| Method | predictive | Acc | ECE [95% CI] | ΔECE vs {reference} | ΔECE by seed | ΔNLL vs {reference} "
              f"| AUROC near: docstrings (score) | ΔAUROC near | AUROC far | ΔAUROC far | Jaccard γ=0.01 "
-             "| FLOPs over Top-K |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| FLOPs over Top-K |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, row in rows.items():
         if row.get("not_run"):  # a router the study's invocation left out (--skip)
-            lines.append(f"| {row['label']} | not run yet |" + " - |" * 10)
+            lines.append(f"| {row['label']} | not run yet |" + " - |" * 11)
             continue
         first = name == ("topk_ts" if on_ts else "topk")
         diff = (lambda key: "reference") if first else (lambda key: _interval(row.get(key), True))
+        by_seed = "reference" if first else " / ".join(f"{d:+.3f}" for d in row.get("d_ece_10_by_seed") or []) or "-"
         near = row.get("auroc_thirdparty_docs")
         score = SCORE_NAMES.get(row["ood_score"], row["ood_score"])
         flops, jaccard = row.get("flops"), row.get("jaccard")
         lines.append(f"| {row['label']} | {row['predictive']} | {row['acc']['estimate']:.3f} | {_interval(row['ece'])} "
-                     f"| {diff('d_ece_10')} | {diff('d_nll')} "
+                     f"| {diff('d_ece_10')} | {by_seed} | {diff('d_nll')} "
                      f"| {'-' if near is None else f'{_interval(near)} ({score})'} | {diff('d_auroc_thirdparty_docs')} "
                      f"| {_interval(row.get('auroc_far'))} | {diff('d_auroc_far')} "
                      f"| {'-' if jaccard is None else f'{jaccard:.3f}'} "

@@ -400,6 +400,9 @@ def predictions(results: list[dict[str, Any]], predictive: str, score: str) -> P
         recorded = schema.item_predictions(result)
         if recorded is None or predictive not in recorded[1]:
             return None
+        if labels is not None and not torch.equal(labels, torch.tensor(recorded[0])):
+            raise ConfigError(f"{result.get('run')}: its test items differ from the other seeds' (labels differ); "
+                              "every seed must be evaluated on the same items to be paired")
         labels = torch.tensor(recorded[0])
         probs.append(torch.tensor(recorded[1][predictive], dtype=torch.float64))
     ood: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -450,6 +453,11 @@ def row_stats(row: Predictions, base: Predictions, resamples: int) -> dict[str, 
     for metric in DIFF_METRICS:
         numbers[f"d_{metric}"] = stats.paired_difference(metric, row.probs_SNC, base.probs_SNC, row.labels_N,
                                                          resamples).as_dict()
+    if row.probs_SNC.shape[0] == base.probs_SNC.shape[0] > 1:
+        # The intervals resample items, not trainings: each seed's own ΔECE shows the spread between seeds.
+        numbers["d_ece_10_by_seed"] = [
+            stats.seed_mean_metric("ece_10", r_NC, row.labels_N) - stats.seed_mean_metric("ece_10", b_NC, row.labels_N)
+            for r_NC, b_NC in zip(row.probs_SNC, base.probs_SNC)]
     for ood_set, (in_SN, ood_SM) in row.ood.items():
         numbers[f"auroc_{ood_set}"] = stats.single_auroc_interval(in_SN, ood_SM, resamples).as_dict()
         if ood_set in base.ood:
@@ -541,12 +549,15 @@ def rows_for_format(out: Path, fmt: str, all_methods: list[Method], seeds: list[
         fitted = "calibration" if method.stage == "posthoc" else "finetune"
         router = results[0]["router"]
         own = OWN_SCORE.get(router)
-        add(key, method.label, "routing mean", fitted,
+        # VTSR averages no routing samples: its single pass is one draw of its K experts (Sample-K).
+        single_pass = "one Sample-K pass" if router == "vtsr" and results[0]["router_config"].get("eval_mode") != "topk" \
+            else "routing mean"
+        add(key, method.label, single_pass, fitted,
             predictions(results, "routing_mean", own or "predictive_entropy"), results)
         add(f"{key}_bma", method.label, "BMA", fitted,  # every router here samples at evaluation
             predictions(results, "bma", "mutual_information"), results)
         scaled = f"{fitted} + calibration (T)"
-        add(f"{key}_ts", f"{method.label} + TS", "routing mean", scaled, predictions(results, "ts", "scaled"),
+        add(f"{key}_ts", f"{method.label} + TS", single_pass, scaled, predictions(results, "ts", "scaled"),
             results, base_ts)
         add(f"{key}_bma_ts", f"{method.label} + TS", "BMA", scaled, predictions(results, "bma_ts", "scaled"),
             results, base_ts)
@@ -653,12 +664,13 @@ def write_per_item(out: Path, all_methods: list[Method], seeds: list[int]) -> Pa
     """Every per-item number the main tables are computed from, for anyone to recompute them: per
     run of the main comparison and seed, the test split's labels and each predictive's probabilities,
     the OOD scores of every set (raw and after temperature scaling) and the ensemble's OOD predictions;
-    rounded to 4 decimals, gzipped JSON."""
+    to 6 significant digits (as eval.json keeps them: a probability of 1e-7 stays one, so NLL can be
+    recomputed), gzipped JSON."""
     import gzip
 
     def rounded(value: Any) -> Any:
         if isinstance(value, float):
-            return round(value, 4)
+            return float(f"{value:.6g}")
         if isinstance(value, list):
             return [rounded(v) for v in value]
         if isinstance(value, dict):
@@ -804,7 +816,7 @@ def main(argv: list[str] | None = None) -> int:
              + (f", summed over the {len(history)} invocations with this --out (which may have run at the same "
                 "time)" if len(history) > 1 else "") + ".", "",
              "Every number is measured on the **test split** (items from text no model trained on). Intervals: "
-             f"95% percentile bootstrap over test items ({size.resamples} resamples), pooled over seeds; a Δ is "
+             f"95% basic bootstrap over test items ({size.resamples} resamples), pooled over seeds; a Δ is "
              "against Top-K (routing mean, the same seeds), paired by item, and **bold** when its interval "
              "excludes 0. AUROC: per item, in-distribution = test items, near = items from other packages' "
              "docstrings (thirdparty_docs), shuffled = items from the word-shuffled test text (a control), far = "

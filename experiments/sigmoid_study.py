@@ -238,7 +238,7 @@ def report(size: dict[str, Any], text: str, wall_s: float, command: str) -> str:
         "`router.bias_update_speed=0.001`, no balance loss), fine-tuned with Top-K on cloze items until "
         "over-confident, then the mean-field variational router fit post hoc on the calibration split (under "
         "sigmoid it selects with the base's bias, not moved). Every number is on the test split (1000 items per "
-        "seed at full size); intervals are 95% percentile bootstrap over items, pooled over seeds; a Δ is paired "
+        "seed at full size); intervals are 95% basic bootstrap over items, pooled over seeds; a Δ is paired "
         "by item: the variational rows against the Top-K of the same scoring, sigmoid Top-K against softmax "
         "Top-K; **bold** where its interval excludes 0. AUROC: predictive entropy (mutual information for BMA "
         "rows); near = other packages' docstrings, far = Python source. Load CV: the coefficient of variation of "

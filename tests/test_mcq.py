@@ -177,6 +177,28 @@ def test_the_three_splits_are_disjoint_and_validation_never_sees_fitted_or_test_
     assert _questions(fine_tune.val_set, corpus.tokenizer) <= sets["calibration"]
 
 
+@pytest.mark.parametrize("fmt", ["cloze", "letter"])
+def test_temperature_scaling_fits_on_calibration_items_the_run_did_not_train_on(fmt, corpus_cache):
+    """Post-hoc heads fit on the calibration split's first items: temperature scaling after them
+    must not be fit on those items too (a router + TS would be scaled on what its heads learnt)."""
+    from vrmoe.data.mcq import split_items
+    from vrmoe.eval.context import temperature_fit_set
+
+    common = (*TINY, "task=mcq", f"task.format={fmt}", "model.seq_len=128", "eval.calibration_items=30")
+    fine_tune = make_config(*common, "task.train_items=40", "task.val_items=16")
+    post_hoc = make_config(*common, "task.fit_split=calibration", "task.train_items=40", "task.val_items=16")
+    corpus = load_corpus(fine_tune.data, tokenizer=None)
+    calibration = [_questions(split_items(fine_tune, corpus, "calibration", n, "calibration", skip=skip),
+                              corpus.tokenizer) for n, skip in ((40, 0), (30, 0), (30, 40))]
+
+    base_fit, base_counts = temperature_fit_set(fine_tune, corpus)
+    assert _questions(base_fit, corpus.tokenizer) == calibration[1] and "skipped_trained_on" not in base_counts
+    heads_fit, heads_counts = temperature_fit_set(post_hoc, corpus)
+    trained = _questions(MCQTask(post_hoc, corpus).train_set, corpus.tokenizer)
+    assert trained == calibration[0] and heads_counts["skipped_trained_on"] == 40
+    assert _questions(heads_fit, corpus.tokenizer) == calibration[2] and not trained & calibration[2]
+
+
 def test_the_letter_format_asks_the_cloze_item_with_lettered_options(corpus_cache):
     app = make_config(*TINY, "task=mcq", "task.format=letter", "model.seq_len=128", "task.train_items=8",
                       "task.val_items=4")

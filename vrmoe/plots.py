@@ -104,8 +104,8 @@ def interval_curves(xs: Sequence[Any], series: Mapping[str, Sequence[tuple[float
         shift = (i - (len(series) - 1) / 2) * 0.06
         x = [(xv * (1 + shift) if log_x else xv + shift) for xv, _ in kept]
         est = [p[0] for _, p in kept]
-        # A percentile interval need not contain the estimate (resampled ECE is biased upwards, the
-        # duplicated items sharpening the bins), so a bar may only reach the point.
+        # An interval need not contain its estimate (a skewed resampling distribution), so a bar may
+        # only reach the point.
         err = [[max(0.0, p[0] - p[1]) for _, p in kept], [max(0.0, p[2] - p[0]) for _, p in kept]]
         ax.errorbar(x, est, yerr=err, marker="o", ms=4, capsize=3, lw=1.4, label=name)
     if log_x:

@@ -1,6 +1,11 @@
 """Statistics of a calibration / OOD study: temperature scaling and paired bootstrap intervals.
 
-Every interval is a percentile bootstrap over *items*. A resample draws N item indices
+Every interval is a basic (reverse-percentile) bootstrap over *items*: ``[2 t - q_hi, 2 t - q_lo]``
+for the estimate ``t`` and the resampled statistic's quantiles ``q``. Unlike the percentile
+interval ``[q_lo, q_hi]`` it is not displaced by the statistic's resampling bias: ECE is biased
+upwards on resamples (duplicated items sharpen the bins), more so the better calibrated a model is,
+so percentile intervals of ECE and of ECE differences sit beside their estimates rather than
+around them. A resample draws N item indices
 with replacement and the same draw is applied to every seed of a model and to both
 models of a comparison: item difficulty then cancels in a difference (pairing) and the
 seeds are pooled (the statistic is the mean over seeds, so an ensemble row with S=1 can
@@ -217,8 +222,8 @@ def resampled_auroc(in_SN: torch.Tensor, ood_SM: torch.Tensor, idx_in_RN: torch.
 
 @dataclass(frozen=True)
 class Interval:
-    """A percentile bootstrap interval. ``estimate`` is the statistic on the full data,
-    not the bootstrap mean (which carries the resampling bias of e.g. ECE)."""
+    """A basic bootstrap interval. ``estimate`` is the statistic on the full data, not the
+    bootstrap mean (which carries the resampling bias of e.g. ECE)."""
 
     estimate: float
     low: float
@@ -275,8 +280,9 @@ def _check(n_resamples: int, level: float) -> None:
 
 def _interval(estimate: float, stats_R: torch.Tensor, level: float) -> Interval:
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
-    low, high = torch.quantile(stats_R, q).tolist()  # linear interpolation, as numpy's default
-    return Interval(float(estimate), low, high, level, int(stats_R.numel()))
+    q_low, q_high = torch.quantile(stats_R, q).tolist()  # linear interpolation, as numpy's default
+    # The basic interval: the resampled statistic's spread about the estimate, reflected through it.
+    return Interval(float(estimate), 2 * estimate - q_high, 2 * estimate - q_low, level, int(stats_R.numel()))
 
 
 def _bootstrap_items(statistic, estimate: float, n_items: int, n_resamples: int, seed: int,

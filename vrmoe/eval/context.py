@@ -60,6 +60,7 @@ from ..stats import fit_temperature
 from ..model import build_model, build_tokenizer
 from ..model.backbone import Backbone, ModelOutput
 from ..model.routers import Routing, router_class
+from ..tasks.mcq import calibration_items_trained_on
 
 Windows = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -190,19 +191,39 @@ def question_set(questions: list[MCQQuestion], app: AppConfig, tokenizer, key: s
     return tensors, count_items(tensors, len(questions))
 
 
-def text_set(app: AppConfig, text: str, n_items: int | None, key: str, tokenizer
+def text_set(app: AppConfig, text: str, n_items: int | None, key: str, tokenizer, skip: int = 0
              ) -> tuple["MCQTensors | LetterTensors", dict[str, int]]:
-    """Items made from ``text`` in the task's format (letter prompts up to prompt_len tokens), and
-    their counts. The text_items path reads the prompt length from model.seq_len, so it gets a
-    view of the config with the prompt length there (the items' own length, item_len, is capped
-    by it in the same way)."""
+    """Items ``skip`` .. ``skip + n_items`` made from ``text`` in the task's format (letter prompts up
+    to prompt_len tokens), and their counts. The text_items path reads the prompt length from
+    model.seq_len, so it gets a view of the config with the prompt length there (the items' own
+    length, item_len, is capped by it in the same way)."""
     view = app
     if prompt_len(app) != app.model.seq_len:
         view = dataclasses.replace(app, model=dataclasses.replace(app.model, seq_len=prompt_len(app)))
-    tensors = text_items(view, text, _cap(n_items), key, tokenizer)
+    tensors = text_items(view, text, _cap(n_items), key, tokenizer, skip)
     if isinstance(tensors, MCQTensors):  # cloze items are built to fit: none is left out
         return tensors, count_items(tensors, len(tensors))
-    return tensors, count_items(tensors, len(build_items(text, _cap(n_items), item_len(view))))
+    return tensors, count_items(tensors, len(build_items(text, skip + _cap(n_items), item_len(view))[skip:]))
+
+
+def temperature_fit_set(app: AppConfig, corpus: Corpus) -> tuple["MCQTensors | LetterTensors", dict[str, int]]:
+    """What temperature scaling fits on: up to ``eval.calibration_items`` items of the calibration
+    split that the run did not train on (post-hoc heads fit on its first items: those are passed
+    over, so a router + TS is not scaled on what its heads were fit to), and their counts, with
+    ``skipped_trained_on`` where items were passed over."""
+    key = "eval.calibration_items (calibration split)"
+    trained_on = calibration_items_trained_on(app, corpus)
+    if corpus.questions is not None:
+        questions = corpus.questions["calibration"][trained_on:trained_on + _cap(app.eval.calibration_items)]
+        if not questions:
+            raise ConfigError(f"{key}: the run trained on the calibration split's first {trained_on} questions and "
+                              "none is left beyond them to fit temperature scaling on; fit the heads on fewer "
+                              "(task.train_items) or give a larger calibration split")
+        tensors, counts = question_set(questions, app, corpus.tokenizer, key)
+    else:
+        tensors, counts = text_set(app, split_text(corpus, "calibration"), app.eval.calibration_items, key,
+                                   corpus.tokenizer, skip=trained_on)
+    return tensors, {**counts, "skipped_trained_on": trained_on} if trained_on else counts
 
 
 @dataclass
@@ -233,19 +254,16 @@ class EvalContext:
         tokenizer = corpus.tokenizer
         lm_sets = {"in": windows(corpus.val, app, app.eval.windows, "the validation split", device)}
         built: dict[str, tuple[MCQTensors | LetterTensors, dict[str, int]]] = {}
-        test_key, calibration_key = "eval.mcq_items (test split)", "eval.calibration_items (calibration split)"
+        test_key = "eval.mcq_items (test split)"
         if corpus.questions is not None:
             built["in"] = question_set(in_distribution_questions(app)[:app.eval.mcq_items], app, tokenizer, test_key)
             if not int((built["in"][0].answers_N >= 0).sum()):
                 raise ConfigError(f"data.mcq_eval_split={app.data.mcq_eval_split}: none of the test items scored has "
                                   "an answer, and calibration and accuracy need them; raise eval.mcq_items or name a "
                                   "labelled split")
-            built["calibration"] = question_set(corpus.questions["calibration"][:app.eval.calibration_items], app,
-                                                tokenizer, calibration_key)
         else:
             built["in"] = text_set(app, split_text(corpus, "test"), app.eval.mcq_items, test_key, tokenizer)
-            built["calibration"] = text_set(app, split_text(corpus, "calibration"), app.eval.calibration_items,
-                                            calibration_key, tokenizer)
+        built["calibration"] = temperature_fit_set(app, corpus)
         if unit == "mcq" and corpus.questions is not None:  # OOD sets: other multiple-choice datasets
             for entry in app.eval.ood_mcq:
                 name, split, _ = split_entry(entry, app.data.mcq_eval_split)

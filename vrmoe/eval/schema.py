@@ -4,6 +4,7 @@
 
     {"run", "router", "router_config", "S", "K", "task", "ood_task", "step", "seed",
      "items": {"prompt_len": n, "sets": {SET: {"items", "unlabelled", "too_long"}}},  # "in", "calibration", OOD
+               # (calibration also "skipped_trained_on": its first items, which post-hoc heads trained on)
      "calibration": {"next_token": REPORT, "mcq": REPORT,        # metrics.calibration_report: routing mean
                      "next_token_bma": REPORT, "mcq_bma": REPORT,  # mean of S single-sample passes
                      "mcq_ts": REPORT + {"temperature", "fit_items"},  # temperature scaling

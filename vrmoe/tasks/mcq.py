@@ -57,6 +57,15 @@ def item_counts(app: "AppConfig", corpus: "Corpus") -> tuple[int, int]:
     return n_fit, n_val
 
 
+def calibration_items_trained_on(app: "AppConfig", corpus: "Corpus") -> int:
+    """How many of the calibration split's first items the run trained on: post-hoc heads fit there
+    (``task.fit_split=calibration``), so whatever is fit after them (temperature scaling) must start
+    beyond those items. Its held-out validation items were only logged, never selected on."""
+    if app.task.name != MCQTask.name or app.task.fit_split != "calibration":
+        return 0
+    return item_counts(app, corpus)[0]
+
+
 def calibration_size(app: "AppConfig", corpus: "Corpus") -> tuple[int, str]:
     """How many items the calibration split holds, and a message's words for it."""
     if corpus.questions is not None:

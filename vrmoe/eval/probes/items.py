@@ -3,7 +3,8 @@
 Per set ("in" the test split, "calibration" the split temperature scaling fits on, and each
 multiple-choice OOD set): ``items`` scored, ``unlabelled`` of them without an answer (scored for
 OOD, left out of calibration and accuracy) and ``too_long``, prompts longer than ``prompt_len``
-tokens that were left out. ``prompt_len`` is the longest prompt scored: model.seq_len for the
+tokens that were left out; for "calibration", ``skipped_trained_on``: the split's first items,
+which the run trained on (post-hoc heads), are not among them. ``prompt_len`` is the longest prompt scored: model.seq_len for the
 native model, the pretrained model's own context for model=hf.
 """
 
@@ -26,6 +27,8 @@ def counts_line(block: dict[str, Any]) -> str:
     parts = []
     for name, counts in block[ITEM_SETS_KEY].items():
         notes = []
+        if counts.get("skipped_trained_on"):
+            notes.append(f"after the {counts['skipped_trained_on']} the run trained on")
         if counts["unlabelled"]:
             notes.append(f"{counts['unlabelled']} without an answer, OOD scores only")
         if counts["too_long"]:
