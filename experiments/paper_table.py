@@ -664,13 +664,13 @@ def write_per_item(out: Path, all_methods: list[Method], seeds: list[int]) -> Pa
     """Every per-item number the main tables are computed from, for anyone to recompute them: per
     run of the main comparison and seed, the test split's labels and each predictive's probabilities,
     the OOD scores of every set (raw and after temperature scaling) and the ensemble's OOD predictions;
-    to 6 significant digits (as eval.json keeps them: a probability of 1e-7 stays one, so NLL can be
-    recomputed), gzipped JSON."""
+    to 4 significant digits (not decimals: a probability of 1e-7 stays one, so NLL can be recomputed
+    to about 1e-4), gzipped JSON."""
     import gzip
 
     def rounded(value: Any) -> Any:
         if isinstance(value, float):
-            return float(f"{value:.6g}")
+            return float(f"{value:.4g}")
         if isinstance(value, list):
             return [rounded(v) for v in value]
         if isinstance(value, dict):
