@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vrmoe.config import ConfigError
-from vrmoe.knobs import check_knobs, duplicate_jobs, ignored_knobs, readers
+from vrmoe.knobs import check_knobs, duplicate_jobs, ignored_knobs, readers, unread_settings
 from vrmoe.metrics import entropy
 from vrmoe.model import build_model
 from vrmoe.train import train
@@ -66,6 +66,16 @@ def test_a_knob_the_router_does_not_read_is_said_and_recorded(tmp_path, corpus_c
     assert json.loads((tmp_path / "said" / "summary.json").read_text())["ignored_knobs"] == ["T=0.5"]
     with pytest.raises(ConfigError, match=r"^T=0.5 changes nothing: router=topk does not read T \(T is read by"):
         check_knobs(make_config("router=topk").router, ["T=0.5"], strict=True)
+
+
+def test_a_setting_the_run_does_not_read_is_said_and_recorded(tmp_path, corpus_cache, capsys):
+    summary = train(make_config(*TINY, "data.vocab_size=8192", "train.max_steps=1"), tmp_path / "bytes",
+                    overrides=["data.vocab_size=8192"])
+    line = "data.vocab_size=8192 changes nothing: only data.tokenizer=bpe reads it, and this run's tokenizer is bytes"
+    assert summary["unread_settings"][0].startswith(line)
+    assert "note: " + line in " ".join(capsys.readouterr().err.split())
+    assert unread_settings(make_config("data.tokenizer=bpe", "data.vocab_size=512"),
+                           ["data.tokenizer=bpe", "data.vocab_size=512"]) == []
 
 
 def test_strict_knobs_refuses_the_run_in_one_line_and_writes_nothing(tmp_path, corpus_cache):

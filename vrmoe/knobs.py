@@ -11,10 +11,13 @@ is told which of its jobs are the same run before it starts.
 from __future__ import annotations
 
 import itertools
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from .config import ConfigError, RouterConfig
 from .model.routers import ROUTERS, router_class
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import AppConfig
 
 KNOBS = ("K", "S", "T", "beta")
 # Where the config's own router default comes from when a command line names none.
@@ -58,6 +61,25 @@ def check_knobs(router: RouterConfig, overrides: Iterable[str], strict: bool) ->
     if ignored and strict:
         raise ConfigError(ignored_message(router, ignored, mention_strict=False))
     return ignored
+
+
+# Settings another setting decides whether a run reads: key -> (does this run read it, the line's reason).
+CONDITIONAL_SETTINGS = {
+    "data.vocab_size": (lambda app: app.data.tokenizer == "bpe",
+                        lambda app: f"only data.tokenizer=bpe reads it, and this run's tokenizer is "
+                                    f"{app.data.tokenizer}; drop it, or add data.tokenizer=bpe"),
+}
+
+
+def unread_settings(app: "AppConfig", overrides: Iterable[str]) -> list[str]:
+    """One line for each setting the command line gives that this run does not read (beyond the
+    router's knobs): ``data.vocab_size=8192 changes nothing: ...``."""
+    lines = []
+    for item in overrides:
+        key, sep, value = item.lstrip("+").partition("=")
+        if sep and key in CONDITIONAL_SETTINGS and not CONDITIONAL_SETTINGS[key][0](app):
+            lines.append(f"{key}={value} changes nothing: {CONDITIONAL_SETTINGS[key][1](app)}")
+    return lines
 
 
 def duplicate_jobs(overrides: list[str]) -> list[list[str]]:

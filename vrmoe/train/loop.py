@@ -30,7 +30,7 @@ from .. import distributed
 from ..data.batches import derived_seed
 from ..device import resolve_device
 from ..distributed import DistEnv
-from ..knobs import check_knobs, ignored_message
+from ..knobs import check_knobs, ignored_message, unread_settings
 from ..model import build_model, build_tokenizer
 from ..model.backbone import Backbone
 from ..model.routers import Router
@@ -159,6 +159,7 @@ class TrainingRun:
             raise ConfigError(f"model.vocab_size={app.model.vocab_size} is smaller than the tokenizer's "
                               f"{corpus.tokenizer.vocab_size} tokens; set model.vocab_size={corpus.tokenizer.vocab_size}")
         ignored = check_knobs(app.router, overrides, app.train.strict_knobs)
+        unread = unread_settings(app, overrides)
         task = build_task(app, corpus)
         model = build_model(app, training=True)
         # Parameter names that came from elsewhere (a pretrained checkpoint, another run): what
@@ -212,6 +213,8 @@ class TrainingRun:
             }
             if ignored:  # knobs the router does not read: on record, and said below
                 summary["ignored_knobs"] = ignored
+            if unread:  # other settings this run does not read: on record, and said below
+                summary["unread_settings"] = unread
             recorder.write_summary(summary)
             if here.enabled:
                 summary["world_size"] = here.world_size
@@ -224,6 +227,8 @@ class TrainingRun:
                 f"tokens, unigram entropy {summary['unigram_entropy']:.3f} nats, device {device}, run dir {run_dir}")
             if ignored:
                 (log_line if here.is_main else _quiet)(f"[yellow]note:[/] {ignored_message(app.router, ignored)}")
+            for line in unread:
+                (log_line if here.is_main else _quiet)(f"[yellow]note:[/] {line}")
             wall_before = float(resume.get("wall_time_s", 0.0)) if resume else 0.0
             trained = {name for name, p in model.named_parameters() if p.requires_grad}
             checkpointer = Checkpointer(run_dir, app, frozen, wall_before, device,
