@@ -297,6 +297,34 @@ def test_paper_table_refuses_evaluations_it_cannot_read_and_survives_a_bad_histo
     assert paper_table.record_invocation(tmp_path, {"wall_s": 2.0}) == [{"wall_s": 1.0}, {"wall_s": 2.0}]
 
 
+def test_paper_table_rows_carry_each_seeds_own_ece_difference_and_refuse_unpaired_seeds():
+    from vrmoe import metrics
+
+    paper_table = paper_table_module()
+    gen = torch.Generator().manual_seed(5)
+    labels_N = torch.randint(0, 4, (200,), generator=gen)
+    logits_SNC = torch.randn(2, 200, 4, generator=gen, dtype=torch.float64)
+    sharp, soft = (paper_table.Predictions(torch.softmax(logits_SNC * t, -1), labels_N, {}, "entropy", [])
+                   for t in (3.0, 1.0))
+    numbers = paper_table.row_stats(soft, sharp, resamples=20)
+
+    def ece(probs_NC):
+        confidence_N, predicted_N = probs_NC.max(-1)
+        return metrics.expected_calibration_error(confidence_N, predicted_N == labels_N, 10)
+
+    want = [ece(a) - ece(b) for a, b in zip(soft.probs_SNC, sharp.probs_SNC)]
+    assert numbers["d_ece_10_by_seed"] == pytest.approx(want)
+    assert numbers["d_ece_10"]["estimate"] == pytest.approx(sum(want) / 2)
+    ensemble = paper_table.Predictions(soft.probs_SNC.mean(0)[None], labels_N, {}, "entropy", [])
+    assert "d_ece_10_by_seed" not in paper_table.row_stats(ensemble, sharp, resamples=20)
+
+    def evaluation(labels):
+        return {"run": "r", "calibration": {"predictions": {"mcq": {"labels": labels, "routing_mean": [[0.25] * 4] * 3}}}}
+
+    with pytest.raises(ConfigError, match="its test items differ from the other seeds'"):
+        paper_table.predictions([evaluation([0, 1, 2]), evaluation([0, 1, 3])], "routing_mean", "predictive_entropy")
+
+
 def test_every_gpu_study_run_composes(tmp_path):
     """The --gpu form cannot run here; every run it would launch, sweeps included, composes into a
     valid config (what a run refuses first)."""

@@ -186,6 +186,23 @@ def test_a_calibrated_predictor_beats_an_overconfident_one_and_a_perturbation_do
     assert same.high - same.low < 0.1 * (better.high - better.low) + 1e-2
 
 
+def test_ece_intervals_are_basic_intervals_around_the_estimate_not_beside_it():
+    """Resampled ECE is biased upwards, most for a calibrated predictor: the percentile interval
+    (the resamples' quantiles) is centred above the estimate, the basic one reflects them through it."""
+    from vrmoe.stats import N_RESAMPLES, _bootstrap_items, _ItemSums
+
+    calibrated_SNC, _, labels_N = _calibrated_and_overconfident()
+    interval = single_interval("ece_10", calibrated_SNC, labels_N, seed=3)
+    terms = _ItemSums("ece_10", calibrated_SNC, labels_N)
+    resampled = _bootstrap_items(lambda counts_RN: terms(counts_RN).mean(1), 0.0, terms.n_items, N_RESAMPLES, 3, 0.95)
+    # With an estimate of 0 the basic interval is (-q_high, -q_low): the quantiles recovered exactly.
+    q_low, q_high = -resampled.high, -resampled.low
+    assert interval.low == pytest.approx(2 * interval.estimate - q_high)
+    assert interval.high == pytest.approx(2 * interval.estimate - q_low)
+    assert (q_low + q_high) / 2 > interval.estimate + 0.01  # the percentile interval's centre, biased up
+    assert (interval.low + interval.high) / 2 < interval.estimate and interval.low < interval.estimate < interval.high
+
+
 def test_intervals_contain_a_known_true_difference():
     # Accuracy: a is right with probability 0.8, b (independently) with 0.7; truth 0.1.
     n, g = 2000, _gen(14)

@@ -4,8 +4,9 @@ Per set ("in" the test split, "calibration" the split temperature scaling fits o
 multiple-choice OOD set): ``items`` scored, ``unlabelled`` of them without an answer (scored for
 OOD, left out of calibration and accuracy) and ``too_long``, prompts longer than ``prompt_len``
 tokens that were left out; for "calibration", ``skipped_trained_on``: the split's first items,
-which the run trained on (post-hoc heads), are not among them. ``prompt_len`` is the longest prompt scored: model.seq_len for the
-native model, the pretrained model's own context for model=hf.
+which the run trained on (post-hoc heads), are not among them. ``prompt_len`` is the longest
+prompt scored: model.seq_len for the native model, the pretrained model's own context for
+model=hf.
 """
 
 from __future__ import annotations
