@@ -110,6 +110,22 @@ def test_a_second_identical_sweep_into_a_finished_sweep_dir_changes_none_of_its_
     assert {job: _files(job) for job in jobs} == records
 
 
+@pytest.mark.slow  # two sweeps through the CLI: 10-30 s on two cores
+def test_a_different_sweep_into_a_sweep_dir_keeps_the_earlier_sweeps_multirun_record(tmp_path):
+    """Hydra rewrites multirun.yaml at each sweep's start; the earlier sweep's command line stays
+    beside it (multirun.1.yaml), and an identical sweep adds no copy."""
+    first = ["train", "-m", *TINY, "train.max_steps=2", "seed=3,4", "hydra.sweep.dir=sweep"]
+    run_cli(*first, cwd=tmp_path)
+    run_cli(*first[:-2], "seed=5", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    sweep = tmp_path / "sweep"
+    task = lambda name: yaml.safe_load((sweep / name).read_text())["hydra"]["overrides"]["task"]  # noqa: E731
+    assert "seed=3,4" in task("multirun.1.yaml") and "seed=5" in task("multirun.yaml")
+    again = run_cli(*first[:-2], "seed=5", "hydra.sweep.dir=sweep", cwd=tmp_path, check=False)
+    assert again.returncode == 1 and "Traceback" not in again.stderr  # refused: its job's dir holds a run
+    assert sorted(p.name for p in sweep.glob("multirun*.yaml")) == ["multirun.1.yaml", "multirun.yaml"]
+    assert len(list(sweep.rglob("summary.json"))) == 3
+
+
 @pytest.mark.slow  # two sweeps through the CLI at once: 15-40 s on two cores
 def test_two_identical_sweeps_at_once_run_each_job_once_and_refuse_it_once(tmp_path):
     """Whichever sweep reaches a job's dir first runs it (the other finds the dir held or already

@@ -237,7 +237,9 @@ class SweepReport(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         """The records already in the sweep dir (another sweep's): not this sweep's to count."""
         SweepReport.refused = []
-        self.before = {p: _identity(p) for p in Path(str(config.hydra.sweep.dir)).rglob(SUMMARY_FILE)}
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        self.before = {p: _identity(p) for p in sweep_dir.rglob(SUMMARY_FILE)}
+        keep_earlier_sweep_record(sweep_dir, config)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -250,6 +252,30 @@ class SweepReport(Callback):
                  f"(vrmoe compare {sweep_dir})")
         if counts.get("failed") or counts.get("refused"):
             sys.exit(1)
+
+
+def keep_earlier_sweep_record(sweep_dir: Path, config: DictConfig) -> None:
+    """Hydra rewrites ``<sweep dir>/multirun.yaml`` when a sweep starts: the record of an earlier,
+    different sweep into the same dir (other overrides) is kept beside it as ``multirun.<n>.yaml``,
+    so its jobs' command line is not lost. An identical sweep's record is the same and is not copied."""
+    record = sweep_dir / "multirun.yaml"
+    if not record.is_file():
+        return
+    try:
+        earlier = OmegaConf.load(record).hydra.overrides
+        if (list(earlier.task), list(earlier.hydra)) == (list(config.hydra.overrides.task),
+                                                         list(config.hydra.overrides.hydra)):
+            return
+    except Exception:  # unreadable or not Hydra's: kept all the same
+        pass
+    n = 1
+    while (sweep_dir / f"multirun.{n}.yaml").exists():
+        n += 1
+    try:
+        shutil.copy2(record, sweep_dir / f"multirun.{n}.yaml")
+    except OSError as exc:
+        log_line(f"sweep: could not keep the earlier sweep's {record} as multirun.{n}.yaml ({exc.strerror}); "
+                 "Hydra replaces it with this sweep's")
 
 
 def _identity(path: Path) -> tuple[int, int]:
