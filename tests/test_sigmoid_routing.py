@@ -212,6 +212,23 @@ def test_every_router_routes_with_sigmoid_scores_and_the_bias(name):
     assert bool((routing.expert_ids_TK // 4 == routing.expert_ids_TK[:, :1] // 4).all())  # one kept group of 4
 
 
+@pytest.mark.parametrize("name, fields", [("temperature", dict(eval_mode="topk", temperature=0.5)),
+                                          ("mc_dropout", dict(dropout=0.0, samples=4))])
+@pytest.mark.parametrize("groups", [dict(), dict(n_group=4, topk_group=2)])
+def test_topk_overlap_counts_against_the_selection_with_the_bias_and_the_kept_groups(name, fields, groups):
+    """A router that selects deterministically on its (tempered) scores plus the bias, inside the kept
+    groups, chooses exactly what that selection chooses: overlap 1, though plain Top-K of the logits
+    differs on many tokens."""
+    router = make_router(name, k=2, **fields, **groups, **SIGMOID).eval()
+    u = tokens(256)
+    with torch.no_grad():
+        router.e_score_correction_bias.copy_(torch.linspace(-0.3, 0.3, N_EXPERTS))
+        routing = router(u)
+        plain_TK = router.gate(u).topk(2, dim=-1).indices.sort(-1).values
+    assert float(routing.stats["topk_overlap"]) == 1.0
+    assert (plain_TK != routing.expert_ids_TK.sort(-1).values).any(-1).float().mean() > 0.05
+
+
 def test_the_variational_mean_is_the_mean_of_the_sampled_sigmoids():
     router = make_router("variational", k=2, samples=16, sigma_init=0.7, **SIGMOID).eval()
     post = router.posterior(tokens())

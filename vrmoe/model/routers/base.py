@@ -136,6 +136,23 @@ class Router(nn.Module):
             self.update_bias(ids_TK)
         return ids_TK, self.scoring.gates(scores_TE, ids_TK, scaled_TE)
 
+    def overlap_with_topk(self, ids_TK: torch.Tensor, logits_TE: torch.Tensor,
+                          scaled_TE: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean fraction of the chosen experts ``ids_TK`` that deterministic selection on the same gate
+        logits would also choose (1 = exactly what it would have chosen); detached. That selection is
+        Top-K of the logits for the paper's softmax router; with a selection bias or expert groups it
+        is what :meth:`select` chooses from the scores of ``scaled_TE`` (the logits as the router
+        scales them, ``logits_TE`` where it does not): Top-K of the scores plus the bias inside the
+        kept groups."""
+        if self.e_score_correction_bias is None and not self.scoring.grouped:
+            return topk_overlap(ids_TK, logits_TE)  # the scores are monotone in the logits: the same Top-K
+        choice_TE = self.scoring.scores((logits_TE if scaled_TE is None else scaled_TE).detach())
+        if self.e_score_correction_bias is not None:
+            choice_TE = choice_TE + self.e_score_correction_bias
+        if self.scoring.grouped:
+            choice_TE = choice_TE.masked_fill(~self.scoring.kept_groups(choice_TE), -math.inf)
+        return topk_overlap(ids_TK, choice_TE)
+
     def sampling_log_weights(self, scaled_TE: torch.Tensor, scores_TE: torch.Tensor) -> torch.Tensor:
         """What a sampling router perturbs with Gumbel noise: the log of the weights it draws K experts
         in proportion to (Gumbel-top-K), from the scaled logits and the scores made of them. Without a

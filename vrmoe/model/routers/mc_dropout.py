@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ...config import ConfigError, ModelConfig
 from ..flops import SOFTMAX_FLOPS_PER_CLASS, linear_flops
-from .base import Router, Routing, ScoreMean, TemperedConfig, register_router, sample_chunks, topk_overlap
+from .base import Router, Routing, ScoreMean, TemperedConfig, register_router, sample_chunks, tempered
 
 #: Positions (tokens x samples x input features) per chunk of the sparse sampler: about p x 8M
 #: dropped features, whose bookkeeping lives in reused scratch buffers (:class:`Scratch`, about
@@ -196,7 +196,7 @@ class MCDropoutRouter(Router):
         probs_TE = self.scoring.distribution(scores_TE)
         return Routing(ids_TK, gates_TK.to(u_TD.dtype), probs_TE,
                        self.balance_terms(clean_logits_TE, probs_TE, ids_TK),
-                       {"topk_overlap": topk_overlap(ids_TK, clean_logits_TE)}, acc.samples_STE())
+                       {"topk_overlap": self.overlap_with_topk(ids_TK, clean_logits_TE, tempered(clean_logits_TE, self.cfg.temperature))}, acc.samples_STE())
 
     def _dense_passes(self, u_TD: torch.Tensor, acc: ScoreMean) -> None:
         """S passes through ``F.dropout``, a chunk of samples at a time."""

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ...config import ConfigError, ModelConfig
 from ..flops import SOFTMAX_FLOPS_PER_CLASS, linear_flops
-from .base import Router, Routing, ScoreMean, TemperedConfig, register_router, sample_chunks, topk_overlap
+from .base import Router, Routing, ScoreMean, TemperedConfig, register_router, sample_chunks, tempered
 
 # Maddox et al.'s SWAG draw: the diagonal and the low-rank halves each carry half the covariance.
 HALF_SQRT = math.sqrt(0.5)
@@ -190,7 +190,7 @@ class SWAGRouter(Router):
         else:
             variance_T = base_TE.new_zeros(n_tokens)
         return Routing(ids_TK, gates_TK.to(u_TD.dtype), probs_TE, self.balance_terms(base_TE, probs_TE, ids_TK),
-                       {"topk_overlap": topk_overlap(ids_TK, base_TE)}, acc.samples_STE(), variance_T)
+                       {"topk_overlap": self.overlap_with_topk(ids_TK, base_TE, tempered(base_TE, self.cfg.temperature))}, acc.samples_STE(), variance_T)
 
     def flops_per_token(self, samples: int) -> float:
         """Per token: the mean gate's logits once (the gate's matmul), and per sample the noise

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from ...config import ConfigError, ModelConfig, RouterConfig
 from ..flops import GUMBEL_FLOPS_PER_CLASS, SOFTMAX_FLOPS_PER_CLASS, linear_flops
 from .base import (Router, Routing, check_head_ratio, expert_softmax, gumbel_perturbed, inverse_softplus,
-                   register_router, topk_overlap, zero_init_head)
+                   register_router, zero_init_head)
 
 
 @dataclass
@@ -109,7 +109,7 @@ class VTSRRouter(Router):
                + self.cfg.temperature_reg * (-temperature_TX.log()).mean())
         temperature = temperature_TX.detach()
         stats = {"temperature_mean": temperature.mean(), "temperature_std": temperature.std(unbiased=False),
-                 "temperature_min": temperature.min(), "topk_overlap": topk_overlap(ids_TK, logits_TE)}
+                 "temperature_min": temperature.min(), "topk_overlap": self.overlap_with_topk(ids_TK, logits_TE, scaled_TE)}
         return Routing(ids_TK, gates_TK.to(u_TD.dtype), probs_TE, aux, stats,
                        uncertainty_T=temperature.mean(-1))
 
