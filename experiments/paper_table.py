@@ -30,7 +30,8 @@ Top-K frozen, new heads fit on the calibration split: variational mean-field and
 VTSR). ``--sweep`` adds, in each format of ``--sweep-formats`` (default both) on the first three
 seeds: S at evaluation, beta, sigma_init, the router on each MoE layer alone, and a larger model
 through the same protocol. Re-running with the same ``--out`` skips the runs
-(and evaluations) already done.
+(and evaluations) already done and continues a run an earlier invocation left unfinished from
+its last checkpoint.
 """
 
 from __future__ import annotations
@@ -298,7 +299,8 @@ class Job:
 
 
 def run_job(job: Job) -> dict[str, Any]:
-    """Train (if not trained yet) and evaluate one run; its console output goes to ``job.log``."""
+    """Train (if not trained yet, or the rest of a run an earlier invocation left unfinished) and
+    evaluate one run; its console output goes to ``job.log``."""
     torch.set_num_threads(job.threads)
     from vrmoe.compose import compose_config
     from vrmoe.eval.context import check_eval_inputs
@@ -312,8 +314,11 @@ def run_job(job: Job) -> dict[str, Any]:
     with open(job.log, "a", encoding="utf-8") as log, contextlib.redirect_stderr(log), contextlib.redirect_stdout(log):
         app = compose_config(job.overrides)
         check_eval_inputs(app)  # a bad eval setting fails now, not after the training
-        if (read_summary(path) or {}).get("status") != "completed":
-            train(app, path)
+        status = (read_summary(path) or {}).get("status")
+        if status not in ("completed", "diverged"):  # a diverged run is left as it is: its evaluation says so
+            # A run an earlier invocation left unfinished (stopped, killed) continues from its last
+            # checkpoint, or starts again in place without one, as `vrmoe train train.resume=` does.
+            train(compose_config([*job.overrides, f"train.resume={path}"]) if status else app, path)
         for name, extra in job.evals:
             if not (path / name).exists():
                 evaluate_run(path, compose_config([*job.overrides, *extra]), output=name)

@@ -297,6 +297,37 @@ def test_paper_table_refuses_evaluations_it_cannot_read_and_survives_a_bad_histo
     assert paper_table.record_invocation(tmp_path, {"wall_s": 2.0}) == [{"wall_s": 1.0}, {"wall_s": 2.0}]
 
 
+def test_paper_table_continues_a_run_an_earlier_invocation_left_unfinished(tmp_path, monkeypatch):
+    """A run stopped mid-training (an invocation killed or interrupted) is continued from its last
+    checkpoint by the next invocation, to the numbers an uninterrupted run gives."""
+    from vrmoe.train.step import TrainStep
+
+    paper_table = paper_table_module()
+    overrides = [*TINY, "train.max_steps=4", "train.ckpt_every=2", "seed=3"]
+    job = lambda path: paper_table.Job("cloze_topk", 3, overrides, str(path), str(tmp_path / "log.txt"), 1)  # noqa: E731
+    paper_table.run_job(job(tmp_path / "whole"))
+
+    step_call, calls = TrainStep.__call__, []
+
+    def stopped_at_step_3(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return step_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(TrainStep, "__call__", stopped_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        paper_table.run_job(job(tmp_path / "stopped"))
+    monkeypatch.setattr(TrainStep, "__call__", step_call)
+    assert json.loads((tmp_path / "stopped" / "summary.json").read_text())["status"] == "interrupted"
+    paper_table.run_job(job(tmp_path / "stopped"))
+    rows = {name: [json.loads(r) for r in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("whole", "stopped")}
+    assert [r["step"] for r in rows["stopped"]] == [1, 2, 3, 4]
+    assert [r["train/loss"] for r in rows["stopped"]] == [r["train/loss"] for r in rows["whole"]]
+    assert json.loads((tmp_path / "stopped" / "summary.json").read_text())["status"] == "completed"
+
+
 def test_paper_table_rows_carry_each_seeds_own_ece_difference_and_refuse_unpaired_seeds():
     from vrmoe import metrics
 
