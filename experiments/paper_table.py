@@ -315,14 +315,28 @@ def run_job(job: Job) -> dict[str, Any]:
         app = compose_config(job.overrides)
         check_eval_inputs(app)  # a bad eval setting fails now, not after the training
         status = (read_summary(path) or {}).get("status")
-        if status not in ("completed", "diverged"):  # a diverged run is left as it is: its evaluation says so
-            # A run an earlier invocation left unfinished (stopped, killed) continues from its last
-            # checkpoint, or starts again in place without one, as `vrmoe train train.resume=` does.
+        # A diverged run is left as it is (its evaluation says so), and so is one stopped after its
+        # last step's checkpoint. One an earlier invocation left unfinished (stopped, killed) continues
+        # from its last checkpoint, or starts again in place without one, as `vrmoe train
+        # train.resume=` does.
+        if status not in ("completed", "diverged") and not (status and saved_step(path) >= app.train.max_steps):
             train(compose_config([*job.overrides, f"train.resume={path}"]) if status else app, path)
         for name, extra in job.evals:
             if not (path / name).exists():
                 evaluate_run(path, compose_config([*job.overrides, *extra]), output=name)
     return {"key": job.key, "seed": job.seed, "wall_s": time.perf_counter() - started}
+
+
+def saved_step(path: Path) -> int:
+    """The step of a run dir's newest readable checkpoint (0 without one)."""
+    from vrmoe.checkpoint import checkpoint_paths, read_newest_checkpoint
+
+    if not checkpoint_paths(path):
+        return 0
+    try:
+        return int(read_newest_checkpoint(path, "run", resuming=True)[0].get("step", 0))
+    except ConfigError:  # none readable: the resume says so in its own line
+        return 0
 
 
 def run_stage(jobs: list[Job], workers: int) -> list[dict[str, Any]]:

@@ -327,6 +327,13 @@ def test_paper_table_continues_a_run_an_earlier_invocation_left_unfinished(tmp_p
     assert [r["train/loss"] for r in rows["stopped"]] == [r["train/loss"] for r in rows["whole"]]
     assert json.loads((tmp_path / "stopped" / "summary.json").read_text())["status"] == "completed"
 
+    # Stopped after its last step's checkpoint (Ctrl-C during the final step): evaluated as it is.
+    summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
+    (tmp_path / "whole" / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
+    metrics = (tmp_path / "whole" / "metrics.jsonl").read_text()
+    paper_table.run_job(job(tmp_path / "whole"))
+    assert (tmp_path / "whole" / "metrics.jsonl").read_text() == metrics
+
 
 def test_paper_table_rows_carry_each_seeds_own_ece_difference_and_refuse_unpaired_seeds():
     from vrmoe import metrics

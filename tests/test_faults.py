@@ -126,6 +126,26 @@ def test_a_different_sweep_into_a_sweep_dir_keeps_the_earlier_sweeps_multirun_re
     assert len(list(sweep.rglob("summary.json"))) == 3
 
 
+def test_an_earlier_sweeps_record_is_kept_once_whatever_the_sweeper(tmp_path):
+    """Another config or other overrides keep the earlier record; a sweeper that writes none
+    (Optuna's) leaves the record in place, and it is not copied again."""
+    from omegaconf import OmegaConf
+
+    from vrmoe.jobs import keep_earlier_sweep_record
+
+    sweep = lambda name, *task: OmegaConf.create(  # noqa: E731
+        {"hydra": {"job": {"config_name": name}, "overrides": {"task": list(task), "hydra": []}}})
+    keep_earlier_sweep_record(tmp_path, sweep("config", "seed=1,2"))  # no record yet
+    assert not list(tmp_path.iterdir())
+    OmegaConf.save(sweep("config", "seed=1,2"), tmp_path / "multirun.yaml")
+    keep_earlier_sweep_record(tmp_path, sweep("config", "seed=1,2"))  # the same sweep again
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["multirun.yaml"]
+    for other in (sweep("other", "seed=1,2"), sweep("config", "seed=3"), sweep("config", "K=1,2")):
+        keep_earlier_sweep_record(tmp_path, other)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["multirun.1.yaml", "multirun.yaml"]
+    assert (tmp_path / "multirun.1.yaml").read_text() == (tmp_path / "multirun.yaml").read_text()
+
+
 @pytest.mark.slow  # two sweeps through the CLI at once: 15-40 s on two cores
 def test_two_identical_sweeps_at_once_run_each_job_once_and_refuse_it_once(tmp_path):
     """Whichever sweep reaches a job's dir first runs it (the other finds the dir held or already

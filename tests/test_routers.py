@@ -508,6 +508,18 @@ def test_vtsr_eval_mode_topk_is_the_old_deterministic_pass():
     torch.testing.assert_close(first.probs_TE, scaled_TE.softmax(-1))
 
 
+def test_vtsr_with_a_temperature_per_expert_overlaps_with_its_own_deterministic_selection():
+    """With one T per expert, deterministic selection is Top-K of l / T_e, not of l: topk_overlap
+    counts against that selection, so the deterministic pass logs 1."""
+    router = make_router("vtsr", eval_mode="topk", per_expert_temperature=True).eval()
+    with torch.no_grad():
+        router.temperature_head[-1].bias.copy_(torch.linspace(-3.0, 3.0, N_EXPERTS))  # T from 0.05 to 3
+        routing = router(tokens(64))
+        plain_TK = router.gate(tokens(64)).topk(2).indices.sort(-1).values
+    assert float(routing.stats["topk_overlap"]) == 1.0
+    assert (plain_TK != routing.expert_ids_TK.sort(-1).values).any(-1).float().mean() > 0.05
+
+
 def tempered_by_input(router, low: float = -20.0, high: float = 20.0) -> None:
     """Make a VTSR router's temperature depend on the input's first coordinate,
     ``T(u) = softplus(low + (high - low) GELU(u_0)) + floor``: at the floor where u_0 = -1, about

@@ -255,26 +255,32 @@ class SweepReport(Callback):
 
 
 def keep_earlier_sweep_record(sweep_dir: Path, config: DictConfig) -> None:
-    """Hydra rewrites ``<sweep dir>/multirun.yaml`` when a sweep starts: the record of an earlier,
-    different sweep into the same dir (other overrides) is kept beside it as ``multirun.<n>.yaml``,
-    so its jobs' command line is not lost. An identical sweep's record is the same and is not copied."""
+    """Hydra's basic sweeper rewrites ``<sweep dir>/multirun.yaml`` when a sweep starts: the record
+    of an earlier, different sweep into the same dir (another config or other overrides) is kept
+    beside it as ``multirun.<n>.yaml``, so its jobs' command line is not lost. An identical sweep's
+    record is the same, and a record kept once (a sweeper that writes none, e.g. Optuna's, leaves
+    the earlier one in place) is not copied again."""
     record = sweep_dir / "multirun.yaml"
     if not record.is_file():
         return
     try:
-        earlier = OmegaConf.load(record).hydra.overrides
-        if (list(earlier.task), list(earlier.hydra)) == (list(config.hydra.overrides.task),
-                                                         list(config.hydra.overrides.hydra)):
+        earlier = OmegaConf.load(record).hydra
+        said = lambda hydra: (hydra.job.config_name, list(hydra.overrides.task), list(hydra.overrides.hydra))  # noqa: E731
+        if said(earlier) == said(config.hydra):
             return
     except Exception:  # unreadable or not Hydra's: kept all the same
         pass
-    n = 1
-    while (sweep_dir / f"multirun.{n}.yaml").exists():
-        n += 1
+    kept = sorted(sweep_dir.glob("multirun.*.yaml"))
     try:
+        text = record.read_bytes()
+        if any(path.read_bytes() == text for path in kept):
+            return
+        n = 1
+        while (sweep_dir / f"multirun.{n}.yaml").exists():
+            n += 1
         shutil.copy2(record, sweep_dir / f"multirun.{n}.yaml")
     except OSError as exc:
-        log_line(f"sweep: could not keep the earlier sweep's {record} as multirun.{n}.yaml ({exc.strerror}); "
+        log_line(f"sweep: could not keep the earlier sweep's {record} beside it ({exc.strerror}); "
                  "Hydra replaces it with this sweep's")
 
 

@@ -161,7 +161,7 @@ class MCDropoutRouter(Router):
 
     Training is one dropped-out pass; evaluation averages the scores (softmaxes, or sigmoids) of S
     passes and selects on the average (:meth:`Router.select`), like the variational router. ``topk_overlap``
-    compares the choice with the dropout-free Top-K.
+    compares the choice with deterministic selection on the dropout-free logits.
 
     On CPU the dropped features are drawn sparsely (:class:`GeometricGaps`: about p x D per token
     and sample rather than S x T x D Bernoulli draws). Without gradients (evaluation) a pass's
