@@ -184,6 +184,32 @@ def study_block(fmt: str, on_ts: bool) -> str:
     return "\n".join(lines)
 
 
+SWEEP_ROWS = (("S", "S = {} (at evaluation)"), ("beta", "beta = {}"), ("sigma_init", "sigma_init = {}"),
+              ("layers", "MoE layers with the router: {}"), ("model_size", "model: {}"))
+
+
+def sweep_block(fmt: str) -> str:
+    """One format's sweeps of the mean-field router (``python experiments/paper_table.py --sweep``):
+    the test split's ECE of each predictive at each setting, from experiments/results/results.json
+    (the intervals are in paper_table.md), or a line saying they have not run."""
+    import json
+
+    sweeps = json.loads((RESULTS / "results.json").read_text()).get("sweeps", {}).get(fmt)
+    if not sweeps:
+        return (f"The {fmt} format's sweeps have not run under the current protocol: `python experiments/paper_table.py "
+                f"--sweep --sweep-formats {fmt}` runs them.")
+    ece = lambda point: "-" if point is None else f"{point[0]:.3f}"  # noqa: E731
+    topk, topk_ts = (sweeps["S"]["series"][name][0] for name in ("Top-K", "Top-K + temperature scaling"))
+    lines = [f"Top-K's ECE {ece(topk)}, Top-K + temperature scaling {ece(topk_ts)}.", "",
+             "| setting | variational diag, routing mean | variational diag, BMA |", "|---|---:|---:|"]
+    for name, label in SWEEP_ROWS:
+        block = sweeps[name]
+        cells = [" / ".join(ece(p) for p in block["series"][f"variational diag, {predictive}"])
+                 for predictive in ("routing mean", "BMA")]
+        lines.append(f"| {label.format(' / '.join(str(x) for x in block['x']))} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
 def sigmoid_study_block() -> str:
     """The table of experiments/results/sigmoid_study.md (``python experiments/sigmoid_study.py
     --write-results``), as that page has it."""
@@ -225,13 +251,14 @@ PAGES: dict[str, tuple[str, ...]] = {
     "README.md": ("routers",),
     "docs/routers.md": ("routers",),
     "docs/configuration.md": ("configuration",),
-    "docs/results.md": ("study-cloze", "study-letter", "study-cloze-on-ts", "study-letter-on-ts", "sigmoid-study",
-                        "cost-paper-models"),
+    "docs/results.md": ("study-cloze", "study-letter", "study-cloze-on-ts", "study-letter-on-ts", "sweeps-letter",
+                        "sweeps-cloze", "sigmoid-study", "cost-paper-models"),
 }
 BLOCKS = {"routers": router_table, "configuration": configuration_block,
           "study-cloze": lambda: study_block("cloze", False), "study-letter": lambda: study_block("letter", False),
           "study-cloze-on-ts": lambda: study_block("cloze", True),
           "study-letter-on-ts": lambda: study_block("letter", True), "sigmoid-study": sigmoid_study_block,
+          "sweeps-letter": lambda: sweep_block("letter"), "sweeps-cloze": lambda: sweep_block("cloze"),
           "cost-paper-models": cost_block}
 
 

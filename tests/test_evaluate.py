@@ -233,7 +233,7 @@ def test_an_unknown_ood_entry_names_files_and_corpora(run_dir):
 
 
 @pytest.mark.slow
-def test_paper_table_quick_form(tmp_path, corpus_cache):
+def test_paper_table_quick_form(tmp_path, corpus_cache, monkeypatch):
     """The study end to end at CI size: both formats, the baselines, both predictives, the paired
     intervals, the posterior diagnostics and every sweep with its plot; a second invocation with the
     same --out trains nothing again."""
@@ -266,15 +266,23 @@ def test_paper_table_quick_form(tmp_path, corpus_cache):
             assert (tmp_path / "table" / f"ece_vs_{name}_{fmt}.png").is_file()
     # The router on each MoE layer alone, in each format's regime (two layers in the quick models).
     assert results["sweeps"]["letter"]["layers"]["x"] == ["all", "0 only", "1 only"]
+    # docs/results.md's sweep tables are made from that results.json.
+    docs_pages = experiment_module("docs_pages")
+    monkeypatch.setattr(docs_pages, "RESULTS", tmp_path / "table")
+    for fmt in ("cloze", "letter"):
+        block = docs_pages.sweep_block(fmt).splitlines()
+        assert block[0].startswith("Top-K's ECE ") and len([line for line in block if line.startswith("| ")]) == 6
+        assert "| MoE layers with the router: all / 0 only / 1 only |" in "\n".join(block)
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "stage posthoc: 0 runs" in again.stdout
 
 
-def paper_table_module():
+def experiment_module(name: str = "paper_table"):
+    """A script of experiments/ as a module (a fresh one: tests patch what it reads)."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "experiments" / "paper_table.py"
-    spec = importlib.util.spec_from_file_location("paper_table", path)
+    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -285,7 +293,7 @@ def test_paper_table_refuses_evaluations_it_cannot_read_and_survives_a_bad_histo
     """An --out whose eval.json is unreadable or lacks per-item predictions stops with one line
     that says what to delete (an unreadable one is evaluated again on the next invocation); an
     unreadable invocations.json costs the earlier timings, not the study."""
-    paper_table = paper_table_module()
+    paper_table = experiment_module()
     run = paper_table.run_dir(tmp_path, "cloze_topk", 0)
     run.mkdir(parents=True)
     for text, what in (("{}", "has no per-item predictions"), ("{corrupt", "is missing or unreadable")):
@@ -302,7 +310,7 @@ def test_paper_table_continues_a_run_an_earlier_invocation_left_unfinished(tmp_p
     checkpoint by the next invocation, to the numbers an uninterrupted run gives."""
     from vrmoe.train.step import TrainStep
 
-    paper_table = paper_table_module()
+    paper_table = experiment_module()
     overrides = [*TINY, "train.max_steps=4", "train.ckpt_every=2", "seed=3"]
     job = lambda path: paper_table.Job("cloze_topk", 3, overrides, str(path), str(tmp_path / "log.txt"), 1)  # noqa: E731
     paper_table.run_job(job(tmp_path / "whole"))
@@ -338,7 +346,7 @@ def test_paper_table_continues_a_run_an_earlier_invocation_left_unfinished(tmp_p
 def test_paper_table_rows_carry_each_seeds_own_ece_difference_and_refuse_unpaired_seeds():
     from vrmoe import metrics
 
-    paper_table = paper_table_module()
+    paper_table = experiment_module()
     gen = torch.Generator().manual_seed(5)
     labels_N = torch.randint(0, 4, (200,), generator=gen)
     logits_SNC = torch.randn(2, 200, 4, generator=gen, dtype=torch.float64)
@@ -368,7 +376,7 @@ def test_every_gpu_study_run_composes(tmp_path):
     valid config (what a run refuses first)."""
     from vrmoe.compose import compose_config
 
-    paper_table = paper_table_module()
+    paper_table = experiment_module()
     size = paper_table.GPU
     for method in paper_table.methods(size, paper_table.FORMATS):
         app = compose_config([*size.stage_overrides(method), *method.overrides, *size.eval, *method.eval_overrides,
