@@ -125,33 +125,30 @@ class Router(nn.Module):
             if scaled_TE is None:
                 return renormalised_topk(scores_TE, self.k)  # the paper's Top-K, the numbers it always gave
             perturbed_TE = scaled_TE  # Top-K of the scaled logits is that of their softmax, without its rounding
-        choice_TE = scores_TE.detach() if bias_E is None else scores_TE.detach() + bias_E
-        if self.scoring.grouped:
-            kept_TE = self.scoring.kept_groups(choice_TE)
-            choice_TE = (choice_TE if perturbed_TE is None else perturbed_TE.detach()).masked_fill(~kept_TE, -math.inf)
-        elif perturbed_TE is not None:
-            choice_TE = perturbed_TE.detach()
-        ids_TK = choice_TE.topk(self.k, dim=-1).indices
+        ids_TK = self.selection_choice(scores_TE, perturbed_TE).topk(self.k, dim=-1).indices
         if self.training and self.cfg.bias_update_speed > 0:
             self.update_bias(ids_TK)
         return ids_TK, self.scoring.gates(scores_TE, ids_TK, scaled_TE)
 
-    def overlap_with_topk(self, ids_TK: torch.Tensor, logits_TE: torch.Tensor,
-                          scaled_TE: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean fraction of the chosen experts ``ids_TK`` that deterministic selection on the same gate
-        logits would also choose (1 = exactly what it would have chosen); detached. That selection is
-        Top-K of the logits for the paper's softmax router; with a selection bias or expert groups it
-        is what :meth:`select` chooses from the scores of ``scaled_TE`` (the logits as the router
-        scales them, ``logits_TE`` where it does not): Top-K of the scores plus the bias inside the
-        kept groups."""
-        if self.e_score_correction_bias is None and not self.scoring.grouped:
-            return topk_overlap(ids_TK, logits_TE)  # the scores are monotone in the logits: the same Top-K
-        choice_TE = self.scoring.scores((logits_TE if scaled_TE is None else scaled_TE).detach())
-        if self.e_score_correction_bias is not None:
-            choice_TE = choice_TE + self.e_score_correction_bias
+    def selection_choice(self, scores_TE: torch.Tensor, perturbed_TE: torch.Tensor | None = None) -> torch.Tensor:
+        """What :meth:`select` takes the Top-K of (detached): the scores plus the selection bias, or
+        ``perturbed_TE`` where the router samples, at -inf outside the groups kept on the scores."""
+        bias_E = self.e_score_correction_bias
+        choice_TE = scores_TE.detach() if bias_E is None else scores_TE.detach() + bias_E
         if self.scoring.grouped:
-            choice_TE = choice_TE.masked_fill(~self.scoring.kept_groups(choice_TE), -math.inf)
-        return topk_overlap(ids_TK, choice_TE)
+            kept_TE = self.scoring.kept_groups(choice_TE)
+            return (choice_TE if perturbed_TE is None else perturbed_TE.detach()).masked_fill(~kept_TE, -math.inf)
+        return choice_TE if perturbed_TE is None else perturbed_TE.detach()
+
+    def overlap_with_topk(self, ids_TK: torch.Tensor, scaled_TE: torch.Tensor) -> torch.Tensor:
+        """Mean fraction of the chosen experts ``ids_TK`` that deterministic selection on the same gate
+        logits (``scaled_TE``, as the router scales them: ``l / T``) would also choose (1 = exactly
+        what it would have chosen); detached. Without a selection bias or expert groups that is Top-K
+        of the scaled logits (the scores are monotone in them); with either, what :meth:`select`
+        chooses from their scores."""
+        if self.e_score_correction_bias is None and not self.scoring.grouped:
+            return topk_overlap(ids_TK, scaled_TE)
+        return topk_overlap(ids_TK, self.selection_choice(self.scoring.scores(scaled_TE.detach())))
 
     def sampling_log_weights(self, scaled_TE: torch.Tensor, scores_TE: torch.Tensor) -> torch.Tensor:
         """What a sampling router perturbs with Gumbel noise: the log of the weights it draws K experts

@@ -194,9 +194,10 @@ class MCDropoutRouter(Router):
         scores_TE = acc.mean_TE()
         ids_TK, gates_TK = self.select(scores_TE)
         probs_TE = self.scoring.distribution(scores_TE)
+        overlap = self.overlap_with_topk(ids_TK, tempered(clean_logits_TE, self.cfg.temperature))
         return Routing(ids_TK, gates_TK.to(u_TD.dtype), probs_TE,
-                       self.balance_terms(clean_logits_TE, probs_TE, ids_TK),
-                       {"topk_overlap": self.overlap_with_topk(ids_TK, clean_logits_TE, tempered(clean_logits_TE, self.cfg.temperature))}, acc.samples_STE())
+                       self.balance_terms(clean_logits_TE, probs_TE, ids_TK), {"topk_overlap": overlap},
+                       acc.samples_STE())
 
     def _dense_passes(self, u_TD: torch.Tensor, acc: ScoreMean) -> None:
         """S passes through ``F.dropout``, a chunk of samples at a time."""

@@ -189,8 +189,9 @@ class SWAGRouter(Router):
             variance_T = (spread_ET.sum(0) / (n_samples - 1)).detach().clamp_min(0.0)
         else:
             variance_T = base_TE.new_zeros(n_tokens)
+        overlap = self.overlap_with_topk(ids_TK, tempered(base_TE, self.cfg.temperature))
         return Routing(ids_TK, gates_TK.to(u_TD.dtype), probs_TE, self.balance_terms(base_TE, probs_TE, ids_TK),
-                       {"topk_overlap": self.overlap_with_topk(ids_TK, base_TE, tempered(base_TE, self.cfg.temperature))}, acc.samples_STE(), variance_T)
+                       {"topk_overlap": overlap}, acc.samples_STE(), variance_T)
 
     def flops_per_token(self, samples: int) -> float:
         """Per token: the mean gate's logits once (the gate's matmul), and per sample the noise

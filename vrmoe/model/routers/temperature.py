@@ -59,7 +59,7 @@ class TemperatureRouter(Router):
         ids_TK, gates_TK = self.select(scores_TE, perturbed_TE, scaled_TE)
         probs_TE = self.scoring.distribution(scores_TE)
         return Routing(ids_TK, gates_TK.to(u_TD.dtype), probs_TE, self.balance_terms(logits_TE, probs_TE, ids_TK),
-                       {"topk_overlap": self.overlap_with_topk(ids_TK, logits_TE, scaled_TE)})
+                       {"topk_overlap": self.overlap_with_topk(ids_TK, scaled_TE)})
 
     def flops_per_token(self, samples: int) -> float:
         e = self.n_experts

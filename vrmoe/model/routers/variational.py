@@ -269,7 +269,7 @@ class VariationalRouter(Router):
         trace_T = trace_T.detach()
         stats = {"kl": kl.detach(), "trace_sigma": trace_T.mean(),
                  "residual_norm": post.residual_TE.detach().norm(dim=-1).mean(),
-                 "topk_overlap": self.overlap_with_topk(ids_TK, post.mean_TE, tempered(post.mean_TE, self.cfg.temperature))}
+                 "topk_overlap": self.overlap_with_topk(ids_TK, tempered(post.mean_TE, self.cfg.temperature))}
         aux = self.balance_terms(post.mean_TE, probs_TE, ids_TK) + self.cfg.beta * kl
         return Routing(ids_TK, gates_TK.to(u_TD.dtype), probs_TE, aux, stats, sample_probs_STE, trace_T)
 

@@ -109,8 +109,7 @@ class VTSRRouter(Router):
                + self.cfg.temperature_reg * (-temperature_TX.log()).mean())
         temperature = temperature_TX.detach()
         stats = {"temperature_mean": temperature.mean(), "temperature_std": temperature.std(unbiased=False),
-                 "temperature_min": temperature.min(), "topk_overlap": self.overlap_with_topk(
-                     ids_TK, scaled_TE if self.cfg.per_expert_temperature else logits_TE, scaled_TE)}
+                 "temperature_min": temperature.min(), "topk_overlap": self.overlap_with_topk(ids_TK, scaled_TE)}
         return Routing(ids_TK, gates_TK.to(u_TD.dtype), probs_TE, aux, stats,
                        uncertainty_T=temperature.mean(-1))
 
