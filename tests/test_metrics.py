@@ -118,6 +118,22 @@ def test_mutual_information_is_zero_for_identical_samples_and_positive_otherwise
     assert torch.allclose(mi, bald, atol=1e-12) and bool((mi > 0).all())
 
 
+def test_mutual_information_in_slices_of_positions_matches_one_pass(monkeypatch):
+    """The slices that bound its memory (next-token probabilities at S = 64 would otherwise take
+    several times the S x positions x classes tensor in float64) move no position's number beyond
+    float64 rounding, and a tensor within one slice (every multiple-choice batch) is one pass."""
+    from vrmoe import metrics
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(8, 3, 43, 4096, generator=g) * 3, -1)  # (S, windows, tokens, vocabulary)
+    one_pass = metrics._mutual_information(p.reshape(8, -1, 4096)).reshape(3, 43)
+    assert torch.equal(metrics.mutual_information(p), one_pass)
+    monkeypatch.setattr(metrics, "MI_CHUNK_VALUES", 8 * 4096 * 10)  # 13 slices, the last one shorter
+    sliced = metrics.mutual_information(p)
+    assert sliced.shape == (3, 43) and torch.allclose(sliced, one_pass, rtol=1e-14, atol=0)
+    assert metrics.mutual_information(p[:, :0]).shape == (0, 43)
+
+
 def test_jaccard_of_identical_sets_is_one_disjoint_zero_partial_a_third():
     a = torch.tensor([[0, 1], [2, 3], [0, 1]])
     assert topk_sets_jaccard(a, a.flip(-1), 4).tolist() == [1.0, 1.0, 1.0]  # order does not matter

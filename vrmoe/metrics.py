@@ -32,6 +32,23 @@ def mutual_information(sample_probs_S: torch.Tensor) -> torch.Tensor:
     when every sample is bitwise identical (a deterministic router) the offsets
     are exactly zero, so the result is exactly 0 rather than rounding noise.
     """
+    samples, classes = sample_probs_S.shape[0], sample_probs_S.shape[-1]
+    flat_SNC = sample_probs_S.reshape(samples, -1, classes)
+    # A slice of positions at a time: the float64 temporaries of a whole S x positions x classes
+    # tensor (next-token probabilities of a batch of windows at S = 64) are several times its size.
+    # Every operation is per position, so a position's number moves by float64 rounding at most
+    # (a tensor within one slice, as every multiple-choice batch is, is one pass).
+    step = max(1, MI_CHUNK_VALUES // max(1, samples * classes))
+    parts = [_mutual_information(flat_SNC[:, i:i + step]) for i in range(0, flat_SNC.shape[1], step)]
+    out = torch.cat(parts) if parts else _mutual_information(flat_SNC)
+    return out.reshape(sample_probs_S.shape[1:-1])
+
+
+#: Values (samples x positions x classes) per slice of ``mutual_information``: about 128 MB of float64.
+MI_CHUNK_VALUES = 1 << 24
+
+
+def _mutual_information(sample_probs_S: torch.Tensor) -> torch.Tensor:
     p = sample_probs_S.double()
     p_bar = p[0] + (p - p[0]).mean(0)
     log_ratio = torch.where(p > 0, p.clamp_min(1e-300).log() - p_bar.clamp_min(1e-300).log(), torch.zeros_like(p))
