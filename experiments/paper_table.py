@@ -200,7 +200,8 @@ QUICK.letter_lm, QUICK.letter_finetune = QUICK.lm, QUICK.finetune
 # The sweeps report the test split's calibration only (sweep_report), as the main table reports it; their
 # evaluations leave out what they would not report: the OOD item sets (a few text windows instead), the
 # near-OOD corpus and most of the routing-stability curve. Each scored set draws its own sampling noise
-# (EvalContext.scored), so the test split's numbers are those a full evaluation gives.
+# (EvalContext.scored), and with both predictives the test split takes its S single-sample passes
+# whatever eval.ood_task is, so the test split's numbers are those a full evaluation gives.
 SWEEP_EVAL = ("eval.ood_task=lm", "eval.ood_text=[]", "eval.windows=8", "eval.stability_windows=1",
               "eval.stability_unmatched=false", f"eval.gammas=[{schema.JACCARD_GAMMA}]")
 

@@ -418,6 +418,24 @@ def test_the_two_predictives_and_temperature_scaling(tmp_path, corpus_cache):
     assert "mcq_bma" in json.loads((tmp_path / EVAL_FILE).read_text())["calibration"]
 
 
+def test_the_study_sweeps_lighter_evaluation_scores_the_test_split_as_a_full_one(tmp_path, corpus_cache):
+    """paper_table's SWEEP_EVAL leaves out what the sweeps do not report; the test split's
+    predictions they do report (routing mean, BMA, each after temperature scaling) stay bit for bit."""
+    study = experiment_module()
+    base = [*TINY, "router=variational", "router.sigma_init=2.0", "S=4", "train.max_steps=2", *SMALL_EVAL,
+            "eval.ood_text=[thirdparty_docs]"]
+    train(make_config(*base), tmp_path)
+    full = evaluate_run(tmp_path, make_config(*base), output="eval_full.json")
+    light = evaluate_run(tmp_path, make_config(*base, *study.SWEEP_EVAL), output="eval_light.json")
+    assert set(full["calibration"]["predictions"]["mcq"]) >= {"routing_mean", "bma", "ts", "labels"}
+    # Compared as JSON, where an empty reliability bin's NaN equals itself.
+    assert full["calibration"]["predictions"] == light["calibration"]["predictions"]
+    for key in ("mcq", "mcq_bma", "mcq_ts"):
+        assert json.dumps(full["calibration"][key]) == json.dumps(light["calibration"][key])
+    assert json.dumps(full["temperature_scaling"]) == json.dumps(light["temperature_scaling"])  # the BMA's too
+    assert "thirdparty_docs" in full["ood"] and "thirdparty_docs" not in light["ood"]
+
+
 def test_per_item_probabilities_keep_the_nll_of_small_ones():
     from vrmoe import metrics
     from vrmoe.eval.probes.base import per_item

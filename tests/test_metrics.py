@@ -121,7 +121,7 @@ def test_mutual_information_is_zero_for_identical_samples_and_positive_otherwise
 def test_mutual_information_in_slices_of_positions_matches_one_pass(monkeypatch):
     """The slices that bound its memory (next-token probabilities at S = 64 would otherwise take
     several times the S x positions x classes tensor in float64) move no position's number beyond
-    float64 rounding, and a tensor within one slice (every multiple-choice batch) is one pass."""
+    float64 rounding, and a tensor within one slice is one pass."""
     from vrmoe import metrics
 
     g = torch.Generator().manual_seed(0)
@@ -131,7 +131,10 @@ def test_mutual_information_in_slices_of_positions_matches_one_pass(monkeypatch)
     monkeypatch.setattr(metrics, "MI_CHUNK_VALUES", 8 * 4096 * 10)  # 13 slices, the last one shorter
     sliced = metrics.mutual_information(p)
     assert sliced.shape == (3, 43) and torch.allclose(sliced, one_pass, rtol=1e-14, atol=0)
+    identical = p[:1].expand(8, -1, -1, -1)  # a deterministic router's samples: exactly 0, slice by slice
+    assert torch.equal(metrics.mutual_information(identical), torch.zeros(3, 43, dtype=torch.float64))
     assert metrics.mutual_information(p[:, :0]).shape == (0, 43)
+    assert metrics.mutual_information(p[:, 0, 0]).shape == ()  # (S, classes): one position
 
 
 def test_jaccard_of_identical_sets_is_one_disjoint_zero_partial_a_third():

@@ -9,6 +9,7 @@ scikit-learn agree to rounding.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,8 @@ import torch
 # The paper reports ECE with 10 equal-width bins; 15 is the other common choice.
 ECE_BINS = (10, 15)
 RELIABILITY_BINS = 10
+#: Values (samples x positions x classes) per slice of ``mutual_information``: about 128 MB of float64.
+MI_CHUNK_VALUES = 1 << 24
 
 
 def entropy(probs: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -33,7 +36,7 @@ def mutual_information(sample_probs_S: torch.Tensor) -> torch.Tensor:
     are exactly zero, so the result is exactly 0 rather than rounding noise.
     """
     samples, classes = sample_probs_S.shape[0], sample_probs_S.shape[-1]
-    flat_SNC = sample_probs_S.reshape(samples, -1, classes)
+    flat_SNC = sample_probs_S.reshape(samples, math.prod(sample_probs_S.shape[1:-1]), classes)
     # A slice of positions at a time: the float64 temporaries of a whole S x positions x classes
     # tensor (next-token probabilities of a batch of windows at S = 64) are several times its size.
     # Every operation is per position, so a position's number moves by float64 rounding at most
@@ -44,11 +47,8 @@ def mutual_information(sample_probs_S: torch.Tensor) -> torch.Tensor:
     return out.reshape(sample_probs_S.shape[1:-1])
 
 
-#: Values (samples x positions x classes) per slice of ``mutual_information``: about 128 MB of float64.
-MI_CHUNK_VALUES = 1 << 24
-
-
 def _mutual_information(sample_probs_S: torch.Tensor) -> torch.Tensor:
+    """``mutual_information`` of (S, positions, classes) in one pass."""
     p = sample_probs_S.double()
     p_bar = p[0] + (p - p[0]).mean(0)
     log_ratio = torch.where(p > 0, p.clamp_min(1e-300).log() - p_bar.clamp_min(1e-300).log(), torch.zeros_like(p))
