@@ -196,8 +196,9 @@ def sweep_block(fmt: str) -> str:
 
     sweeps = json.loads((RESULTS / "results.json").read_text()).get("sweeps", {}).get(fmt)
     if not sweeps:
-        return (f"The {fmt} format's sweeps have not run under the current protocol: `python experiments/paper_table.py "
-                f"--sweep --sweep-formats {fmt}` runs them.")
+        # --sweep (both formats): an invocation's results.json holds the sweeps of its own formats only.
+        return (f"The {fmt} format's sweeps are not in the study's results yet: `python experiments/paper_table.py "
+                "--sweep --out <the study's folder>` runs what is missing and reports both formats.")
     ece = lambda point: "-" if point is None else f"{point[0]:.3f}"  # noqa: E731
     topk, topk_ts = (sweeps["S"]["series"][name][0] for name in ("Top-K", "Top-K + temperature scaling"))
     lines = [f"Top-K's ECE {ece(topk)}, Top-K + temperature scaling {ece(topk_ts)}.", "",
