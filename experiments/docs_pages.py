@@ -196,7 +196,7 @@ def sweep_block(fmt: str) -> str:
 
     sweeps = json.loads((RESULTS / "results.json").read_text()).get("sweeps", {}).get(fmt)
     if not sweeps:
-        # --sweep (both formats): an invocation's results.json holds the sweeps of its own formats only.
+        # A format's sweeps reach results.json once all of their runs are on disk (sweeps_finished).
         return (f"The {fmt} format's sweeps are not in the study's results yet: `python experiments/paper_table.py "
                 "--sweep --out <the study's folder>` runs what is missing and reports both formats.")
     ece = lambda point: "-" if point is None else f"{point[0]:.3f}"  # noqa: E731

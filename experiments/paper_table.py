@@ -43,6 +43,7 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -52,11 +53,12 @@ import torch
 
 from vrmoe import stats
 from vrmoe.config import ConfigError
-from vrmoe.console import CommandParser, run_command
+from vrmoe.console import CommandParser, fail, run_command
 from vrmoe.eval import schema
 from vrmoe.tracking import EVAL_FILE, read_json
 
 FORMATS = ("cloze", "letter")
+SCRIPT = "experiments/paper_table.py"
 INVOCATIONS_FILE = "invocations.json"
 # The sweeps run on the first seeds only, in each format asked for (--sweep-formats, default both).
 SWEEP_SEEDS = 3
@@ -350,8 +352,16 @@ def run_stage(jobs: list[Job], workers: int) -> list[dict[str, Any]]:
     import multiprocessing
 
     # spawn: a forked child would inherit the parent's torch thread pool state.
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(run_job, jobs))
+    try:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return list(pool.map(run_job, jobs))
+    except BrokenProcessPool:
+        # One worker died (the kernel's out-of-memory killer, most often) and the pool stopped the
+        # others' runs with it. Trainings continue from their checkpoints and finished evaluations
+        # are skipped, so the same command continues the study.
+        fail(f"{SCRIPT}: a run's process died ({workers} runs in parallel; killed for memory, most often: see "
+             "dmesg), which stopped the runs beside it; what finished is kept: run the same command again, "
+             "with fewer --jobs, to continue", code=1)
 
 
 def provenance(command: str, device: str = "cpu") -> str:
@@ -601,6 +611,13 @@ def single(out: Path, key: str, seeds: list[int], predictive: str, resamples: in
     return iv.estimate, iv.low, iv.high
 
 
+def sweeps_finished(out: Path, size: Size, fmt: str, seeds: list[int]) -> bool:
+    """Whether every run and evaluation of one format's sweeps is on disk in ``out``."""
+    return all(read_json(run_dir(out, method.key, seed) / name) is not None
+               for method in methods(size, (fmt,)) if method.sweep or method.evals
+               for seed in method_seeds(method, seeds) for name, _ in method_evals(method, seed, seeds))
+
+
 def sweep_report(out: Path, size: Size, fmt: str, seeds: list[int],
                  resamples: int) -> tuple[list[str], dict[str, Any]]:
     """One format's sweeps: a table per swept setting and its plot (``ece_vs_<setting>_<format>.png``)."""
@@ -751,7 +768,7 @@ def easy_lines(out: Path, seeds: list[int]) -> list[str]:
 # ---------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    parser = CommandParser(prog="experiments/paper_table.py", description=__doc__.split("\n\n")[0],
+    parser = CommandParser(prog=SCRIPT, description=__doc__.split("\n\n")[0],
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     size_group = parser.add_mutually_exclusive_group()
     size_group.add_argument("--quick", action="store_true", help="tiny models and a few steps (a smoke run)")
@@ -824,10 +841,13 @@ def main(argv: list[str] | None = None) -> int:
 
     t_stats = time.perf_counter()
     wall = sum(entry["wall_s"] for entry in history)
-    command = "python experiments/paper_table.py" + "".join(
-        f" --{flag}" for flag, on in (("quick", args.quick), ("gpu", args.gpu), ("sweep", args.sweep)) if on)
-    if args.sweep and sweep_formats != FORMATS:
-        command += " --sweep-formats " + " ".join(sweep_formats)
+    # A format's sweeps are reported when this invocation ran them or an earlier one with this --out
+    # finished them, so results.json holds every finished format whichever --sweep-formats ran last.
+    reported = tuple(f for f in FORMATS if f in sweep_formats or sweeps_finished(out, size, f, seeds))
+    command = f"python {SCRIPT}" + "".join(
+        f" --{flag}" for flag, on in (("quick", args.quick), ("gpu", args.gpu), ("sweep", bool(reported))) if on)
+    if reported and reported != FORMATS:
+        command += " --sweep-formats " + " ".join(reported)
     if args.seeds is not None:
         command += " --seeds " + " ".join(map(str, seeds))
     if args.skip:
@@ -863,9 +883,9 @@ def main(argv: list[str] | None = None) -> int:
         results_json["formats"][f"{fmt}_on_ts"] = ts_numbers
     lines += diagnostics_lines(out, seeds)
     lines += easy_lines(out, seeds)
-    if sweep_formats:
+    if reported:
         results_json["sweeps"] = {}
-        for fmt in sweep_formats:
+        for fmt in reported:
             sweep_lines, results_json["sweeps"][fmt] = sweep_report(out, size, fmt, seeds, size.resamples)
             lines += sweep_lines
     results_json["stats_wall_s"] = time.perf_counter() - t_stats
@@ -879,4 +899,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_command("experiments/paper_table.py", main))
+    sys.exit(run_command(SCRIPT, main))

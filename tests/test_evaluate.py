@@ -273,8 +273,12 @@ def test_paper_table_quick_form(tmp_path, corpus_cache, monkeypatch):
         block = docs_pages.sweep_block(fmt).splitlines()
         assert block[0].startswith("Top-K's ECE ") and len([line for line in block if line.startswith("| ")]) == 6
         assert "| MoE layers with the router: all / 0 only / 1 only |" in "\n".join(block)
-    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    # Again with one format's sweeps: nothing is trained again, and the other format's finished
+    # sweeps stay in the results (the command stamped says so).
+    again = subprocess.run([*command, "--sweep-formats", "cloze"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "stage posthoc: 0 runs" in again.stdout
+    assert set(json.loads((tmp_path / "table" / "results.json").read_text())["sweeps"]) == {"cloze", "letter"}
+    assert "--quick --sweep`" in (tmp_path / "table" / "table.md").read_text()
 
 
 def experiment_module(name: str = "paper_table"):
@@ -341,6 +345,37 @@ def test_paper_table_continues_a_run_an_earlier_invocation_left_unfinished(tmp_p
     metrics = (tmp_path / "whole" / "metrics.jsonl").read_text()
     paper_table.run_job(job(tmp_path / "whole"))
     assert (tmp_path / "whole" / "metrics.jsonl").read_text() == metrics
+
+
+def test_paper_table_says_in_one_line_that_a_worker_died_and_records_the_invocation(tmp_path, monkeypatch, capsys):
+    """A worker process killed (for memory, most often) breaks the pool: one line says what
+    happened and how to continue, and the invocation's time is still recorded."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    paper_table = experiment_module()
+
+    class KilledPool:
+        def __init__(self, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def map(self, func, jobs):
+            raise BrokenProcessPool("A process in the process pool was terminated abruptly")
+
+    monkeypatch.setattr(paper_table, "ProcessPoolExecutor", KilledPool)
+    with pytest.raises(SystemExit) as exit_info:
+        paper_table.run_command(paper_table.SCRIPT, paper_table.main, ["--quick", "--jobs", "2", "--out", str(tmp_path)])
+    assert exit_info.value.code == 1
+    message = " ".join(capsys.readouterr().err.split())
+    assert "a run's process died (2 runs in parallel" in message and "with fewer --jobs, to continue" in message
+    history = json.loads((tmp_path / paper_table.INVOCATIONS_FILE).read_text())
+    assert [entry["completed"] for entry in history] == [False]
+    assert not paper_table.sweeps_finished(tmp_path, paper_table.QUICK, "cloze", [0, 1])
 
 
 def test_paper_table_rows_carry_each_seeds_own_ece_difference_and_refuse_unpaired_seeds():
