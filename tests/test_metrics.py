@@ -118,23 +118,26 @@ def test_mutual_information_is_zero_for_identical_samples_and_positive_otherwise
     assert torch.allclose(mi, bald, atol=1e-12) and bool((mi > 0).all())
 
 
-def test_mutual_information_in_slices_of_positions_matches_one_pass(monkeypatch):
-    """The slices that bound its memory (next-token probabilities at S = 64 would otherwise take
-    several times the S x positions x classes tensor in float64) move no position's number beyond
-    float64 rounding, and a tensor within one slice is one pass."""
-    from vrmoe import metrics
+def test_running_predictive_matches_the_stacked_samples_one_sample_at_a_time():
+    """Next-token probabilities take their S samples one at a time (RunningPredictive): the mean
+    and the mutual information agree with the stacked samples' to float64 rounding, and a
+    deterministic router's identical samples give exactly its distribution and exactly 0."""
+    from vrmoe.metrics import RunningPredictive
 
     g = torch.Generator().manual_seed(0)
     p = torch.softmax(torch.randn(8, 3, 43, 4096, generator=g) * 3, -1)  # (S, windows, tokens, vocabulary)
-    one_pass = metrics._mutual_information(p.reshape(8, -1, 4096)).reshape(3, 43)
-    assert torch.equal(metrics.mutual_information(p), one_pass)
-    monkeypatch.setattr(metrics, "MI_CHUNK_VALUES", 8 * 4096 * 10)  # 13 slices, the last one shorter
-    sliced = metrics.mutual_information(p)
-    assert sliced.shape == (3, 43) and torch.allclose(sliced, one_pass, rtol=1e-14, atol=0)
-    identical = p[:1].expand(8, -1, -1, -1)  # a deterministic router's samples: exactly 0, slice by slice
-    assert torch.equal(metrics.mutual_information(identical), torch.zeros(3, 43, dtype=torch.float64))
-    assert metrics.mutual_information(p[:, :0]).shape == (0, 43)
-    assert metrics.mutual_information(p[:, 0, 0]).shape == ()  # (S, classes): one position
+    running = RunningPredictive()
+    for sample in p:
+        running.add(sample)
+    assert torch.allclose(running.mean(), p.double().mean(0), rtol=1e-14, atol=1e-18)
+    mi = running.mutual_information()
+    assert mi.shape == (3, 43) and torch.allclose(mi, mutual_information(p), rtol=1e-9, atol=1e-13)
+    assert bool((mi > 0).all())
+    identical = RunningPredictive()
+    for _ in range(8):
+        identical.add(p[0])
+    assert torch.equal(identical.mean(), p[0].double())
+    assert torch.equal(identical.mutual_information(), torch.zeros(3, 43, dtype=torch.float64))
 
 
 def test_jaccard_of_identical_sets_is_one_disjoint_zero_partial_a_third():

@@ -9,7 +9,6 @@ scikit-learn agree to rounding.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -17,8 +16,6 @@ import torch
 # The paper reports ECE with 10 equal-width bins; 15 is the other common choice.
 ECE_BINS = (10, 15)
 RELIABILITY_BINS = 10
-#: Values (samples x positions x classes) per slice of ``mutual_information``: about 128 MB of float64.
-MI_CHUNK_VALUES = 1 << 24
 
 
 def entropy(probs: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -34,25 +31,48 @@ def mutual_information(sample_probs_S: torch.Tensor) -> torch.Tensor:
     taken as an offset from the first sample, ``p_bar = p_0 + mean_s (p_s - p_0)``:
     when every sample is bitwise identical (a deterministic router) the offsets
     are exactly zero, so the result is exactly 0 rather than rounding noise.
+    Its float64 temporaries are several times the input: for S samples of a
+    vocabulary-sized distribution, :class:`RunningPredictive` takes one at a time.
     """
-    samples, classes = sample_probs_S.shape[0], sample_probs_S.shape[-1]
-    flat_SNC = sample_probs_S.reshape(samples, math.prod(sample_probs_S.shape[1:-1]), classes)
-    # A slice of positions at a time: the float64 temporaries of a whole S x positions x classes
-    # tensor (next-token probabilities of a batch of windows at S = 64) are several times its size.
-    # Every operation is per position, so a position's number moves by float64 rounding at most
-    # (a tensor within one slice, as every multiple-choice batch is, is one pass).
-    step = max(1, MI_CHUNK_VALUES // max(1, samples * classes))
-    parts = [_mutual_information(flat_SNC[:, i:i + step]) for i in range(0, flat_SNC.shape[1], step)]
-    out = torch.cat(parts) if parts else _mutual_information(flat_SNC)
-    return out.reshape(sample_probs_S.shape[1:-1])
-
-
-def _mutual_information(sample_probs_S: torch.Tensor) -> torch.Tensor:
-    """``mutual_information`` of (S, positions, classes) in one pass."""
     p = sample_probs_S.double()
     p_bar = p[0] + (p - p[0]).mean(0)
     log_ratio = torch.where(p > 0, p.clamp_min(1e-300).log() - p_bar.clamp_min(1e-300).log(), torch.zeros_like(p))
     return (p * log_ratio).sum(-1).mean(0).clamp_min(0.0)
+
+
+class RunningPredictive:
+    """The mean of S predictive distributions and their mutual information, fed one sample at a
+    time: what next-token probabilities need, where S samples of a batch over a pretrained
+    model's vocabulary (S x batch x tokens x 150k) would not fit in memory together.
+
+    Holds the first sample and the running sums of the others' offsets from it (float64), so
+    bitwise identical samples give exactly the first sample as the mean and exactly 0 as the
+    mutual information, as :func:`mutual_information` does; otherwise the two agree to float64
+    rounding of ``H[mean_s p_s] - mean_s H[p_s]``.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def add(self, probs: torch.Tensor) -> None:
+        p = probs.double()
+        h = entropy(p)
+        if self.count == 0:
+            self.first, self.first_entropy = p, h
+            self.offset, self.entropy_offset = torch.zeros_like(p), torch.zeros_like(h)
+        else:
+            self.offset += p - self.first
+            self.entropy_offset += h - self.first_entropy
+        self.count += 1
+
+    def mean(self) -> torch.Tensor:
+        """``mean_s p_s`` (float64)."""
+        return self.first + self.offset / self.count
+
+    def mutual_information(self) -> torch.Tensor:
+        """``H[mean_s p_s] - mean_s H[p_s]``, at least 0."""
+        mean_entropy = self.first_entropy + self.entropy_offset / self.count
+        return (entropy(self.mean()) - mean_entropy).clamp_min(0.0)
 
 
 def accuracy(probs_NC: torch.Tensor, labels_N: torch.Tensor) -> float:

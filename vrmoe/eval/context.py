@@ -451,11 +451,15 @@ def score_windows(model: Backbone, sampler: "SingleSample | None", windows: Wind
         per_token = {"predictive_entropy": metrics.entropy(p_BLV)}
         per_token.update({k: v.reshape(x.shape) for k, v in router_token_scores(out.routings, uncertainty_name).items()})
         if sampler is not None:
-            p_SBLV = torch.stack([sampler(x).logits_BLV.float().softmax(-1) for _ in range(samples)])
-            bma_BLV = p_SBLV.mean(0)
+            # One sample at a time: S x batch x tokens x vocabulary at once does not fit for a
+            # pretrained model's vocabulary.
+            running = metrics.RunningPredictive()
+            for _ in range(samples):
+                running.add(sampler(x).logits_BLV.float().softmax(-1))
+            bma_BLV = running.mean().float()
             bma.append(bma_BLV.reshape(-1, bma_BLV.shape[-1]).cpu())
             per_token["predictive_entropy_bma"] = metrics.entropy(bma_BLV)
-            per_token["mutual_information"] = metrics.mutual_information(p_SBLV)
+            per_token["mutual_information"] = running.mutual_information()
         _append(scores, {k: v.mean(-1) for k, v in per_token.items()})
     if not probs:  # a rank with no batch of this set (more ranks than batches)
         return ScoredSet(torch.zeros(0), torch.zeros(0, dtype=torch.long), {}, 0, 0.0)
