@@ -77,6 +77,21 @@ def test_nll_brier_accuracy_match_sklearn(seed):
     assert sum(report["reliability"]["bin_count"]) == len(labels)
 
 
+def test_brier_in_slices_of_rows_equals_one_pass(monkeypatch):
+    """Brier works through slices of rows (a next-token set over a pretrained model's vocabulary
+    would otherwise take several float64 copies of it): every row's term is computed as in one
+    pass, so the score is the same bit for bit."""
+    from vrmoe import metrics
+
+    g = torch.Generator().manual_seed(1)
+    p = torch.softmax(torch.randn(517, 300, generator=g) * 2, -1)
+    y = torch.randint(0, 300, (517,), generator=g)
+    one_pass = brier(p, y)
+    monkeypatch.setattr(metrics, "BRIER_SLICE_VALUES", 300 * 50)  # 11 slices, the last one shorter
+    assert brier(p, y) == one_pass
+    assert math.isnan(brier(p[:0], y[:0]))
+
+
 def test_binary_brier_is_twice_sklearns_positive_class_form():
     # sklearn's binary Brier scores the positive class only; the multi-class sum counts both.
     probs, labels = _random_predictions(3, n_classes=2)

@@ -16,6 +16,8 @@ import torch
 # The paper reports ECE with 10 equal-width bins; 15 is the other common choice.
 ECE_BINS = (10, 15)
 RELIABILITY_BINS = 10
+#: Values (rows x classes) per slice of ``brier``: about 32 MB of float64.
+BRIER_SLICE_VALUES = 1 << 22
 
 
 def entropy(probs: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -81,15 +83,23 @@ def accuracy(probs_NC: torch.Tensor, labels_N: torch.Tensor) -> float:
 
 def nll(probs_NC: torch.Tensor, labels_N: torch.Tensor) -> float:
     """Mean negative log-likelihood of the true class (nats)."""
-    p_true = probs_NC.double().gather(-1, labels_N[:, None]).squeeze(-1)
+    p_true = probs_NC.gather(-1, labels_N[:, None]).squeeze(-1).double()
     return float(-p_true.clamp_min(torch.finfo(torch.float64).tiny).log().mean())
 
 
 def brier(probs_NC: torch.Tensor, labels_N: torch.Tensor) -> float:
-    """Multi-class Brier score ``mean_n sum_c (p_nc - y_nc)^2`` (in [0, 2])."""
+    """Multi-class Brier score ``mean_n sum_c (p_nc - y_nc)^2`` (in [0, 2]), a slice of rows at a
+    time: a next-token set's float64 temporaries (tokens x a pretrained model's vocabulary) would
+    be several times its probabilities."""
+    step = max(1, BRIER_SLICE_VALUES // max(1, probs_NC.shape[-1]))
+    per_row = [_brier_rows(probs_NC[i:i + step], labels_N[i:i + step]) for i in range(0, labels_N.numel(), step)]
+    return float(torch.cat(per_row).mean() if per_row else torch.tensor(float("nan")))
+
+
+def _brier_rows(probs_NC: torch.Tensor, labels_N: torch.Tensor) -> torch.Tensor:
     p = probs_NC.double()
     onehot = torch.nn.functional.one_hot(labels_N, p.shape[-1]).double()
-    return float((p - onehot).square().sum(-1).mean())
+    return (p - onehot).square().sum(-1)
 
 
 @dataclass
@@ -138,8 +148,8 @@ def maximum_calibration_error(confidence_N: torch.Tensor, correct_N: torch.Tenso
 def calibration_report(probs_NC: torch.Tensor, labels_N: torch.Tensor) -> dict:
     """Accuracy, NLL, Brier, ECE (10 and 15 bins), MCE and the reliability bins (10) of
     a set of predictive distributions; the confidence is the top class's probability."""
-    confidence, predicted = probs_NC.double().max(-1)
-    correct = predicted == labels_N
+    confidence, predicted = probs_NC.max(-1)  # float64 after the max: no copy of the whole set
+    confidence, correct = confidence.double(), predicted == labels_N
     report = {"accuracy": accuracy(probs_NC, labels_N), "nll": nll(probs_NC, labels_N),
               "brier": brier(probs_NC, labels_N)}
     for n_bins in ECE_BINS:
