@@ -42,7 +42,7 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -347,14 +347,25 @@ def saved_step(path: Path) -> int:
 
 
 def run_stage(jobs: list[Job], workers: int) -> list[dict[str, Any]]:
+    """Run a stage's jobs, ``workers`` at a time, with a line for each one that finishes."""
+    done: list[dict[str, Any]] = []
+
+    def finished(result: dict[str, Any]) -> None:
+        done.append(result)
+        print(f"  {result['key']} seed {result['seed']}: {result['wall_s']:.0f}s ({len(done)}/{len(jobs)})", flush=True)
+
     if workers <= 1 or len(jobs) <= 1:
-        return [run_job(job) for job in jobs]
+        for job in jobs:
+            finished(run_job(job))
+        return done
     import multiprocessing
 
     # spawn: a forked child would inherit the parent's torch thread pool state.
     try:
         with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            return list(pool.map(run_job, jobs))
+            for future in as_completed([pool.submit(run_job, job) for job in jobs]):
+                finished(future.result())
+        return done
     except BrokenProcessPool:
         # One worker died (the kernel's out-of-memory killer, most often) and the pool stopped the
         # others' runs with it. Trainings continue from their checkpoints and finished evaluations

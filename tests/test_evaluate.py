@@ -241,6 +241,7 @@ def test_paper_table_quick_form(tmp_path, corpus_cache, monkeypatch):
     command = [sys.executable, str(script), "--quick", "--sweep", "--out", str(tmp_path / "table")]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "  lm_topk seed 0: " in proc.stdout  # a line for each run that finishes
     table = (tmp_path / "table" / "table.md").read_text()
     # Headed by what wrote it: date, commit, device, versions and the command.
     assert all(f"\n- {key}: " in table.split("Command:")[0] for key in ("date", "commit", "device", "torch", "command"))
@@ -350,6 +351,7 @@ def test_paper_table_continues_a_run_an_earlier_invocation_left_unfinished(tmp_p
 def test_paper_table_says_in_one_line_that_a_worker_died_and_records_the_invocation(tmp_path, monkeypatch, capsys):
     """A worker process killed (for memory, most often) breaks the pool: one line says what
     happened and how to continue, and the invocation's time is still recorded."""
+    from concurrent.futures import Future
     from concurrent.futures.process import BrokenProcessPool
 
     paper_table = experiment_module()
@@ -364,8 +366,10 @@ def test_paper_table_says_in_one_line_that_a_worker_died_and_records_the_invocat
         def __exit__(self, *exc):
             return False
 
-        def map(self, func, jobs):
-            raise BrokenProcessPool("A process in the process pool was terminated abruptly")
+        def submit(self, func, job):
+            future = Future()
+            future.set_exception(BrokenProcessPool("A process in the process pool was terminated abruptly"))
+            return future
 
     monkeypatch.setattr(paper_table, "ProcessPoolExecutor", KilledPool)
     with pytest.raises(SystemExit) as exit_info:
