@@ -47,7 +47,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -55,7 +55,7 @@ from vrmoe import stats
 from vrmoe.config import ConfigError
 from vrmoe.console import CommandParser, fail, run_command
 from vrmoe.eval import schema
-from vrmoe.tracking import EVAL_FILE, read_json
+from vrmoe.tracking import EVAL_FILE, atomic_write_text, read_json
 
 FORMATS = ("cloze", "letter")
 SCRIPT = "experiments/paper_table.py"
@@ -346,13 +346,15 @@ def saved_step(path: Path) -> int:
         return 0
 
 
-def run_stage(jobs: list[Job], workers: int) -> list[dict[str, Any]]:
-    """Run a stage's jobs, ``workers`` at a time, with a line for each one that finishes."""
+def run_stage(jobs: list[Job], workers: int, after_each: Callable[[], Any] = lambda: None) -> list[dict[str, Any]]:
+    """Run a stage's jobs, ``workers`` at a time, with a line for each one that finishes (and
+    ``after_each`` called)."""
     done: list[dict[str, Any]] = []
 
     def finished(result: dict[str, Any]) -> None:
         done.append(result)
         print(f"  {result['key']} seed {result['seed']}: {result['wall_s']:.0f}s ({len(done)}/{len(jobs)})", flush=True)
+        after_each()
 
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
@@ -385,7 +387,9 @@ def provenance(command: str, device: str = "cpu") -> str:
 
 
 def record_invocation(out: Path, entry: dict[str, Any]) -> list[dict[str, Any]]:
-    """Append this invocation's timing to ``<out>/invocations.json``; return the whole history."""
+    """Write this invocation's timing into ``<out>/invocations.json``: appended the first time,
+    replaced (matched by its ``id``) after that, so that an invocation recording itself after each
+    run still counts, when it is killed, up to its last finished run. Returns the whole history."""
     path = out / INVOCATIONS_FILE
     try:
         history = json.loads(path.read_text(encoding="utf-8")) if path.exists() else []
@@ -394,8 +398,13 @@ def record_invocation(out: Path, entry: dict[str, Any]) -> list[dict[str, Any]]:
     if not isinstance(history, list):  # unreadable: the runs are on disk, only earlier timings are lost
         print(f"note: {path} is unreadable; the wall time counts this invocation only", flush=True)
         history = []
-    history.append(entry)
-    path.write_text(json.dumps(history, indent=2), encoding="utf-8")
+    # Read again each time: another invocation with this --out may be recording itself too.
+    mine = [i for i, e in enumerate(history) if isinstance(e, dict) and "id" in entry and e.get("id") == entry["id"]]
+    if mine:
+        history[mine[0]] = dict(entry)
+    else:
+        history.append(dict(entry))
+    atomic_write_text(path, json.dumps(history, indent=2))
     return history
 
 
@@ -824,6 +833,15 @@ def main(argv: list[str] | None = None) -> int:
     stage_wall: dict[str, float] = {}
     print(f"study: {len(all_methods)} methods, seeds {seeds}, {workers} parallel runs of {threads} thread(s) -> {out}",
           flush=True)
+    invocation = {"id": f"{started_at} pid {os.getpid()}", "started": started_at, "wall_s": 0.0,
+                  "stage_wall_s": stage_wall, "completed": False, "cores": cores, "workers": workers,
+                  "sweep": list(sweep_formats)}
+
+    def record(**fields: Any) -> list[dict[str, Any]]:
+        invocation.update(fields, wall_s=time.perf_counter() - started)
+        return record_invocation(out, invocation)
+
+    record()
     completed = False
     try:
         for stage in ("lm", "finetune", "posthoc"):
@@ -841,14 +859,12 @@ def main(argv: list[str] | None = None) -> int:
                     jobs.append(Job(method.key, seed, overrides, str(path), str(out / "logs" / f"{method.key}_seed{seed}.log"),
                                     threads, evals))
             t0 = time.perf_counter()
-            run_stage(jobs, workers)
+            run_stage(jobs, workers, after_each=record)
             stage_wall[stage] = time.perf_counter() - t0
             print(f"stage {stage}: {len(jobs)} runs in {stage_wall[stage]:.0f}s", flush=True)
         completed = True
     finally:
-        history = record_invocation(out, {"started": started_at, "wall_s": time.perf_counter() - started,
-                                          "stage_wall_s": stage_wall, "completed": completed, "cores": cores,
-                                          "workers": workers, "sweep": list(sweep_formats)})
+        history = record(completed=completed)
 
     t_stats = time.perf_counter()
     wall = sum(entry["wall_s"] for entry in history)

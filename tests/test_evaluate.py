@@ -306,8 +306,12 @@ def test_paper_table_refuses_evaluations_it_cannot_read_and_survives_a_bad_histo
         with pytest.raises(ConfigError, match=f"eval.json {what}.*; delete it and re-run with --out"):
             paper_table.load_rows(tmp_path, "cloze_topk", [0])
     (tmp_path / paper_table.INVOCATIONS_FILE).write_text("{corrupt")
-    assert paper_table.record_invocation(tmp_path, {"wall_s": 1.0}) == [{"wall_s": 1.0}]
-    assert paper_table.record_invocation(tmp_path, {"wall_s": 2.0}) == [{"wall_s": 1.0}, {"wall_s": 2.0}]
+    assert paper_table.record_invocation(tmp_path, {"id": "a", "wall_s": 1.0}) == [{"id": "a", "wall_s": 1.0}]
+    assert paper_table.record_invocation(tmp_path, {"id": "b", "wall_s": 2.0}) == [{"id": "a", "wall_s": 1.0},
+                                                                                 {"id": "b", "wall_s": 2.0}]
+    # An invocation records itself again after each run: its own entry is replaced, in place.
+    assert paper_table.record_invocation(tmp_path, {"id": "a", "wall_s": 3.0}) == [{"id": "a", "wall_s": 3.0},
+                                                                                 {"id": "b", "wall_s": 2.0}]
 
 
 def test_paper_table_continues_a_run_an_earlier_invocation_left_unfinished(tmp_path, monkeypatch):
