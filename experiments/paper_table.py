@@ -60,6 +60,7 @@ from vrmoe.tracking import EVAL_FILE, atomic_write_text, read_json
 FORMATS = ("cloze", "letter")
 SCRIPT = "experiments/paper_table.py"
 INVOCATIONS_FILE = "invocations.json"
+INVOCATIONS_LOCK = ".invocations.lock"
 # The sweeps run on the first seeds only, in each format asked for (--sweep-formats, default both).
 SWEEP_SEEDS = 3
 
@@ -348,7 +349,7 @@ def saved_step(path: Path) -> int:
 
 def run_stage(jobs: list[Job], workers: int, after_each: Callable[[], Any] = lambda: None) -> list[dict[str, Any]]:
     """Run a stage's jobs, ``workers`` at a time, with a line for each one that finishes (and
-    ``after_each`` called)."""
+    ``after_each`` called); returns their results in the order they finished."""
     done: list[dict[str, Any]] = []
 
     def finished(result: dict[str, Any]) -> None:
@@ -365,16 +366,23 @@ def run_stage(jobs: list[Job], workers: int, after_each: Callable[[], Any] = lam
     # spawn: a forked child would inherit the parent's torch thread pool state.
     try:
         with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for future in as_completed([pool.submit(run_job, job) for job in jobs]):
-                finished(future.result())
+            futures = [pool.submit(run_job, job) for job in jobs]
+            try:
+                for future in as_completed(futures):
+                    finished(future.result())
+            except BaseException:
+                # A run that fails ends the stage now: the runs not started yet are dropped rather
+                # than waited for (the pool's exit still lets the runs in progress finish).
+                pool.shutdown(cancel_futures=True)
+                raise
         return done
     except BrokenProcessPool:
         # One worker died (the kernel's out-of-memory killer, most often) and the pool stopped the
         # others' runs with it. Trainings continue from their checkpoints and finished evaluations
         # are skipped, so the same command continues the study.
-        fail(f"{SCRIPT}: a run's process died ({workers} runs in parallel; killed for memory, most often: see "
-             "dmesg), which stopped the runs beside it; what finished is kept: run the same command again, "
-             "with fewer --jobs, to continue", code=1)
+        fail(f"{SCRIPT}: a run's process died ({min(workers, len(jobs))} runs in parallel; killed for memory, "
+             "most often: see dmesg), which stopped the runs beside it; what finished is kept: run the same "
+             "command again, with fewer --jobs, to continue", code=1)
 
 
 def provenance(command: str, device: str = "cpu") -> str:
@@ -390,21 +398,26 @@ def record_invocation(out: Path, entry: dict[str, Any]) -> list[dict[str, Any]]:
     """Write this invocation's timing into ``<out>/invocations.json``: appended the first time,
     replaced (matched by its ``id``) after that, so that an invocation recording itself after each
     run still counts, when it is killed, up to its last finished run. Returns the whole history."""
+    import fcntl
+
     path = out / INVOCATIONS_FILE
-    try:
-        history = json.loads(path.read_text(encoding="utf-8")) if path.exists() else []
-    except (OSError, ValueError):
-        history = None
-    if not isinstance(history, list):  # unreadable: the runs are on disk, only earlier timings are lost
-        print(f"note: {path} is unreadable; the wall time counts this invocation only", flush=True)
-        history = []
-    # Read again each time: another invocation with this --out may be recording itself too.
-    mine = [i for i, e in enumerate(history) if isinstance(e, dict) and "id" in entry and e.get("id") == entry["id"]]
-    if mine:
-        history[mine[0]] = dict(entry)
-    else:
-        history.append(dict(entry))
-    atomic_write_text(path, json.dumps(history, indent=2))
+    # Another invocation with this --out may be recording itself too: the read, change and write
+    # happen under an exclusive lock, so neither drops the other's entry.
+    with open(out / INVOCATIONS_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            history = json.loads(path.read_text(encoding="utf-8")) if path.exists() else []
+        except (OSError, ValueError):
+            history = None
+        if not isinstance(history, list):  # unreadable: the runs are on disk, only earlier timings are lost
+            print(f"note: {path} is unreadable; the wall time counts this invocation only", flush=True)
+            history = []
+        mine = [i for i, e in enumerate(history) if isinstance(e, dict) and "id" in entry and e.get("id") == entry["id"]]
+        if mine:
+            history[mine[0]] = dict(entry)
+        else:
+            history.append(dict(entry))
+        atomic_write_text(path, json.dumps(history, indent=2))
     return history
 
 
@@ -632,10 +645,15 @@ def single(out: Path, key: str, seeds: list[int], predictive: str, resamples: in
 
 
 def sweeps_finished(out: Path, size: Size, fmt: str, seeds: list[int]) -> bool:
-    """Whether every run and evaluation of one format's sweeps is on disk in ``out``."""
-    return all(read_json(run_dir(out, method.key, seed) / name) is not None
-               for method in methods(size, (fmt,)) if method.sweep or method.evals
-               for seed in method_seeds(method, seeds) for name, _ in method_evals(method, seed, seeds))
+    """Whether everything one format's sweep report reads is on disk in ``out``: the sweeps' own
+    runs, and on the sweeps' seeds the main Top-K and mean-field runs with the S evaluations."""
+    sweep_seeds = seeds[:SWEEP_SEEDS]
+    needed = [(method.key, seed, name) for method in sweep_methods(size, fmt)
+              for seed in method_seeds(method, seeds) for name, _ in method_evals(method, seed, seeds)]
+    needed += [(f"{fmt}_topk", seed, EVAL_FILE) for seed in sweep_seeds]
+    needed += [(f"{fmt}_diag", seed, name) for seed in sweep_seeds
+               for name in (EVAL_FILE, *(f"eval_S{s}.json" for s in size.sweep_S))]
+    return all(read_json(run_dir(out, key, seed) / name) is not None for key, seed, name in needed)
 
 
 def sweep_report(out: Path, size: Size, fmt: str, seeds: list[int],
@@ -868,11 +886,12 @@ def main(argv: list[str] | None = None) -> int:
 
     t_stats = time.perf_counter()
     wall = sum(entry["wall_s"] for entry in history)
-    # A format's sweeps are reported when this invocation ran them or an earlier one with this --out
-    # finished them, so results.json holds every finished format whichever --sweep-formats ran last.
-    reported = tuple(f for f in FORMATS if f in sweep_formats or sweeps_finished(out, size, f, seeds))
+    # With --sweep, a format's sweeps are reported when this invocation ran them or an earlier one
+    # with this --out finished them: results.json holds every finished format whichever
+    # --sweep-formats ran last.
+    reported = tuple(f for f in FORMATS if args.sweep and (f in sweep_formats or sweeps_finished(out, size, f, seeds)))
     command = f"python {SCRIPT}" + "".join(
-        f" --{flag}" for flag, on in (("quick", args.quick), ("gpu", args.gpu), ("sweep", bool(reported))) if on)
+        f" --{flag}" for flag, on in (("quick", args.quick), ("gpu", args.gpu), ("sweep", args.sweep)) if on)
     if reported and reported != FORMATS:
         command += " --sweep-formats " + " ".join(reported)
     if args.seeds is not None:

@@ -456,10 +456,12 @@ def score_windows(model: Backbone, sampler: "SingleSample | None", windows: Wind
             running = metrics.RunningPredictive()
             for _ in range(samples):
                 running.add(sampler(x).logits_BLV.float().softmax(-1))
-            bma_BLV = running.mean().float()
+            mean_BLV = running.mean()
+            per_token["mutual_information"] = running.mutual_information(mean_BLV)
+            bma_BLV = mean_BLV.float()
+            del mean_BLV
             bma.append(bma_BLV.reshape(-1, bma_BLV.shape[-1]).cpu())
             per_token["predictive_entropy_bma"] = metrics.entropy(bma_BLV)
-            per_token["mutual_information"] = running.mutual_information()
         _append(scores, {k: v.mean(-1) for k, v in per_token.items()})
     if not probs:  # a rank with no batch of this set (more ranks than batches)
         return ScoredSet(torch.zeros(0), torch.zeros(0, dtype=torch.long), {}, 0, 0.0)
