@@ -147,7 +147,7 @@ DEFAULT = Size(
           "eval.stability_windows=16", "eval.batch_size=32", NEAR_OOD],
     seeds=[0, 1, 2, 3, 4],
     sweep_S=[1, 4, 16, 64],
-    sweep_beta=[0.001, 0.1, 1.0],
+    sweep_beta=[0.0001, 0.001, 0.1, 1.0],
     sweep_sigma=[0.5, 1.0],
     large_lm=["train.max_steps=1000"],
     letter_model=LETTER_MODEL,
