@@ -287,6 +287,12 @@ def method_evals(method: Method, seed: int, seeds: list[int]) -> list[tuple[str,
     return [*extra, (EVAL_FILE, [])]
 
 
+def evaluations_on_disk(out: Path, method: Method, seed: int, seeds: list[int]) -> bool:
+    """Whether every evaluation of one run (``method_evals``) is on disk and readable."""
+    path = run_dir(out, method.key, seed)
+    return all(read_json(path / name) is not None for name, _ in method_evals(method, seed, seeds))
+
+
 def run_dir(out: Path, key: str, seed: int) -> Path:
     return out / "runs" / key / f"seed{seed}"
 
@@ -646,14 +652,11 @@ def single(out: Path, key: str, seeds: list[int], predictive: str, resamples: in
 
 def sweeps_finished(out: Path, size: Size, fmt: str, seeds: list[int]) -> bool:
     """Whether everything one format's sweep report reads is on disk in ``out``: the sweeps' own
-    runs, and on the sweeps' seeds the main Top-K and mean-field runs with the S evaluations."""
-    sweep_seeds = seeds[:SWEEP_SEEDS]
-    needed = [(method.key, seed, name) for method in sweep_methods(size, fmt)
-              for seed in method_seeds(method, seeds) for name, _ in method_evals(method, seed, seeds)]
-    needed += [(f"{fmt}_topk", seed, EVAL_FILE) for seed in sweep_seeds]
-    needed += [(f"{fmt}_diag", seed, name) for seed in sweep_seeds
-               for name in (EVAL_FILE, *(f"eval_S{s}.json" for s in size.sweep_S))]
-    return all(read_json(run_dir(out, key, seed) / name) is not None for key, seed, name in needed)
+    runs, and on the sweeps' seeds the main Top-K and mean-field runs (the S evaluations included)."""
+    main_runs = {f"{fmt}_topk", f"{fmt}_diag"}
+    return all(evaluations_on_disk(out, method, seed, seeds)
+               for method in methods(size, (fmt,)) if method.sweep or method.key in main_runs
+               for seed in (method_seeds(method, seeds) if method.sweep else seeds[:SWEEP_SEEDS]))
 
 
 def sweep_report(out: Path, size: Size, fmt: str, seeds: list[int],
@@ -866,10 +869,10 @@ def main(argv: list[str] | None = None) -> int:
             jobs = []
             for method in (m for m in all_methods if m.stage == stage and m.key not in args.skip):
                 for seed in method_seeds(method, seeds):
+                    if evaluations_on_disk(out, method, seed, seeds):
+                        continue  # done by an earlier invocation with this --out
                     path = run_dir(out, method.key, seed)
                     evals = method_evals(method, seed, seeds)
-                    if all(read_json(path / name) is not None for name, _ in evals):
-                        continue  # done by an earlier invocation with this --out
                     overrides = [*size.stage_overrides(method), *method.overrides, *size.eval,
                                  *method.eval_overrides, f"seed={seed}", "logger=none", *swag_overrides(method, size)]
                     if method.parent is not None:
